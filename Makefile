@@ -1,0 +1,37 @@
+# Everything set-up happens here: a fresh machine needs only Python 3.11 and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint format demo clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q -c constraints-cpu.txt torch
+	$(PIP) install -q -c constraints-cpu.txt -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check gnivo_trl tests examples benchmarks
+	$(PY) -m ruff format --check gnivo_trl tests examples benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check gnivo_trl tests examples benchmarks
+	$(PY) -m ruff format --check gnivo_trl tests examples benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix gnivo_trl tests examples benchmarks
+	$(PY) -m ruff format gnivo_trl tests examples benchmarks
+
+demo: $(STAMP)
+	$(PY) -m gnivo_trl.demo --output-dir demo_output
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo_output

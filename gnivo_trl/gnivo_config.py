@@ -1,0 +1,114 @@
+"""Configuration of :class:`gnivo_trl.GNIVOTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ._config_checks import check_common_grpo_options, check_field_names, fail, policy_moves_within_generation_batch
+
+PREFIX_UNITS = ("token", "step", "sequence")
+WEIGHT_NORMALIZATIONS = ("softmax", "none")
+
+
+@dataclass
+class GNIVOConfig(GRPOConfig):
+    r"""
+    Configuration of [`GNIVOTrainer`]: Group-Normalized Implicit Value Optimization (Choi et al., ICLR 2026).
+
+    Inherits every [`trl.GRPOConfig`] field. GN-IVO replaces GRPO's clipped-ratio loss, so `loss_type`, `epsilon`,
+    `epsilon_high`, `delta`, `importance_sampling_level`, `scale_rewards` and the other GRPO loss knobs have no
+    effect. What still applies: generation (including vLLM), reward functions and `reward_weights`, `beta` (TRL's
+    per-token KL penalty to the frozen initial model, token-averaged as with `loss_type="dapo"`), `num_iterations`,
+    batching, logging and saving. GRPO options that cannot carry over are refused at construction.
+
+    The only default that differs from `GRPOConfig` is `num_generations=4`, the paper's K.
+
+    Parameters:
+        gnivo_alpha (`float`, *optional*, defaults to `0.2`):
+            Reward temperature alpha of the target pi_old * exp(R / alpha) / Z. Must be > 0.
+        gnivo_prefix_unit (`str`, *optional*, defaults to `"token"`):
+            What closes a prefix: `"token"` (every completion token), `"step"` (a token whose decoded text ends an
+            occurrence of `gnivo_step_delimiter`; the paper's reasoning steps), or `"sequence"` (only the last token;
+            the paper's one-step variant).
+        gnivo_step_delimiter (`str`, *optional*, defaults to `"\n\n"`):
+            Text that separates reasoning steps when `gnivo_prefix_unit="step"`.
+        gnivo_weight_normalization (`str`, *optional*, defaults to `"softmax"`):
+            `"softmax"`: target weights softmax(R / alpha) over the group (what the authors ran). `"none"`: the
+            paper's Eq. 9 weights exp(R / alpha) / K, the only form whose minimiser is exact at every prefix.
+    """
+
+    num_generations: int | None = field(
+        default=4,
+        metadata={"help": "Completions sampled per prompt (K). GN-IVO's paper default is 4."},
+    )
+    gnivo_alpha: float = field(
+        default=0.2,
+        metadata={"help": "Reward temperature alpha of the target pi_old * exp(R / alpha) / Z. Must be > 0."},
+    )
+    gnivo_prefix_unit: str = field(
+        default="token",
+        metadata={
+            "help": "What closes a prefix: 'token' (every token), 'step' (a token that ends an occurrence of "
+            "gnivo_step_delimiter) or 'sequence' (only the last token; the paper's one-step variant).",
+            "choices": list(PREFIX_UNITS),
+        },
+    )
+    gnivo_step_delimiter: str = field(
+        default="\n\n",
+        metadata={"help": "Text separating reasoning steps, used when gnivo_prefix_unit='step'."},
+    )
+    gnivo_weight_normalization: str = field(
+        default="softmax",
+        metadata={
+            "help": "'softmax': target weights softmax(R / alpha) within each group (the authors' implementation). "
+            "'none': exp(R / alpha) / K (the paper's Eq. 9; exact at every prefix, needs R / alpha <= 88).",
+            "choices": list(WEIGHT_NORMALIZATIONS),
+        },
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.gnivo_alpha, int | float) or not self.gnivo_alpha > 0:
+            fail("gnivo_alpha", self.gnivo_alpha, "the reward temperature must be a number > 0 (the paper uses 0.2).")
+        if self.gnivo_prefix_unit not in PREFIX_UNITS:
+            fail("gnivo_prefix_unit", self.gnivo_prefix_unit, f"choose one of {', '.join(PREFIX_UNITS)}.")
+        if self.gnivo_prefix_unit == "step" and (
+            not isinstance(self.gnivo_step_delimiter, str) or not self.gnivo_step_delimiter
+        ):
+            fail("gnivo_step_delimiter", self.gnivo_step_delimiter, "step units need a non-empty delimiter string.")
+        if self.gnivo_weight_normalization not in WEIGHT_NORMALIZATIONS:
+            fail(
+                "gnivo_weight_normalization",
+                self.gnivo_weight_normalization,
+                f"choose one of {', '.join(WEIGHT_NORMALIZATIONS)}.",
+            )
+        if self.num_generations is None or self.num_generations < 2:
+            fail("num_generations", self.num_generations, "GN-IVO compares completions within a group; use K >= 2.")
+        super().__post_init__()
+        check_common_grpo_options(self, "GN-IVO")
+        if policy_moves_within_generation_batch(self) and self.per_device_train_batch_size % self.num_generations:
+            fail(
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+                f"the policy moves while a generation batch is in use (num_iterations={self.num_iterations}, "
+                f"steps_per_generation={self.steps_per_generation}, "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}), so the group softmax needs every "
+                f"group whole in one micro-batch. Make per_device_train_batch_size a multiple of "
+                f"num_generations={self.num_generations}, or use num_iterations=1 with steps_per_generation equal "
+                "to gradient_accumulation_steps.",
+            )
+        if (
+            self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and not self.vllm_importance_sampling_mode.startswith("sequence")
+        ):
+            fail(
+                "vllm_importance_sampling_mode",
+                self.vllm_importance_sampling_mode,
+                "GN-IVO weights whole completions, so it needs a sequence-level ratio. Use 'sequence_mask' "
+                "(default) or 'sequence_truncate', or set vllm_importance_sampling_correction=False.",
+            )
+
+
+check_field_names(GNIVOConfig, "gnivo_")

@@ -1,0 +1,210 @@
+"""GN-IVO as a TRL ``GRPOTrainer`` subclass."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.trainer.utils import get_config_model_id
+
+from .gnivo_config import GNIVOConfig
+from .group_bookkeeping import GroupBookkeepingMixin
+from .losses import (
+    GroupWeights,
+    gnivo_group_losses,
+    gnivo_linearized_row_loss,
+    group_weights,
+    prefix_log_ratios,
+    unit_boundaries,
+)
+from .steps import TokenTextCache, step_unit_ends
+
+__all__ = ["GNIVOTrainer"]
+
+_GROUP_FIELDS = ("gnivo_weights", "gnivo_member", "gnivo_weight_sum", "gnivo_group_size")
+
+
+class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
+    """Trainer for Group-Normalized Implicit Value Optimization (GN-IVO).
+
+    GN-IVO (Choi et al., ICLR 2026) fits the prefix log-ratio ``log pi_theta(y_<=t) / pi_old(y_<=t)`` of the K
+    completions of a prompt, through a softmax over the group, to the target weights ``softmax(R / alpha)``: a
+    cross-entropy averaged exactly over every prefix ``t`` of the group's horizon. The implied soft value of each
+    prefix gives credit assignment without a critic. The loss is :func:`gnivo_trl.losses.gnivo_loss` (SPEC section 3).
+
+    Everything but the loss is ``GRPOTrainer``'s: generation (transformers or vLLM), reward functions, ``beta``'s KL
+    penalty to the frozen initial model, DeepSpeed / FSDP, PEFT, logging, checkpoints and Hub pushes.
+
+    How the batch layout is handled:
+
+    * When ``per_device_train_batch_size`` is a multiple of ``num_generations``, whole groups are shuffled (never
+      single rows), every micro-batch holds complete groups, and the exact loss is computed with the current
+      policy's group softmax. This is required whenever the policy moves while a generation batch is in use
+      (``num_iterations > 1``, or ``steps_per_generation`` not dividing ``gradient_accumulation_steps``).
+    * Otherwise the policy cannot have moved since generation (the config refuses the other case), the group softmax
+      is uniform, and each row's gradient needs only group quantities computed at generation time
+      (:func:`gnivo_trl.losses.gnivo_linearized_row_loss`), so groups may be split over micro-batches and processes.
+
+    Either way the gradient of an optimizer step equals that of the mean of ``L_g`` over all groups of the global
+    batch. Rows with a NaN reward (every reward function returned None) and rows masked by vLLM's sequence-level
+    importance-sampling correction leave their group; with ``"sequence_truncate"`` the ratio multiplies the row's
+    target weight. Token-level importance-sampling modes are refused by :class:`GNIVOConfig`.
+
+    Logged metrics (all reduced over processes): ``gnivo/loss``, ``gnivo/weight_entropy`` (entropy of the normalised
+    target weights, averaged over groups; ``log K`` means no preference), ``gnivo/prefix_horizon`` (mean ``T_g``),
+    ``gnivo/member_fraction``, ``entropy``, and ``kl`` when ``beta > 0``.
+    """
+
+    _tag_names = ["trl", "gnivo"]
+    _name = "GN-IVO"
+    _paper = {
+        "title": "Group-Normalized Implicit Value Optimization for Language Models",
+        "id": None,  # ICLR 2026 (OpenReview eFXmrCun0c); no arXiv id to link from the model card
+        "citation": textwrap.dedent("""\
+            @inproceedings{choi2026gnivo,
+                title        = {{Group-Normalized Implicit Value Optimization for Language Models}},
+                author       = {Yunseon Choi and Junyoung Jang and Chaeyoung Oh and Minchan Jeong and Doo Hwan Hwang and Kee-Eung Kim},
+                booktitle    = {The Fourteenth International Conference on Learning Representations, {ICLR} 2026},
+                year         = 2026,
+                url          = {https://openreview.net/forum?id=eFXmrCun0c},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: GNIVOConfig | None = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = GNIVOConfig(f"{model_name.split('/')[-1]}-GNIVO")
+        elif not isinstance(args, GNIVOConfig):
+            raise TypeError(
+                f"args must be a GNIVOConfig, got {type(args).__name__}. Build one with GNIVOConfig(...): it carries "
+                "every GRPOConfig field plus the gnivo_* fields."
+            )
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        self._token_texts = None
+        if args.gnivo_prefix_unit == "step":
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            self._token_texts = TokenTextCache(tokenizer)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation time: per-row group statistics of the whole (global) generation batch
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _unit_ends(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor | None:
+        """Unit boundaries as the loss expects them: None for tokens, all-False for whole sequences."""
+        unit = self.args.gnivo_prefix_unit
+        if unit == "token":
+            return None
+        if unit == "sequence":
+            return torch.zeros_like(mask, dtype=torch.bool)
+        return inputs["gnivo_unit_ends"]
+
+    def _add_group_statistics(self, output, global_rewards, local, group_size, mode) -> None:
+        mask = _loss_mask(output)
+        if self.args.gnivo_prefix_unit == "step":
+            output["gnivo_unit_ends"] = step_unit_ends(
+                output["completion_ids"], mask, self._token_texts, self.args.gnivo_step_delimiter
+            )
+        num_units = unit_boundaries(mask, self._unit_ends(output, mask)).sum(dim=1)
+        global_units = self._gather_rows(num_units)
+        ratio = output.get("importance_sampling_ratio")
+        global_ratio = self._gather_rows(ratio.reshape(-1).float()) if ratio is not None else None
+        weights = group_weights(
+            global_rewards,
+            group_size,
+            self.args.gnivo_alpha,
+            self.args.gnivo_weight_normalization,
+            importance_ratio=global_ratio,
+        )
+        horizon = torch.where(weights.member, global_units, 0).reshape(-1, group_size).amax(dim=1)
+        for name, value in zip(_GROUP_FIELDS, weights):
+            output[name] = value[local]
+        output["gnivo_group_horizon"] = horizon.repeat_interleave(group_size)[local]
+
+        # Every rank holds the same global tensors here, so these metrics need no further reduction.
+        weight_sum = weights.weights.reshape(-1, group_size).sum(dim=1)
+        has_weight = weight_sum > 0
+        p = weights.weights.reshape(-1, group_size)[has_weight] / weight_sum[has_weight, None]
+        entropy = -(torch.where(p > 0, p * p.clamp(min=1e-30).log(), 0.0)).sum(dim=1)
+        metrics = self._metrics[mode]
+        metrics["gnivo/weight_entropy"].append(entropy.mean().item() if entropy.numel() else float("nan"))
+        metrics["gnivo/prefix_horizon"].append(horizon.float().mean().item())
+        metrics["gnivo/member_fraction"].append(weights.member.float().mean().item())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        group_size = self._group_size(mode)
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        logp, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            num_images=inputs.get("num_images"),
+            pixel_attention_mask=inputs.get("pixel_attention_mask"),
+            spatial_shapes=inputs.get("spatial_shapes"),
+            num_tiles=inputs.get("num_tiles"),
+            image_sizes=inputs.get("image_sizes"),
+            token_type_ids=inputs.get("token_type_ids"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_position_ids=inputs.get("image_position_ids"),
+        )
+        mask = _loss_mask(inputs)
+        old = inputs.get("old_per_token_logps")
+        old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
+        unit_ends = self._unit_ends(inputs, mask)
+
+        if mode == "train" and self._keeps_groups_whole:
+            # Whole groups in this micro-batch: exact loss with the current group softmax.
+            order = torch.argsort(inputs["row_group_index"], stable=True)
+            prefix = prefix_log_ratios(
+                logp[order], old[order], mask[order], None if unit_ends is None else unit_ends[order]
+            )
+            weights = GroupWeights(*(inputs[name][order] for name in _GROUP_FIELDS))
+            group_loss_sum = gnivo_group_losses(prefix.values, prefix.num_units, weights, group_size).sum()
+        else:
+            # Policy unchanged since generation: each row's exact gradient from generation-time group quantities.
+            row_losses = gnivo_linearized_row_loss(
+                logp,
+                old,
+                mask,
+                unit_ends,
+                *(inputs[name] for name in _GROUP_FIELDS),
+                group_horizon=inputs["gnivo_group_horizon"],
+            )
+            group_loss_sum = row_losses.sum()
+        # Mean over the groups of this micro-batch (rows / K of them, fractional when groups are split); summed over
+        # the accumulation window and averaged by DDP over processes, this is the mean over the global batch.
+        gnivo_loss = group_loss_sum / (logp.size(0) / group_size)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = gnivo_loss / accumulation
+
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+            if self.args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * torch.exp(logp - old)
+            # Token mean over the generation batch, exactly as GRPO's default loss_type="dapo" normalises.
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = loss + self.beta * (per_token_kl * mask).sum() / normalizer
+            self._log_mean_over_processes(mode, "kl", (per_token_kl.detach() * mask).sum(), mask.sum())
+
+        self._log_mean_over_processes(mode, "gnivo/loss", gnivo_loss.detach(), torch.ones((), device=logp.device))
+        self._log_mean_over_processes(mode, "entropy", (entropies.detach() * mask).sum(), mask.sum())
+        return loss
+
+
+def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    mask = batch["completion_mask"]
+    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]

@@ -1,0 +1,117 @@
+"""Trainer plumbing shared by GNIVOTrainer and VIMPOTrainer: raw rewards, group identity and whole-group batches.
+
+TRL's ``GRPOTrainer`` turns rewards into advantages inside ``_generate_and_score_completions`` and then shuffles the
+rows of a generation batch one by one before cutting it into micro-batches. Both of our losses need more than an
+advantage per row: the raw reward, the row's group, and statistics of the whole group, which may be spread over
+processes. This mixin
+
+* stashes the gathered per-function rewards (``_calculate_rewards`` is the only hook that sees them) and attaches
+  to every row its raw reward (``row_rewards``) and global group index (``row_group_index``);
+* hands the subclass the gathered, global rewards so that it can attach per-row group statistics computed on whole
+  groups (``_add_group_statistics``), then sliced back to the local rows;
+* when ``per_device_train_batch_size`` is a multiple of the group size, shuffles whole groups instead of rows, so
+  that every micro-batch holds complete groups.
+
+Every value attached to the batch is a tensor with the batch as its first dimension, so TRL's shuffling, splitting
+and buffering carry it along.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+
+__all__ = ["GroupBookkeepingMixin", "shuffle_whole_groups"]
+
+
+def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
+    """Permute the groups of a batch (rows ``[g*K, (g+1)*K)``), keeping each group's rows together and in order.
+
+    Like TRL's ``shuffle_sequence_dict``, tensors with ``ndim >= 1`` and lists are permuted along their first
+    dimension, 0-d tensors and None are left alone, and the permutation comes from the global torch RNG.
+    """
+    num_rows = len(next(v for v in batch.values() if v is not None and not _is_scalar(v)))
+    if num_rows % group_size:
+        raise ValueError(f"A batch of {num_rows} rows does not hold whole groups of {group_size}.")
+    group_order = torch.randperm(num_rows // group_size)
+    permutation = (group_order[:, None] * group_size + torch.arange(group_size)).flatten()
+
+    def permute(value):
+        if value is None or _is_scalar(value):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[permutation.to(value.device)]
+        return [value[i] for i in permutation.tolist()]
+
+    return {key: permute(value) for key, value in batch.items()}
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 0
+
+
+class GroupBookkeepingMixin:
+    """Mixed in before ``GRPOTrainer``; subclasses implement :meth:`_add_group_statistics` and ``_compute_loss``."""
+
+    _stashed_rewards_per_func: torch.Tensor | None = None
+
+    @property
+    def _keeps_groups_whole(self) -> bool:
+        """Whether training micro-batches hold whole groups (the group-level shuffle is then used)."""
+        return self.args.per_device_train_batch_size % self.num_generations == 0
+
+    def _group_size(self, mode: str) -> int:
+        return self.num_generations if mode == "train" else self.num_generations_eval
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._stashed_rewards_per_func = rewards_per_func  # gathered over processes, (P * B, n_funcs)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group_size = self._group_size(mode)
+        rewards_per_func, self._stashed_rewards_per_func = self._stashed_rewards_per_func, None
+        device = output["completion_ids"].device
+        num_local = output["completion_ids"].size(0)
+        # The same reduction TRL applies before computing advantages; a row for which every reward function
+        # returned None stays NaN ("no reward") instead of collapsing to 0.
+        global_rewards = (rewards_per_func * self.reward_weights.to(device)[None, :]).nansum(dim=1)
+        global_rewards = global_rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
+        local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
+        output["row_rewards"] = global_rewards[local]
+        output["row_group_index"] = torch.arange(global_rewards.numel(), device=device)[local] // group_size
+        self._add_group_statistics(output, global_rewards, local, group_size, mode)
+        return output
+
+    def _add_group_statistics(
+        self, output: dict[str, Any], global_rewards: torch.Tensor, local: slice, group_size: int, mode: str
+    ) -> None:
+        """Attach per-row tensors computed on whole groups. ``global_rewards`` is ``(P * B,)`` in global order."""
+        raise NotImplementedError
+
+    def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-row tensor over processes in global row order (every rank must call this)."""
+        return self.accelerator.gather(tensor.contiguous())
+
+    def _log_mean_over_processes(self, mode: str, name: str, value_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Log ``sum / count`` of a quantity summed over every process (every rank must call this)."""
+        stats = torch.stack([value_sum.detach().float().reshape(()), count.detach().float().reshape(())])
+        total, total_count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        self._metrics[mode][name].append(total / total_count if total_count > 0 else float("nan"))
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training or not self._keeps_groups_whole:
+            return super()._prepare_inputs(generation_batch)
+        # Same buffering as GRPOTrainer._prepare_inputs, with whole groups shuffled instead of single rows.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = split_pixel_values_by_grid(batch)
+            batch = shuffle_whole_groups(batch, self.num_generations)
+            batches = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]

@@ -1,0 +1,77 @@
+"""Reasoning-step boundaries from decoded completion tokens (GN-IVO ``gnivo_prefix_unit="step"``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["TokenTextCache", "step_unit_ends"]
+
+
+class TokenTextCache:
+    """Decoded text of single token ids, decoded once per id and cached.
+
+    Decoding each completion in full at every generation round would repeat the same work on the same few thousand
+    token ids; a per-id cache makes step detection a dictionary lookup per token. A byte-level BPE token that holds a
+    fragment of a multi-byte character decodes to a replacement character, which never matches an ASCII delimiter.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+
+    def __call__(self, token_ids: Sequence[int]) -> list[str]:
+        missing = sorted({int(t) for t in token_ids} - self._text.keys())
+        if missing:
+            decoded = self._tokenizer.batch_decode(
+                [[t] for t in missing], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            self._text.update(zip(missing, decoded))
+        return [self._text[int(t)] for t in token_ids]
+
+
+def step_unit_ends(
+    completion_ids: torch.Tensor,
+    mask: torch.Tensor,
+    token_texts: TokenTextCache,
+    delimiter: str,
+) -> torch.Tensor:
+    """Mark the tokens that close a reasoning step.
+
+    A token closes a step when an occurrence of ``delimiter`` in the decoded completion ends inside that token's text,
+    so a delimiter split over two tokens (``"\\n"`` + ``"\\n"``) is found as well as one inside a merged token
+    (``".\\n\\n"``). Occurrences are found left to right without overlap. Only unmasked tokens are decoded; the last
+    unmasked token is added as a boundary by the loss itself (:func:`gnivo_trl.losses.unit_boundaries`).
+
+    Args:
+        completion_ids: ``(B, T)`` token ids.
+        mask: ``(B, T)`` 0/1 loss mask.
+        token_texts: decoder of single token ids (a :class:`TokenTextCache`).
+        delimiter: non-empty step delimiter, e.g. ``"\\n\\n"``.
+
+    Returns:
+        ``(B, T)`` bool tensor on the device of ``completion_ids``.
+    """
+    if not delimiter:
+        raise ValueError("The step delimiter must be a non-empty string.")
+    ids = completion_ids.detach().cpu().numpy()
+    valid = mask.detach().bool().cpu().numpy()
+    ends = np.zeros(ids.shape, dtype=bool)
+    for row in range(ids.shape[0]):
+        positions = np.flatnonzero(valid[row])
+        if positions.size == 0:
+            continue
+        pieces = token_texts(ids[row, positions].tolist())
+        text = "".join(pieces)
+        if delimiter not in text:
+            continue
+        # piece_end[k] = character offset just past token k in the joined text
+        piece_end = np.cumsum([len(p) for p in pieces])
+        start = text.find(delimiter)
+        while start != -1:
+            last_char = start + len(delimiter) - 1
+            ends[row, positions[np.searchsorted(piece_end, last_char, side="right")]] = True
+            start = text.find(delimiter, start + len(delimiter))
+    return torch.from_numpy(ends).to(completion_ids.device)
