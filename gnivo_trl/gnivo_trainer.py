@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .gnivo_config import GNIVOConfig
-from .group_bookkeeping import GroupBookkeepingMixin
+from .group_bookkeeping import GroupBookkeepingMixin, loss_mask
 from .losses import (
     GroupWeights,
     gnivo_group_losses,
@@ -101,7 +101,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         return inputs["gnivo_unit_ends"]
 
     def _add_group_statistics(self, output, global_rewards, local, group_size, mode) -> None:
-        mask = _loss_mask(output)
+        mask = loss_mask(output)
         if self.args.gnivo_prefix_unit == "step":
             output["gnivo_unit_ends"] = step_unit_ends(
                 output["completion_ids"], mask, self._token_texts, self.args.gnivo_step_delimiter
@@ -158,7 +158,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             mm_token_type_ids=inputs.get("mm_token_type_ids"),
             image_position_ids=inputs.get("image_position_ids"),
         )
-        mask = _loss_mask(inputs)
+        mask = loss_mask(inputs)
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
         unit_ends = self._unit_ends(inputs, mask)
@@ -203,8 +203,3 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         self._log_mean_over_processes(mode, "gnivo/loss", gnivo_loss.detach(), torch.ones((), device=logp.device))
         self._log_mean_over_processes(mode, "entropy", (entropies.detach() * mask).sum(), mask.sum())
         return loss
-
-
-def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
-    mask = batch["completion_mask"]
-    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
-__all__ = ["GroupBookkeepingMixin", "shuffle_whole_groups"]
+__all__ = ["GroupBookkeepingMixin", "loss_mask", "shuffle_whole_groups"]
 
 
 def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
@@ -46,6 +46,12 @@ def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, An
         return [value[i] for i in permutation.tolist()]
 
     return {key: permute(value) for key, value in batch.items()}
+
+
+def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The ``(B, T)`` mask of tokens that take part in the loss: completion tokens, less tool output."""
+    mask = batch["completion_mask"]
+    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
 
 
 def _is_scalar(value) -> bool:

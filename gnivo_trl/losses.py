@@ -23,6 +23,18 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "TokenStatistics",
+    "chunked_token_statistics",
+    "dual_clip_ppo_loss",
+    "exact_token_kl",
+    "group_centered_rewards",
+    "masked_mean_std",
+    "reverse_discounted_cumsum",
+    "token_kl_estimate",
+    "vimpo_advantages",
+    "vimpo_terminal_residuals",
+    "vimpo_value_loss",
+    "whiten",
     "GroupWeights",
     "PrefixLogRatios",
     "gnivo_linearized_row_loss",
@@ -166,7 +178,9 @@ def group_weights(
         raise ValueError(f"weight_normalization must be 'softmax' or 'none', got {weight_normalization!r}.")
     B = rewards.numel()
     if num_generations < 1 or B % num_generations != 0:
-        raise ValueError(f"The batch of {B} rows is not a whole number of groups of num_generations={num_generations}.")
+        raise ValueError(
+            f"The batch of {B} rows is not a whole number of groups of num_generations={num_generations}."
+        )
     K = num_generations
     rewards = rewards.detach().float().reshape(-1, K)
     member = torch.isfinite(rewards)
@@ -309,6 +323,241 @@ def gnivo_linearized_row_loss(
     coefficient = weight_sum.float() / size - weights.float()
     row_loss = weights.float() * torch.log(size) + coefficient * mean_prefix
     return torch.where(member.bool(), row_loss, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VIMPO
+# ----------------------------------------------------------------------------------------------------------------------
+
+KLEstimator = Literal["exact", "k2", "k3"]
+
+
+def group_centered_rewards(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """``R_i - mean_{j in g(i)} R_j`` (no std scaling), float32 ``(B,)``.
+
+    NaN rewards (no reward) are left out of the group mean and stay NaN; a group without any reward is all NaN.
+    """
+    B = rewards.numel()
+    if num_generations < 1 or B % num_generations != 0:
+        raise ValueError(
+            f"The batch of {B} rows is not a whole number of groups of num_generations={num_generations}."
+        )
+    grouped = rewards.detach().float().reshape(-1, num_generations)
+    return (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).reshape(-1)
+
+
+def vimpo_terminal_residuals(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    token_kl: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Residual of the policy-implied terminal value per row: ``sum_s mask * (rho - sg[kappa]) - target``.
+
+    ``rho = beta * (logp - ref_logp)``, ``kappa = beta * token_kl`` (detached). Float32 ``(B,)``, differentiable
+    through ``logp`` only; NaN where ``targets`` is NaN.
+    """
+    _check_same_shape(logp=logp, ref_logp=ref_logp, token_kl=token_kl, mask=mask)
+    valid = mask.bool()
+    per_token = beta * (logp.float() - ref_logp.detach().float() - token_kl.detach().float())
+    implied_value = torch.where(valid, per_token, 0.0).sum(dim=1)
+    return implied_value - targets.detach().float()
+
+
+def vimpo_value_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    token_kl: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    num_generations: int,
+    beta: float,
+) -> torch.Tensor:
+    """VIMPO value loss (SPEC section 4), a 0-d float32 tensor.
+
+    ``L_V = mean_i 0.5 * (sum_s mask[i,s] * (rho[i,s] - sg(kappa[i,s])) - (R_i - mean_{j in g(i)} R_j))^2`` with
+    ``rho = beta * (logp - ref_logp)`` and ``kappa = beta * token_kl``; a sum over tokens (no length normalisation),
+    a group-centred target without std scaling, and the mean over the ``B`` rows given. Rows whose reward is NaN
+    contribute 0 (they still count in ``B``, so the scale does not depend on how many rewards are missing).
+
+    Args:
+        logp: ``(B, T)`` log pi_theta of the sampled tokens; the only differentiable input.
+        ref_logp: ``(B, T)`` log pi_ref (frozen initial model) of the same tokens.
+        token_kl: ``(B, T)`` per-token KL(pi_theta || pi_ref) in nats (exact or an estimate); detached.
+        mask: ``(B, T)`` 0/1 loss mask.
+        rewards: ``(B,)`` rewards, groups of ``num_generations`` consecutive rows.
+        num_generations: ``K``.
+        beta: VIMPO's KL coefficient (``vimpo_beta``).
+    """
+    targets = group_centered_rewards(rewards, num_generations)
+    residuals = vimpo_terminal_residuals(logp, ref_logp, token_kl, mask, targets, beta)
+    return torch.where(torch.isnan(targets), 0.0, 0.5 * residuals.square()).sum() / max(rewards.numel(), 1)
+
+
+def reverse_discounted_cumsum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """``a[s] = mask[s] * (values[s] + discount * a[s+1])`` with ``a[T] = 0``, for every row, float32 ``(B, T)``.
+
+    A masked position resets the accumulation. Computed by recursive doubling (``ceil(log2 T)`` vector steps, no
+    loop over positions): after step ``k``, ``a[s] = X[s] + G[s] * a[s + 2^k]``. Only products of factors in
+    ``[0, 1]`` appear, so nothing overflows for long sequences (unlike rescaling by ``discount**-s``).
+    """
+    valid = mask.bool()
+    accumulated = torch.where(valid, values.float(), 0.0)
+    carry = torch.where(valid, torch.full_like(accumulated, float(discount)), 0.0)
+    T = values.size(1)
+    shift = 1
+    while shift < T:
+        accumulated = accumulated + carry * F.pad(accumulated[:, shift:], (0, shift))
+        carry = carry * F.pad(carry[:, shift:], (0, shift))
+        shift *= 2
+    return accumulated
+
+
+@torch.no_grad()
+def vimpo_advantages(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    token_kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    gae_lambda: float = 1.0,
+) -> torch.Tensor:
+    """VIMPO's reward-free actor advantage before whitening (SPEC section 4), detached float32 ``(B, T)``.
+
+    ``delta = beta * (logp - ref_logp - token_kl)`` and ``A[s] = sum_{l>=0} lambda^l delta[s+l]`` over the
+    contiguous unmasked run that contains ``s`` (0 at masked positions).
+    """
+    _check_same_shape(logp=logp, ref_logp=ref_logp, token_kl=token_kl, mask=mask)
+    delta = beta * (logp.float() - ref_logp.float() - token_kl.float())
+    return reverse_discounted_cumsum(delta, mask, gae_lambda)
+
+
+def masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased (Bessel-corrected) std of ``values`` over ``mask``, both 0-d float32."""
+    valid = mask.bool()
+    count = valid.sum().float()
+    mean = torch.where(valid, values.float(), 0.0).sum() / count.clamp(min=1.0)
+    squared = torch.where(valid, (values.float() - mean).square(), 0.0).sum()
+    return mean, (squared / (count - 1).clamp(min=1.0)).sqrt()
+
+
+def whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """``(values - mean) / (std + eps)`` on valid positions, 0 elsewhere; float32.
+
+    ``mean`` and ``std`` default to :func:`masked_mean_std` of the tensor itself; a trainer passes statistics
+    reduced over every process so that the result does not depend on how the batch is split.
+    """
+    if mean is None or std is None:
+        mean, std = masked_mean_std(values, mask)
+    return torch.where(mask.bool(), (values.float() - mean) / (std + eps), 0.0)
+
+
+def dual_clip_ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.28,
+    dual_clip: float = 10.0,
+) -> torch.Tensor:
+    """Per-token PPO clipped surrogate with dual clip (unreduced ``(B, T)`` float32; reduce it with the mask).
+
+    ``r = exp(logp - old_logp)``; ``loss = max(-A r, -A clip(r, 1 - epsilon_low, 1 + epsilon_high))``, and for
+    ``A < 0`` additionally ``min(loss, -A * dual_clip)``, which bounds the loss of a very unlikely-under-pi_old token.
+    """
+    advantages = advantages.detach().float()
+    ratio = torch.exp(logp.float() - old_logp.detach().float())
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = torch.maximum(-advantages * ratio, -advantages * clipped)
+    return torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+
+
+def token_kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token sampled estimate of KL(pi_theta || pi_ref) from the sampled tokens' log-probs, detached float32.
+
+    ``"k2"``: ``0.5 * (logp - ref_logp)^2``; ``"k3"``: ``exp(ref_logp - logp) - (ref_logp - logp) - 1``. (``"k1"``,
+    ``logp - ref_logp``, is not offered: VIMPO's ``rho - kappa`` would then be identically zero.)
+    """
+    log_ratio = logp.detach().float() - ref_logp.detach().float()
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"Unknown sampled KL estimator {estimator!r}; use 'k2' or 'k3' (or the exact KL).")
+
+
+def exact_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Exact KL(softmax(policy_logits / T) || softmax(ref_logits / T)) per row, float32 ``(N,)``, from ``(N, V)``.
+
+    Materialises a few float32 ``(N, V)`` tensors: call it on chunks (see :func:`chunked_token_statistics`).
+    """
+    policy_log_probs = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
+    ref_log_probs = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return _kl_from_log_probs(policy_log_probs, ref_log_probs)
+
+
+def _kl_from_log_probs(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    # sum_v p * (log p - log q) as a batched dot product: no third (N, V) temporary. Overwrites ref_log_probs.
+    log_ratio = ref_log_probs.neg_().add_(policy_log_probs)
+    probs = policy_log_probs.exp()
+    return torch.bmm(probs.unsqueeze(1), log_ratio.unsqueeze(2)).reshape(-1)
+
+
+class TokenStatistics(NamedTuple):
+    """Per-token quantities of the sampled tokens (float32, shape ``(N,)``), all computed without gradient."""
+
+    policy_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    kl: torch.Tensor
+
+
+@torch.no_grad()
+def chunked_token_statistics(
+    policy_hidden: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    policy_head,
+    ref_head,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> TokenStatistics:
+    """Sampled-token log-probs of both models and the exact per-token KL(pi_theta || pi_ref), chunk by chunk.
+
+    Only ``chunk_size`` tokens' logits exist at a time, so memory stays at a few float32 ``(chunk_size, V)`` tensors
+    instead of ``(N, V)``. The loop runs over chunks of tokens, not over sequence positions.
+
+    Args:
+        policy_hidden, ref_hidden: ``(N, H)`` final hidden states that predict the ``N`` tokens ``labels``.
+        labels: ``(N,)`` token ids.
+        policy_head, ref_head: callables mapping ``(n, H)`` hidden states to ``(n, V)`` logits (before temperature).
+        temperature: the sampling temperature the logits are divided by.
+        chunk_size: tokens per chunk.
+    """
+    policy_logps, ref_logps, kls = [], [], []
+    for start in range(0, labels.numel(), chunk_size):
+        stop = start + chunk_size
+        policy_log_probs = torch.log_softmax(policy_head(policy_hidden[start:stop]).float() / temperature, dim=-1)
+        ref_log_probs = torch.log_softmax(ref_head(ref_hidden[start:stop]).float() / temperature, dim=-1)
+        index = labels[start:stop, None]
+        policy_logps.append(policy_log_probs.gather(1, index).squeeze(1))
+        ref_logps.append(ref_log_probs.gather(1, index).squeeze(1))
+        kls.append(_kl_from_log_probs(policy_log_probs, ref_log_probs))
+        del policy_log_probs, ref_log_probs
+    device = labels.device
+    empty = torch.zeros(0, device=device)
+    return TokenStatistics(
+        policy_logp=torch.cat(policy_logps) if policy_logps else empty,
+        ref_logp=torch.cat(ref_logps) if ref_logps else empty,
+        kl=torch.cat(kls) if kls else empty,
+    )
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:

@@ -1,0 +1,289 @@
+"""VIMPO as a TRL ``GRPOTrainer`` subclass."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOTrainer
+from trl.trainer.utils import get_config_model_id, use_adapter
+
+from .group_bookkeeping import GroupBookkeepingMixin, loss_mask
+from .losses import (
+    chunked_token_statistics,
+    dual_clip_ppo_loss,
+    group_centered_rewards,
+    token_kl_estimate,
+    vimpo_advantages,
+    vimpo_terminal_residuals,
+    whiten,
+)
+from .vimpo_config import VIMPOConfig
+
+__all__ = ["VIMPOTrainer"]
+
+# GRPOTrainer builds the frozen reference model (a copy, or a "ref" adapter for a pre-trained PEFT adapter, prepared
+# for DeepSpeed / FSDP) only when beta != 0. VIMPO needs that reference with GRPO's KL penalty off, so construction
+# runs with this stand-in beta and then restores 0.0.
+_BUILD_REFERENCE_BETA = 1.0
+
+
+class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
+    """Trainer for Value-Implicit Policy Optimization (VIMPO), as the authors' official implementation computes it.
+
+    VIMPO (Kang et al., 2026) reads a value function off the policy itself: per token ``rho = beta * log(pi_theta /
+    pi_ref)`` and ``kappa = beta * KL(pi_theta || pi_ref)``; the policy-implied terminal value
+    ``sum_t (rho - sg[kappa])`` is regressed onto the group-centred reward ``R - mean_group(R)`` (value loss), and a
+    PPO-clipped actor (dual clip) follows the reward-free advantage ``A_t = sum_l lambda^l (rho - kappa)_{t+l}``,
+    whitened over the batch. Total loss ``L_V + vimpo_actor_coef * L_A`` (SPEC section 4).
+
+    Design decisions (recorded here and in the README):
+
+    * The reference is the frozen initial model, created although ``beta`` is 0 (or, with PEFT, the model with its
+      adapter disabled / a frozen "ref" copy of a pre-trained adapter, exactly as GRPO with ``beta > 0``).
+    * ``kappa``, ``log pi_ref`` and the whitened advantage are computed once per generation batch, without gradient,
+      from the policy that sampled it (as PPO fixes its advantages at rollout time). The exact KL runs over the full
+      vocabulary in chunks of ``vimpo_kl_chunk_size`` tokens, so no ``(B, T, V)`` float32 tensor exists. With one
+      optimizer step per generation batch (the paper's setting, TRL's default) the sampling policy *is* the current
+      policy, so this equals the official implementation; with ``num_iterations > 1`` those detached quantities stay
+      at the sampling policy while ``rho`` follows the current one. Whitening statistics cover every valid token of
+      the generation batch on every process, so the gradient does not depend on how the batch is split.
+    * The loss-time forward is GRPO's (the fused LM head, no logits); the value loss is a mean over rows and the actor
+      loss a token mean over the generation batch (TRL's ``num_items_in_batch``), both scaled for accumulation.
+    * A row without a reward (every reward function returned None) contributes to neither loss. With vLLM's
+      sequence-level importance-sampling correction, the ratio weights the row's value term and the actor's tokens
+      (and a masked ratio removes the row); token-level modes are refused by :class:`VIMPOConfig`.
+
+    Logged metrics (reduced over processes): ``vimpo/value_loss``, ``vimpo/actor_loss``, ``vimpo/residual_mean`` and
+    ``vimpo/residual_std`` (terminal-value residual), ``vimpo/kl`` (mean per-token KL to the reference),
+    ``vimpo/advantage_std`` (before whitening), ``entropy``.
+    """
+
+    _tag_names = ["trl", "vimpo"]
+    _name = "VIMPO"
+    _paper = {
+        "title": "VIMPO: Value-Implicit Policy Optimization for LLMs",
+        "id": "2606.20008",
+        "citation": textwrap.dedent("""\
+            @article{kang2026vimpo,
+                title        = {{VIMPO: Value-Implicit Policy Optimization for LLMs}},
+                author       = {Zhewei Kang and Aosong Feng and Sergey Levine and Dawn Song and Xuandong Zhao},
+                year         = 2026,
+                eprint       = {arXiv:2606.20008},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: VIMPOConfig | None = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = VIMPOConfig(f"{model_name.split('/')[-1]}-VIMPO")
+        elif not isinstance(args, VIMPOConfig):
+            raise TypeError(
+                f"args must be a VIMPOConfig, got {type(args).__name__}. Build one with VIMPOConfig(...): it carries "
+                "every GRPOConfig field plus the vimpo_* fields."
+            )
+        args.beta = _BUILD_REFERENCE_BETA
+        try:
+            super().__init__(model, reward_funcs, args=args, **kwargs)
+        finally:
+            args.beta = 0.0
+        self.beta = 0.0  # no GRPO KL term and no reference forward in GRPO's own generation step
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation time: reference log-probs, KL, value targets and whitened advantages of the generation batch
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _reference_context(self):
+        """Context in which ``self._causal_lm(reference=True)`` computes the reference model (PEFT: adapter off)."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext()
+        model = self.accelerator.unwrap_model(self.model)
+        return use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)
+
+    def _causal_lm(self, reference: bool):
+        """The transformers causal LM whose backbone and output embedding compute policy or reference logits."""
+        model = self.ref_model if reference and self.ref_model is not None else self.model
+        model = getattr(model, "module", model)  # DeepSpeed engine / DDP wrapper
+        return model.get_base_model() if is_peft_model(model) else model
+
+    def _sampled_token_statistics(self, output: dict[str, Any], mask: torch.Tensor, batch_size: int):
+        """``(policy_logp, ref_logp, token_kl)``, each ``(B, C)`` float32 and 0 where ``mask`` is 0."""
+        prompt_completion_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        completion_ids = output["completion_ids"]
+        num_completion = completion_ids.size(1)
+        if self.args.vimpo_kl_estimator != "exact":
+            policy_logp = output.get("old_per_token_logps")
+            if policy_logp is None:
+                policy_logp, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, prompt_completion_ids, attention_mask, num_completion, batch_size=batch_size
+                )
+            with self._reference_context():
+                ref_logp, _, _ = self._get_per_token_logps_and_entropies(
+                    self.ref_model if self.ref_model is not None else self.model,
+                    prompt_completion_ids,
+                    attention_mask,
+                    num_completion,
+                    batch_size=batch_size,
+                )
+            token_kl = token_kl_estimate(policy_logp, ref_logp, self.args.vimpo_kl_estimator)
+            return policy_logp.float(), ref_logp.float(), torch.where(mask.bool(), token_kl, 0.0)
+
+        policy_lm, ref_lm = self._causal_lm(reference=False), self._causal_lm(reference=True)
+        results = torch.zeros(3, *completion_ids.shape, device=completion_ids.device)
+        for start in range(0, completion_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            valid = mask[rows].bool()
+            hidden = []
+            for lm, context in ((policy_lm, contextlib.nullcontext()), (ref_lm, self._reference_context())):
+                with context:
+                    states = lm.base_model(
+                        input_ids=prompt_completion_ids[rows], attention_mask=attention_mask[rows], use_cache=False
+                    ).last_hidden_state
+                # The hidden state at position p predicts token p + 1: keep those that predict completion tokens.
+                hidden.append(states[:, -num_completion - 1 : -1][valid])
+            statistics = chunked_token_statistics(
+                hidden[0],
+                hidden[1],
+                completion_ids[rows][valid],
+                _head_logits(policy_lm),
+                _head_logits(ref_lm, context=self._reference_context),
+                temperature=self.temperature,
+                chunk_size=self.args.vimpo_kl_chunk_size,
+            )
+            for index, values in enumerate(statistics):
+                results[index, rows][valid] = values
+        return results[0], results[1], results[2]
+
+    def _add_group_statistics(self, output, global_rewards, local, group_size, mode) -> None:
+        mask = loss_mask(output)
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with torch.no_grad():
+            policy_logp, ref_logp, token_kl = self._sampled_token_statistics(output, mask, batch_size)
+        targets = group_centered_rewards(global_rewards, group_size)[local]
+        actor_mask = mask * ~torch.isnan(targets)[:, None]
+        advantages = vimpo_advantages(
+            policy_logp, ref_logp, token_kl, actor_mask, self.args.vimpo_beta, self.args.vimpo_gae_lambda
+        )
+        mean, std = self._masked_mean_std_over_processes(advantages, actor_mask)
+        output["vimpo_ref_logps"] = ref_logp
+        output["vimpo_token_kl"] = token_kl
+        output["vimpo_value_target"] = targets
+        output["vimpo_advantages"] = whiten(advantages, actor_mask, mean, std)
+        self._metrics[mode]["vimpo/advantage_std"].append(std.item())
+        self._log_mean_over_processes(mode, "vimpo/kl", (token_kl * mask).sum(), mask.sum())
+
+    def _masked_mean_std_over_processes(self, values: torch.Tensor, mask: torch.Tensor):
+        """Mean and unbiased std of ``values`` over ``mask`` on every process (two all-reduces)."""
+        valid = mask.bool()
+        totals = torch.stack([torch.where(valid, values, 0.0).sum(), valid.sum().float()])
+        total, count = self.accelerator.reduce(totals, reduction="sum")
+        mean = total / count.clamp(min=1.0)
+        squared = self.accelerator.reduce(torch.where(valid, (values - mean).square(), 0.0).sum(), reduction="sum")
+        return mean, (squared / (count - 1).clamp(min=1.0)).sqrt()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        logp, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            num_images=inputs.get("num_images"),
+            pixel_attention_mask=inputs.get("pixel_attention_mask"),
+            spatial_shapes=inputs.get("spatial_shapes"),
+            num_tiles=inputs.get("num_tiles"),
+            image_sizes=inputs.get("image_sizes"),
+            token_type_ids=inputs.get("token_type_ids"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_position_ids=inputs.get("image_position_ids"),
+        )
+        targets = inputs["vimpo_value_target"]
+        has_reward = ~torch.isnan(targets)
+        row_weight = has_reward.float()
+        is_ratio = inputs.get("importance_sampling_ratio")
+        if is_ratio is not None:
+            row_weight = row_weight * is_ratio.reshape(-1).float()
+        mask = loss_mask(inputs) * has_reward[:, None]
+
+        residuals = vimpo_terminal_residuals(
+            logp,
+            inputs["vimpo_ref_logps"],
+            inputs["vimpo_token_kl"],
+            mask,
+            torch.nan_to_num(targets, nan=0.0),
+            self.args.vimpo_beta,
+        )
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        # Mean over the rows of the optimizer step's batch: this micro-batch's share, summed over accumulation.
+        value_loss = (row_weight * 0.5 * residuals.square()).sum() / logp.size(0)
+
+        old = inputs.get("old_per_token_logps")
+        old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
+        per_token = dual_clip_ppo_loss(
+            logp, old, inputs["vimpo_advantages"], self.epsilon_low, self.epsilon_high, self.args.vimpo_dual_clip
+        )
+        if is_ratio is not None:
+            per_token = per_token * is_ratio
+        # Token mean over the generation batch, normalised exactly as GRPO's loss_type="dapo".
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        actor_loss = (per_token * mask).sum() / normalizer
+        loss = value_loss / accumulation + self.args.vimpo_actor_coef * actor_loss
+
+        num_rows = torch.tensor(float(logp.size(0)), device=logp.device)
+        residuals = residuals.detach()
+        counted = has_reward.float()
+        self._log_mean_over_processes(mode, "vimpo/value_loss", value_loss.detach() * logp.size(0), num_rows)
+        self._log_mean_over_processes(mode, "vimpo/actor_loss", (per_token.detach() * mask).sum(), mask.sum())
+        moments = torch.stack(
+            [
+                counted.sum(),
+                torch.where(has_reward, residuals, 0.0).sum(),
+                torch.where(has_reward, residuals.square(), 0.0).sum(),
+            ]
+        )
+        count, total, total_sq = self.accelerator.reduce(moments, reduction="sum").tolist()
+        mean = total / count if count else float("nan")
+        self._metrics[mode]["vimpo/residual_mean"].append(mean)
+        self._metrics[mode]["vimpo/residual_std"].append(
+            max(total_sq / count - mean * mean, 0.0) ** 0.5 if count else float("nan")
+        )
+        self._log_mean_over_processes(mode, "entropy", (entropies.detach() * mask).sum(), mask.sum())
+        return loss
+
+
+def _head_logits(causal_lm, context=contextlib.nullcontext):
+    """Callable mapping final hidden states to logits like the model's own head (scale and soft-cap included).
+
+    ``context`` is entered around each call (the reference's adapter-disabled context under PEFT, so that an
+    adapted LM head is computed without its adapter for the reference only).
+    """
+    head = causal_lm.get_output_embeddings()
+    text_config = causal_lm.config.get_text_config()
+    scale = getattr(text_config, "logit_scale", None)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        with context():
+            values = head(hidden)
+        if scale is not None:
+            values = values * scale
+        if softcap is not None:
+            values = torch.tanh(values / softcap) * softcap
+        return values
+
+    return logits
