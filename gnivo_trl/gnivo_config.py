@@ -63,7 +63,7 @@ class GNIVOConfig(GRPOConfig):
         default="softmax",
         metadata={
             "help": "'softmax': target weights softmax(R / alpha) within each group (the authors' implementation). "
-            "'none': exp(R / alpha) / K (the paper's Eq. 9; exact at every prefix, needs R / alpha <= 88).",
+            "'none': exp(R / alpha) / K (the paper's Eq. 9; exact at every prefix, needs R / alpha <= 60 to stay finite in float32).",
             "choices": list(WEIGHT_NORMALIZATIONS),
         },
     )

@@ -16,7 +16,6 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -47,8 +46,13 @@ __all__ = [
 
 WeightNormalization = Literal["softmax", "none"]
 
-# exp(x) overflows float32 above this: log(torch.finfo(torch.float32).max) = 88.72...
-_FLOAT32_EXP_LIMIT = math.log(torch.finfo(torch.float32).max)
+# Largest R / alpha accepted by the unnormalised ("none") weights. The loss multiplies exp(R / alpha) by -log q summed
+# over up to T_g prefixes, so exp(R / alpha) itself fitting in float32 is not enough: this leaves a factor of
+# exp(88.72 - 60) ~ 3e12 of headroom for those sums (and for their gradients).
+_UNNORMALIZED_WEIGHT_LOGIT_LIMIT = 60.0
+# PPO log-ratios are clamped to this before exp(): any ratio above exp(20) ~ 5e8 lies in the clipped region (for every
+# dual-clip constant below it), where the gradient is zero anyway, and the clamp keeps exp() and its backward finite.
+_LOG_RATIO_CLAMP = 20.0
 # Stands in for the log-ratio of a row that is not a group member (NaN reward, masked importance ratio): finite so
 # that softmax and its backward never see NaN, low enough that exp() of it is exactly 0.
 _EXCLUDED_LOGIT = -1.0e30
@@ -195,12 +199,13 @@ def group_weights(
         logits = torch.where(member, scaled, _EXCLUDED_LOGIT)
         weights = torch.softmax(logits, dim=1)
     else:
-        if bool((scaled > _FLOAT32_EXP_LIMIT).any()):
+        if bool((scaled > _UNNORMALIZED_WEIGHT_LOGIT_LIMIT).any()):
             worst = float(scaled.max())
             raise ValueError(
-                f"weight_normalization='none' needs exp(R / alpha) to fit in float32, but R / alpha reaches {worst:.4g} "
-                f"(limit {_FLOAT32_EXP_LIMIT:.2f}). Use weight_normalization='softmax', a larger alpha, or rescale "
-                "the rewards."
+                f"weight_normalization='none' weights rows by exp(R / alpha), but R / alpha reaches {worst:.4g}: "
+                f"above {_UNNORMALIZED_WEIGHT_LOGIT_LIMIT:g} the float32 loss and its gradient overflow (exp(88.7) is "
+                "float32's largest value). Use weight_normalization='softmax' (shift-invariant), a larger alpha, or "
+                "rescale the rewards."
             )
         weights = torch.exp(scaled) / group_size.clamp(min=1.0)
     weights = torch.where(member, weights * ratio, 0.0)
@@ -392,8 +397,10 @@ def vimpo_value_loss(
         beta: VIMPO's KL coefficient (``vimpo_beta``).
     """
     targets = group_centered_rewards(rewards, num_generations)
-    residuals = vimpo_terminal_residuals(logp, ref_logp, token_kl, mask, targets, beta)
-    return torch.where(torch.isnan(targets), 0.0, 0.5 * residuals.square()).sum() / max(rewards.numel(), 1)
+    has_target = ~torch.isnan(targets)
+    # Zero the NaN targets before the residual, not after squaring: backward of where() would still see 0 * NaN.
+    residuals = vimpo_terminal_residuals(logp, ref_logp, token_kl, mask, torch.nan_to_num(targets, nan=0.0), beta)
+    return torch.where(has_target, 0.5 * residuals.square(), 0.0).sum() / max(rewards.numel(), 1)
 
 
 def reverse_discounted_cumsum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
@@ -472,9 +479,12 @@ def dual_clip_ppo_loss(
 
     ``r = exp(logp - old_logp)``; ``loss = max(-A r, -A clip(r, 1 - epsilon_low, 1 + epsilon_high))``, and for
     ``A < 0`` additionally ``min(loss, -A * dual_clip)``, which bounds the loss of a very unlikely-under-pi_old token.
+    The log-ratio is clamped to [-20, 20] before ``exp`` (as verl does): beyond it every branch is clipped, and the
+    clamp keeps the backward free of ``0 * inf``.
     """
     advantages = advantages.detach().float()
-    ratio = torch.exp(logp.float() - old_logp.detach().float())
+    log_ratio = logp.float() - old_logp.detach().float()
+    ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     loss = torch.maximum(-advantages * ratio, -advantages * clipped)
     return torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)

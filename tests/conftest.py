@@ -1,0 +1,56 @@
+import socket  # noqa: I001  (gnivo_trl.testing must be imported before any Hugging Face library)
+import subprocess
+import sys
+from pathlib import Path
+
+import gnivo_trl.testing  # noqa: F401  (offline environment variables before anything imports the Hub client)
+import pytest
+import torch
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny Qwen2-architecture model and its tokenizer, saved once per session."""
+    from gnivo_trl.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(algorithm: str, model_dir: str, out_dir: Path, overrides: str) -> dict:
+    """Run ``distributed_layout.py`` on two gloo processes and return what rank 0 saved."""
+    out = out_dir / "update.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(TESTS / "distributed_layout.py"),
+        algorithm,
+        model_dir,
+        str(out),
+        overrides,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return torch.load(out)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def max_magnitude(a: dict) -> float:
+    return max(value.abs().max().item() for value in a.values())

@@ -1,0 +1,260 @@
+"""GNIVOTrainer: layout-independent gradients (SPEC invariant 2), end-to-end training, refusals, metrics, model card."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import max_difference, max_magnitude, run_two_processes
+from trainer_harness import COMPLETION_POOL, build_trainer, parameter_update
+from trl import GRPOConfig
+
+from gnivo_trl import GNIVOConfig, GNIVOTrainer
+
+# One optimizer step over 2 groups of K=4 (8 rows), laid out in different ways.
+SINGLE_PROCESS_LAYOUTS = {
+    "one micro-batch": dict(per_device_train_batch_size=8),
+    "accumulation, whole groups": dict(per_device_train_batch_size=4, gradient_accumulation_steps=2),
+    "accumulation, split groups": dict(per_device_train_batch_size=2, gradient_accumulation_steps=4),
+    "generation per micro-step, split groups": dict(
+        per_device_train_batch_size=2, gradient_accumulation_steps=4, steps_per_generation=2
+    ),
+}
+TOLERANCE = 1e-5  # relative to the largest parameter change
+
+
+def _assert_same_update(update, reference):
+    assert max_difference(update, reference) <= TOLERANCE * max_magnitude(reference)
+    assert max_magnitude(reference) > 1e-3  # the step did something
+
+
+@pytest.fixture(scope="module")
+def reference_update(tiny_model_dir, tmp_path_factory):
+    cache = {}
+
+    def get(unit: str, **extra):
+        key = (unit, tuple(sorted(extra.items())))
+        if key not in cache:
+            trainer = build_trainer(
+                "gnivo",
+                tiny_model_dir,
+                str(tmp_path_factory.mktemp("ref")),
+                gnivo_prefix_unit=unit,
+                gnivo_step_delimiter="\n\n",
+                per_device_train_batch_size=8,
+                **extra,
+            )
+            cache[key] = parameter_update(trainer)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("unit", ["token", "step", "sequence"])
+@pytest.mark.parametrize("layout", list(SINGLE_PROCESS_LAYOUTS))
+def test_one_step_update_does_not_depend_on_layout(layout, unit, tiny_model_dir, tmp_path, reference_update):
+    trainer = build_trainer(
+        "gnivo",
+        tiny_model_dir,
+        str(tmp_path),
+        gnivo_prefix_unit=unit,
+        gnivo_step_delimiter="\n\n",
+        **SINGLE_PROCESS_LAYOUTS[layout],
+    )
+    expected_whole = trainer.args.per_device_train_batch_size % 4 == 0
+    assert trainer._keeps_groups_whole == expected_whole  # both loss paths are exercised
+    _assert_same_update(parameter_update(trainer), reference_update(unit))
+
+
+@pytest.mark.parametrize("normalization", ["softmax", "none"])
+def test_update_with_kl_penalty_and_weight_forms_does_not_depend_on_layout(
+    normalization, tiny_model_dir, tmp_path, reference_update
+):
+    # Step 2 runs with policy != reference; a moderate step size keeps that policy away from collapse (kl = inf).
+    extra = dict(beta=0.04, max_steps=2, learning_rate=0.02, gnivo_weight_normalization=normalization)
+    reference = reference_update("token", **extra)
+    trainer = build_trainer(
+        "gnivo", tiny_model_dir, str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4, **extra
+    )
+    _assert_same_update(parameter_update(trainer), reference)
+    assert any("kl" in entry for entry in trainer.state.log_history)
+
+
+def test_policy_moving_within_generation_batch_matches_one_micro_batch(tiny_model_dir, tmp_path, reference_update):
+    # num_iterations=2: the second optimizer step reuses the batch with a moved policy, so the group softmax is no
+    # longer uniform and whole groups are required.
+    reference = reference_update("step", num_iterations=2, max_steps=2)
+    trainer = build_trainer(
+        "gnivo",
+        tiny_model_dir,
+        str(tmp_path),
+        gnivo_prefix_unit="step",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+        max_steps=2,
+    )
+    _assert_same_update(parameter_update(trainer), reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(per_device_train_batch_size=4),  # one whole group per process
+        dict(per_device_train_batch_size=2, gradient_accumulation_steps=2),  # groups split over micro-batches
+        # Each generation batch is one group whose rows straddle the two processes.
+        dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, steps_per_generation=1),
+    ],
+    ids=["whole-groups", "split-micro-batches", "straddling-processes"],
+)
+def test_two_processes_match_one_process(layout, tiny_model_dir, tmp_path, reference_update):
+    saved = run_two_processes("gnivo", tiny_model_dir, tmp_path, json.dumps(dict(layout, gnivo_prefix_unit="step")))
+    _assert_same_update(saved["update"], reference_update("step"))
+    # Metrics are reduced over processes: the logged loss is the global one, as in a single process.
+    assert math.isfinite(saved["metrics"]["gnivo/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_iterations", [1, 2])
+@pytest.mark.parametrize("unit", ["token", "step"])
+def test_trains_end_to_end(unit, num_iterations, tiny_model_dir, tmp_path):
+    trainer = build_trainer(
+        "gnivo",
+        tiny_model_dir,
+        str(tmp_path),
+        gnivo_prefix_unit=unit,
+        num_iterations=num_iterations,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=0.05,
+    )
+    update = parameter_update(trainer)
+    assert all(value.abs().max() > 0 for value in update.values()), "every parameter tensor changes"
+    logs = [entry for entry in trainer.state.log_history if "gnivo/loss" in entry]
+    assert len(logs) >= 4
+    assert all(math.isfinite(entry["loss"]) and math.isfinite(entry["gnivo/loss"]) for entry in logs)
+    generation_logs = [entry for entry in trainer.state.log_history if "gnivo/prefix_horizon" in entry]
+    assert all(0.0 <= entry["gnivo/weight_entropy"] <= math.log(4) + 1e-6 for entry in generation_logs)
+
+
+@pytest.mark.slow
+def test_trains_with_real_generation(tiny_model_dir, tmp_path):
+    """The unstubbed path: the tiny model samples its own completions."""
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), max_steps=2, learning_rate=0.05)
+    from trl import GRPOTrainer
+
+    trainer._generate_single_turn = GRPOTrainer._generate_single_turn.__get__(trainer)
+    update = parameter_update(trainer)
+    assert all(value.abs().max() > 0 for value in update.values())
+
+
+def test_step_units_count_delimited_steps(tiny_model_dir, tmp_path):
+    """The prefix horizon of a group is its largest number of '\\n\\n'-delimited steps (text ends count as one)."""
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), gnivo_prefix_unit="step", max_steps=1)
+    captured = {}
+    original = trainer._add_group_statistics
+
+    def capture(output, *args):
+        original(output, *args)
+        captured.update(output)
+
+    trainer._add_group_statistics = capture
+    parameter_update(trainer)
+    tokenizer = trainer.processing_class
+    for row in range(captured["completion_ids"].size(0)):
+        mask = captured["completion_mask"][row].bool()
+        text = tokenizer.decode(captured["completion_ids"][row][mask], skip_special_tokens=True)
+        assert text in COMPLETION_POOL or any(text == t[: len(text)] for t in COMPLETION_POOL)
+        expected_ends = text.count("\n\n")
+        assert int(captured["gnivo_unit_ends"][row].sum()) == expected_ends
+
+
+def test_rows_without_reward_leave_their_group(tiny_model_dir, tmp_path):
+    def sometimes_none(completions, **kwargs):
+        return [None if "Hi" in c[0]["content"] else float(c[0]["content"].count("7")) for c in completions]
+
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), reward=sometimes_none, max_steps=2)
+    update = parameter_update(trainer)
+    assert all(torch.isfinite(value).all() for value in update.values())
+    fractions = [
+        entry["gnivo/member_fraction"] for entry in trainer.state.log_history if "gnivo/member_fraction" in entry
+    ]
+    assert fractions and all(0.0 < f <= 1.0 for f in fractions)
+
+
+def test_equal_rewards_give_no_update(tiny_model_dir, tmp_path):
+    trainer = build_trainer(
+        "gnivo", tiny_model_dir, str(tmp_path), reward=lambda completions, **kw: [1.0] * len(completions)
+    )
+    update = parameter_update(trainer)
+    assert max_magnitude(update) == 0.0
+
+
+def test_evaluation_logs_finite_loss(tiny_model_dir, tmp_path):
+    trainer = build_trainer(
+        "gnivo", tiny_model_dir, str(tmp_path), per_device_eval_batch_size=8, eval_strategy="no", do_eval=False
+    )
+    trainer.eval_dataset = trainer.train_dataset.select(range(2))
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    assert math.isfinite(metrics["eval_gnivo/loss"])
+
+
+def test_model_card_names_algorithm_and_paper(tiny_model_dir, tmp_path):
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path))
+    trainer.create_model_card(dataset_name="tiny-arithmetic")
+    card = (tmp_path / "README.md").read_text()
+    assert "gnivo" in card and "GN-IVO" in card
+    assert "Group-Normalized Implicit Value Optimization for Language Models" in card
+    assert "tiny-arithmetic" in card
+
+
+CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(gnivo_alpha=0.0), "gnivo_alpha"),
+        (dict(gnivo_alpha=-1.0), "gnivo_alpha"),
+        (dict(num_generations=1, per_device_train_batch_size=1), "num_generations"),
+        (dict(gnivo_prefix_unit="paragraph"), "gnivo_prefix_unit"),
+        (dict(gnivo_prefix_unit="step", gnivo_step_delimiter=""), "gnivo_step_delimiter"),
+        (dict(gnivo_weight_normalization="l1"), "gnivo_weight_normalization"),
+        (
+            dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, num_iterations=2),
+            "per_device_train_batch_size",
+        ),
+        (
+            dict(per_device_train_batch_size=2, gradient_accumulation_steps=1, steps_per_generation=2),
+            "per_device_train_batch_size",
+        ),
+        (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+        (dict(entropy_coef=0.01), "entropy_coef"),
+        (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
+    ],
+)
+def test_bad_configuration_is_refused_with_field_and_fix(overrides, field):
+    with pytest.raises(ValueError) as error:
+        GNIVOConfig(**CONFIG, **overrides)
+    message = str(error.value)
+    assert message.startswith(f"{field}=")
+    assert len(message) > len(field) + 30  # says why and what to do
+
+
+def test_token_level_vllm_importance_sampling_is_refused():
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode='token_truncate'.*sequence"):
+        GNIVOConfig(**CONFIG, use_vllm=True, vllm_importance_sampling_mode="token_truncate")
+
+
+def test_grpo_config_is_refused(tiny_model_dir):
+    with pytest.raises(TypeError, match="GNIVOConfig"):
+        GNIVOTrainer(model=tiny_model_dir, reward_funcs=lambda **kw: [], args=GRPOConfig(**CONFIG))
+
+
+def test_defaults_follow_the_paper():
+    config = GNIVOConfig(**CONFIG)
+    assert (config.gnivo_alpha, config.num_generations, config.gnivo_prefix_unit) == (0.2, 4, "token")
+    assert (config.gnivo_weight_normalization, config.gnivo_step_delimiter, config.beta) == ("softmax", "\n\n", 0.0)

@@ -1,0 +1,117 @@
+"""Deterministic trainer runs for tests: stubbed generation, fixed rewards, one-step parameter updates.
+
+Used in process by the trainer tests and, through ``python -m torch.distributed.run``, by ``distributed_layout.py``
+for the two-process layouts. Generation is replaced by a stub whose completion for a row depends only on the prompt
+and the row's index inside its group, so every batch layout (micro-batches, accumulation, processes) sees exactly the
+same rows; with plain SGD and no gradient clipping, the parameter update of one step is ``-lr * gradient``.
+"""
+
+from __future__ import annotations  # noqa: I001
+
+import gnivo_trl.testing  # noqa: F401  (sets the offline environment variables first)
+import torch
+from datasets import Dataset
+
+from gnivo_trl import GNIVOConfig, GNIVOTrainer, VIMPOConfig, VIMPOTrainer
+
+# Completion texts of different lengths, with and without step delimiters and with different rewards.
+COMPLETION_POOL = [
+    "Step 1: 3 + 4 = 7\n\nStep 2: 7 * 2 = 14\n\nThe answer is 14.",
+    "7",
+    "Let us count: one two three.\n\n\\boxed{7}",
+    "3 + 4 = 8\n\nso 8.",
+    "The answer is 7.\n\nDone: 7 7",
+    "Hi there.",
+    "Step 1: 1 + 1 = 2\n\nStep 2: 2 + 5 = 7\n\nStep 3: \\boxed{7}",
+    "nine ten",
+]
+# Prompts that tokenize to one length, so that no process left-pads its prompts differently from another.
+PROMPTS = [f"What is {a} + {b}?" for a in range(1, 10) for b in range(1, 10)]
+
+ALGORITHMS = {"gnivo": (GNIVOConfig, GNIVOTrainer), "vimpo": (VIMPOConfig, VIMPOTrainer)}
+
+
+def reward_sevens(completions, **kwargs) -> list[float]:
+    """A deterministic reward with several distinct values per group."""
+    return [min(c[0]["content"].count("7"), 3) / 3 for c in completions]
+
+
+def equal_length_dataset(tokenizer, num_prompts: int = 16) -> Dataset:
+    """Conversational prompts whose templated token lengths are all equal."""
+    lengths: dict[int, list[str]] = {}
+    for text in PROMPTS:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        lengths.setdefault(len(ids), []).append(text)
+    texts = max(lengths.values(), key=len)[:num_prompts]
+    if len(texts) < num_prompts:
+        raise RuntimeError(f"Only {len(texts)} equal-length prompts available, {num_prompts} requested.")
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
+
+
+def stub_generation(trainer, with_eos_every: int = 3) -> None:
+    """Replace generation by a deterministic function of (prompt, index of the row inside its group)."""
+    tokenizer = trainer.processing_class
+    max_length = trainer.args.max_completion_length
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        first_global_row = trainer.accelerator.process_index * len(prompt_ids)
+        completions = []
+        for offset, ids in enumerate(prompt_ids):
+            member = (first_global_row + offset) % num_generations
+            key = sum(int(t) for t in ids) * 7 + member * 3
+            completion = tokenizer(COMPLETION_POOL[key % len(COMPLETION_POOL)], add_special_tokens=False)["input_ids"]
+            if key % with_eos_every:
+                completion = completion + [tokenizer.eos_token_id]
+            completions.append(completion[:max_length])
+        return completions, None
+
+    trainer._generate_single_turn = generate
+
+
+def build_trainer(algorithm: str, model_dir: str, output_dir: str, reward=reward_sevens, **overrides):
+    config_cls, trainer_cls = ALGORITHMS[algorithm]
+    settings = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        num_generations=4,
+        per_device_train_batch_size=8,
+        max_completion_length=24,
+        max_steps=1,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        max_grad_norm=1e9,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    if algorithm == "vimpo":
+        settings["vimpo_beta"] = 0.05  # large enough that the value and actor terms both move the parameters
+        settings["vimpo_actor_coef"] = 1.0
+    settings.update(overrides)
+    args = config_cls(**settings)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trainer = trainer_cls(
+        model=model_dir,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=equal_length_dataset(tokenizer),
+        processing_class=tokenizer,
+    )
+    stub_generation(trainer)
+    return trainer
+
+
+def parameter_update(trainer) -> dict[str, torch.Tensor]:
+    """Train (``max_steps`` optimizer steps) and return each parameter's change."""
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    return {name: (p.detach() - before[name]).double() for name, p in trainer.model.named_parameters()}
