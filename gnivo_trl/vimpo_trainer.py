@@ -50,7 +50,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
       optimizer step per generation batch (the paper's setting, TRL's default) the sampling policy *is* the current
       policy, so this equals the official implementation; with ``num_iterations > 1`` those detached quantities stay
       at the sampling policy while ``rho`` follows the current one. Whitening statistics cover every valid token of
-      the generation batch on every process, so the gradient does not depend on how the batch is split.
+      the generation batch on every process, so the gradient does not depend on how the batch is split over
+      micro-batches and processes. With several generation rounds per optimizer step (``steps_per_generation <
+      gradient_accumulation_steps``) each round whitens its own advantages and takes its own token mean, as TRL's
+      GRPO normalises per generation batch; the value loss is layout-independent in every case.
     * The loss-time forward is GRPO's (the fused LM head, no logits); the value loss is a mean over rows and the actor
       loss a token mean over the generation batch (TRL's ``num_items_in_batch``), both scaled for accumulation.
     * A row without a reward (every reward function returned None) contributes to neither loss. With vLLM's
@@ -58,8 +61,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
       (and a masked ratio removes the row); token-level modes are refused by :class:`VIMPOConfig`.
 
     Logged metrics (reduced over processes): ``vimpo/value_loss``, ``vimpo/actor_loss``, ``vimpo/residual_mean`` and
-    ``vimpo/residual_std`` (terminal-value residual), ``vimpo/kl`` (mean per-token KL to the reference),
-    ``vimpo/advantage_std`` (before whitening), ``entropy``.
+    ``vimpo/residual_std`` (terminal-value residual ``sum_t (rho - kappa) - (R - mean_g R)`` over the rows of a
+    micro-batch on all processes, averaged over the micro-batches of a logging interval like every TRL metric),
+    ``vimpo/kl`` (mean per-token KL to the reference), ``vimpo/advantage_std`` (before whitening), ``entropy``.
     """
 
     _tag_names = ["trl", "vimpo"]

@@ -1,0 +1,333 @@
+"""Peak CPU memory of VIMPO's exact-KL step: ``chunked_token_statistics`` against a naive full materialisation.
+
+VIMPO needs the exact KL(pi_theta || pi_ref) over the whole vocabulary at every completion token (SPEC section 4).
+The naive way, the one measured in ``notes/anchor-measurements.md`` for a VIMPO port, materialises the full (N, V)
+logits of policy and reference, float32 log-softmaxes of both and their difference. ``gnivo_trl.losses.
+chunked_token_statistics`` instead walks over chunks of ``chunk_size`` tokens, so only a few float32
+``(chunk_size, V)`` tensors exist at a time. This script measures the peak memory of both on CPU.
+
+Inputs: N = batch x seq_len tokens, hidden size H, two random ``nn.Linear(H, V, bias=False)`` heads in float32
+(policy and reference) applied to two random (N, H) hidden-state tensors, random labels.
+
+Method: every variant runs in a fresh Python process. The process builds the inputs, warms the kernels up on a
+4-token slice, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5), reads its current RSS, runs
+the variant once, and reports ``VmHWM - RSS before`` (the peak resident-set growth) from ``/proc/self/status``.
+``getrusage(RUSAGE_SELF).ru_maxrss`` is not used: on Linux a child started from a large parent inherits the
+parent's high-water mark across exec, so it is wrong whenever the parent (pytest, this script) is bigger than the
+child. glibc's mmap threshold is pinned to 64 KiB in the child so that freed tensors go back to the kernel at once
+and the RSS follows the live tensors (the headline numbers). With glibc's defaults the threshold adapts upwards to
+the size of freed blocks (up to 32 MiB), so chunk-sized tensors below that come from the heap, where fragmentation
+inflates the RSS of the chunked loop on CPU by an amount that varies from run to run; those columns are reported
+too, for information (on a GPU the caching allocator decides instead). The worker loads ``gnivo_trl/losses.py`` as
+a standalone module (it imports only torch), to avoid the seconds-long import of TRL through the package
+``__init__``.
+
+The per-token KLs and sampled-token log-probs of every chunked run are checked against the naive run (max abs
+difference reported; the script fails above 1e-5).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/vimpo_kl_memory.py
+    .venv/bin/python benchmarks/vimpo_kl_memory.py --shapes 4x512 --chunk-sizes 1024 256 --vocab 32000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "vimpo_kl_memory.md"
+DEFAULT_CHUNK_SIZE = 1024  # VIMPOConfig.vimpo_kl_chunk_size
+KL_TOLERANCE = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Worker side (runs in a fresh process)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _load_losses():
+    """``gnivo_trl.losses`` loaded from its file without the package ``__init__`` (which imports TRL)."""
+    path = REPO_ROOT / "gnivo_trl" / "losses.py"
+    try:
+        spec = importlib.util.spec_from_file_location("_gnivo_losses_standalone", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:  # losses.py grew a package-relative import: fall back to the (slow) package import
+        from gnivo_trl import losses
+
+        return losses
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def naive_token_statistics(policy_hidden, ref_hidden, labels, policy_head, ref_head, temperature=1.0):
+    """The full-materialisation reference: (N, V) logits of both models, their float32 log-softmaxes, the difference.
+
+    Returns ``(policy_logp, ref_logp, kl)`` like ``chunked_token_statistics``.
+    """
+    import torch
+
+    with torch.no_grad():
+        policy_logits = policy_head(policy_hidden)  # (N, V), kept alive as a model forward would return it
+        ref_logits = ref_head(ref_hidden)
+        policy_log_probs = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
+        ref_log_probs = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+        log_ratio = policy_log_probs - ref_log_probs
+        kl = (policy_log_probs.exp() * log_ratio).sum(dim=-1)
+        index = labels[:, None]
+        return policy_log_probs.gather(1, index).squeeze(1), ref_log_probs.gather(1, index).squeeze(1), kl
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import gc
+
+    import torch
+    from torch import nn
+
+    losses = _load_losses()
+    torch.manual_seed(args.seed)
+    n_tokens = args.tokens
+    policy_head = nn.Linear(args.hidden, args.vocab, bias=False)
+    ref_head = nn.Linear(args.hidden, args.vocab, bias=False)
+    policy_hidden = torch.randn(n_tokens, args.hidden)
+    ref_hidden = torch.randn(n_tokens, args.hidden)
+    labels = torch.randint(0, args.vocab, (n_tokens,))
+
+    if args.variant == "naive":
+
+        def run(n):
+            return naive_token_statistics(
+                policy_hidden[:n], ref_hidden[:n], labels[:n], policy_head, ref_head, args.temperature
+            )
+    else:
+
+        def run(n):
+            return tuple(
+                losses.chunked_token_statistics(
+                    policy_hidden[:n],
+                    ref_hidden[:n],
+                    labels[:n],
+                    policy_head,
+                    ref_head,
+                    temperature=args.temperature,
+                    chunk_size=args.chunk_size,
+                )
+            )
+
+    run(4)  # warm-up: lazy kernel and thread-pool initialisation stays out of the measurement
+    gc.collect()
+    _reset_peak_rss()
+    before_kib = _status_kib("VmRSS")
+    policy_logp, ref_logp, kl = run(n_tokens)
+    peak_kib = _status_kib("VmHWM")
+    torch.save({"policy_logp": policy_logp, "ref_logp": ref_logp, "kl": kl}, args.save)
+    print(json.dumps({"peak_growth_kib": peak_kib - before_kib, "rss_before_kib": before_kib}))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    variant: str  # "naive" or "chunked"
+    tokens: int
+    vocab: int
+    hidden: int
+    chunk_size: int | None
+    peak_mib: float
+    outputs: dict  # policy_logp, ref_logp, kl tensors
+
+
+def measure(
+    variant: str,
+    tokens: int,
+    vocab: int = 32_000,
+    hidden: int = 64,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    timeout: float = 300.0,
+    pin_malloc: bool = True,
+) -> Measurement:
+    """Run one variant in a fresh process and return its peak RSS growth (MiB) and its outputs.
+
+    ``pin_malloc=False`` leaves glibc's adaptive mmap threshold on (see the module docstring).
+    """
+    import torch
+
+    if variant not in ("naive", "chunked"):
+        raise ValueError(f"variant must be 'naive' or 'chunked', got {variant!r}")
+    if variant == "chunked" and chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        save = Path(tmp) / "outputs.pt"
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--variant",
+            variant,
+            "--tokens",
+            str(tokens),
+            "--vocab",
+            str(vocab),
+            "--hidden",
+            str(hidden),
+            "--chunk-size",
+            str(chunk_size or 0),
+            "--temperature",
+            str(temperature),
+            "--seed",
+            str(seed),
+            "--save",
+            str(save),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        if pin_malloc:
+            env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"worker failed ({shlex.join(command)}):\n{result.stdout}\n{result.stderr}")
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        outputs = torch.load(save)
+    return Measurement(variant, tokens, vocab, hidden, chunk_size, report["peak_growth_kib"] / 1024, outputs)
+
+
+def max_abs_difference(a: Measurement, b: Measurement) -> float:
+    return max((a.outputs[key] - b.outputs[key]).abs().max().item() for key in ("kl", "policy_logp", "ref_logp"))
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+
+    return (
+        f"CPU: {cpu}, {os.cpu_count()} logical cores visible; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, torch {torch.__version__} (threads: {torch.get_num_threads()})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["2x256", "4x512"], help="BATCHxSEQ_LEN token layouts")
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[DEFAULT_CHUNK_SIZE, 256, 128])
+    parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    # worker-only arguments
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+
+    if not Path("/proc/self/clear_refs").exists():
+        parser.error("this measurement needs Linux /proc (clear_refs, VmHWM)")
+    rows = []
+    failures = []
+    for shape in args.shapes:
+        batch, seq_len = (int(x) for x in shape.lower().split("x"))
+        tokens = batch * seq_len
+        common = dict(vocab=args.vocab, hidden=args.hidden, temperature=args.temperature, seed=args.seed)
+        naive = measure("naive", tokens, **common)
+        naive_default = measure("naive", tokens, pin_malloc=False, **common)
+        rows.append((batch, seq_len, naive, naive_default, None))
+        for chunk_size in args.chunk_sizes:
+            chunked = measure("chunked", tokens, chunk_size=chunk_size, **common)
+            chunked_default = measure("chunked", tokens, chunk_size=chunk_size, pin_malloc=False, **common)
+            difference = max_abs_difference(chunked, naive)
+            if difference > KL_TOLERANCE:
+                failures.append(f"N={tokens}, chunk {chunk_size}: max |difference| {difference:.2e}")
+            rows.append((batch, seq_len, chunked, chunked_default, difference))
+
+    fv = 4 / 2**20  # MiB per float32 element
+    lines = [
+        "| B x T | N tokens | variant | chunk | chunks | peak MiB | ratio to naive | one (N, V) fp32 tensor, MiB "
+        "| max abs diff vs naive | peak MiB, glibc default malloc | ratio, glibc default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    naive_peak, naive_default_peak = {}, {}
+    for batch, seq_len, m, m_default, difference in rows:
+        if m.variant == "naive":
+            naive_peak[m.tokens] = m.peak_mib
+            naive_default_peak[m.tokens] = m_default.peak_mib
+        chunk = "-" if m.chunk_size is None else str(m.chunk_size)
+        chunks = "1 (all N)" if m.chunk_size is None else str(-(-m.tokens // m.chunk_size))
+        name = "naive full materialisation" if m.variant == "naive" else "chunked_token_statistics"
+        if m.variant == "chunked" and m.chunk_size == DEFAULT_CHUNK_SIZE:
+            name += " (VIMPOConfig default chunk)"
+        ratio = m.peak_mib / naive_peak[m.tokens]
+        ratio_default = m_default.peak_mib / naive_default_peak[m.tokens]
+        diff = "-" if difference is None else f"{difference:.1e}"
+        lines.append(
+            f"| {batch} x {seq_len} | {m.tokens} | {name} | {chunk} | {chunks} | {m.peak_mib:.1f} | {ratio:.3f} "
+            f"| {m.tokens * m.vocab * fv:.1f} | {diff} | {m_default.peak_mib:.1f} | {ratio_default:.3f} |"
+        )
+    table = "\n".join(lines)
+    command = ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
+    header = (
+        "# VIMPO exact-KL step: peak CPU memory, chunked vs naive\n\n"
+        f"Command: `{command}`\n\n"
+        f"Machine: {machine_description()}\n\n"
+        f"Setup: vocabulary V = {args.vocab}, hidden size H = {args.hidden}, two random float32 "
+        f"`nn.Linear(H, V, bias=False)` heads (policy, reference), temperature {args.temperature}, seed {args.seed}. "
+        "Peak = growth of the resident set (VmHWM after clear_refs reset minus VmRSS before) of a fresh process "
+        "per cell, inputs and weights allocated before the baseline, glibc mmap threshold pinned to 64 KiB so that "
+        "RSS follows the live tensors (these figures repeat to 0.5 MiB). Last two columns: glibc's adaptive "
+        "defaults, where heap fragmentation inflates the chunked loop's RSS on CPU by an amount that varies from "
+        "run to run (e.g. 65 to 240 MiB for N=512, chunk 128). The naive variant keeps both (N, V) logits, "
+        "both float32 log-softmaxes and their difference, then `(exp(logp) * diff).sum(-1)`. "
+        f"The chunked KLs and sampled-token log-probs must match the naive ones to {KL_TOLERANCE:g}.\n"
+    )
+    report = f"{header}\n{table}\n"
+    print(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    print(f"written to {args.output}")
+    if failures:
+        print("KL MISMATCH:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

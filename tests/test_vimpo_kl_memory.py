@@ -1,0 +1,52 @@
+"""Peak memory of VIMPO's exact-KL step (SPEC section 4): chunking must keep it well under a naive materialisation.
+
+Runs ``benchmarks/vimpo_kl_memory.py``'s measurement at a vocabulary of 32k and 512 tokens: the naive reference
+keeps the full (N, V) logits of both models, both float32 log-softmaxes and their difference; the chunked
+``chunked_token_statistics`` runs 4 chunks of 128 tokens. Each variant runs in a fresh process and reports its peak
+resident-set growth (see the benchmark's docstring for the method); the two run side by side to save wall time.
+This is a property of the chunking (a few ``(chunk, V)`` float32 tensors instead of several ``(N, V)``), not a
+timing, so the bound is loose: the expected ratio is about 0.11.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "vimpo_kl_memory.py"
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists() or not sys.platform.startswith("linux"),
+    reason="the peak-RSS measurement needs Linux /proc (clear_refs, VmHWM)",
+)
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("vimpo_kl_memory_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chunked_exact_kl_peak_memory_is_well_under_naive():
+    bench = _load_benchmark()
+    tokens, vocab, hidden, chunk_size = 512, 32_000, 64, 128
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        naive_future = pool.submit(bench.measure, "naive", tokens, vocab, hidden, None, 1.0, 0, 120.0)
+        chunked_future = pool.submit(bench.measure, "chunked", tokens, vocab, hidden, chunk_size, 1.0, 0, 120.0)
+        naive, chunked = naive_future.result(), chunked_future.result()
+
+    one_full_tensor_mib = tokens * vocab * 4 / 2**20  # 62.5 MiB
+    # The measurement is not vacuous: the naive variant holds several (N, V) float32 tensors at its peak...
+    assert naive.peak_mib > 4 * one_full_tensor_mib, naive.peak_mib
+    # ...and the chunked one at least one (chunk, V) tensor.
+    assert chunked.peak_mib > chunk_size * vocab * 4 / 2**20, chunked.peak_mib
+    ratio = chunked.peak_mib / naive.peak_mib
+    assert ratio < 0.5, f"chunked {chunked.peak_mib:.1f} MiB vs naive {naive.peak_mib:.1f} MiB (ratio {ratio:.3f})"
+    # Same numbers either way.
+    assert bench.max_abs_difference(chunked, naive) < 1e-5
