@@ -50,12 +50,12 @@ def equal_length_dataset(tokenizer, num_prompts: int = 16) -> Dataset:
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
 
 
-def stub_generation(trainer, with_eos_every: int = 3) -> None:
-    """Replace generation by a deterministic function of (prompt, index of the row inside its group)."""
+def _completion_function(trainer):
+    """Completion ids as a deterministic function of (prompt, index of the row inside its group)."""
     tokenizer = trainer.processing_class
     max_length = trainer.args.max_completion_length
 
-    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def completions_for(prompt_ids, num_generations, with_eos_every: int = 3):
         first_global_row = trainer.accelerator.process_index * len(prompt_ids)
         completions = []
         for offset, ids in enumerate(prompt_ids):
@@ -65,7 +65,17 @@ def stub_generation(trainer, with_eos_every: int = 3) -> None:
             if key % with_eos_every:
                 completion = completion + [tokenizer.eos_token_id]
             completions.append(completion[:max_length])
-        return completions, None
+        return completions
+
+    return completions_for
+
+
+def stub_generation(trainer) -> None:
+    """Replace generation by a deterministic function of (prompt, index of the row inside its group)."""
+    completions_for = _completion_function(trainer)
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return completions_for(prompt_ids, num_generations), None
 
     trainer._generate_single_turn = generate
 
@@ -115,3 +125,46 @@ def parameter_update(trainer) -> dict[str, torch.Tensor]:
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     return {name: (p.detach() - before[name]).double() for name, p in trainer.model.named_parameters()}
+
+
+class FakeVLLMGeneration:
+    """Stand-in for TRL's ``VLLMGeneration`` (no vLLM install): the stub's completions plus sampling log-probs.
+
+    The sampling log-probs are the policy's own (temperature-scaled) log-probs of each completion token shifted by
+    ``shifts[member] / length`` per token, so the sequence-level importance ratio pi_old / pi_sampler that TRL
+    computes is ``exp(-shifts[member])`` for the row with index ``member`` inside its group.
+    """
+
+    def __init__(self, trainer, shifts: list[float]):
+        self.trainer = trainer
+        self.shifts = shifts
+        self.completions_for = _completion_function(trainer)
+
+    def sync_weights(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts, images, num_generations, profiler=None):
+        trainer = self.trainer
+        completions = self.completions_for(prompts, num_generations)
+        first_global_row = trainer.accelerator.process_index * len(prompts)
+        logprobs = []
+        for offset, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            ids = torch.tensor([list(prompt) + completion])
+            logits = trainer.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / trainer.temperature
+            token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            shift = self.shifts[(first_global_row + offset) % num_generations] / len(completion)
+            logprobs.append([[float(lp) + shift] for lp in token_logps])
+        return prompts, completions, logprobs, None
+
+
+def use_fake_vllm(trainer, mode: str, shifts: list[float], clip_max: float = 3.0) -> None:
+    """Switch a constructed trainer to the vLLM code path with :class:`FakeVLLMGeneration`."""
+    trainer.use_vllm = trainer.args.use_vllm = True
+    trainer.vllm_importance_sampling_correction = True
+    trainer.vllm_importance_sampling_mode = trainer.args.vllm_importance_sampling_mode = mode
+    trainer.vllm_importance_sampling_clip_max = clip_max
+    trainer.vllm_importance_sampling_clip_min = None
+    trainer.vllm_generation = FakeVLLMGeneration(trainer, shifts)
+    trainer._last_loaded_step = -1
+    del trainer._generate_single_turn  # back to GRPOTrainer's own, which takes the vLLM branch
