@@ -1,0 +1,426 @@
+"""What GN-IVO and VIMPO cost over GRPO: step time and peak memory on identical inputs, side by side.
+
+Every method gets the same prompts and the same completions (a fixed-output generation stub replaces sampling, so
+generation is out of the timing) and is measured on the same model weights:
+
+* ``grpo``, ``grpo+ref``: TRL's own ``GRPOTrainer`` with ``beta=0`` and with ``beta=0.04`` (which adds the reference
+  forward at scoring time);
+* ``gnivo/token``, ``gnivo/step``, ``gnivo/sequence``: ``GNIVOTrainer`` in each prefix unit;
+* ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``: ``VIMPOTrainer`` with each KL estimator.
+
+One *step* = scoring (``_generate_and_score_completions`` with the stub: every no-grad forward a method runs per
+generation batch, e.g. GRPO's reference forward or VIMPO's exact KL) + the loss step (``compute_loss``, forward, loss,
+backward). Both phases are timed separately and summed. Methods are interleaved inside each repetition (a warm-up
+step first), and every figure is the median over repetitions of the ratio to GRPO taken within the same repetition,
+because these machines are noisy.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the step. On CPU, the growth of
+the process's peak resident set (``/proc/self/clear_refs`` reset, ``VmHWM``) during the step, measured in a separate
+pass (a child process, one repetition: memory is deterministic) with glibc's mmap threshold pinned low
+(``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors are returned at once and RSS follows the live tensors; the
+timing pass runs with glibc's defaults, because the low threshold adds system time to every step.
+
+Configurations:
+
+* ``--device cpu`` (default): a tiny Qwen2-architecture model (hidden 64, 2 layers) with a 32,000-token vocabulary,
+  float32, B=2 completions (one group, K=2) after a 128-token prompt.
+* ``--device cuda``: Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864), random
+  initialisation, vocabulary 151,936, bf16, gradient checkpointing, B=2 after a 128-token prompt; the setting of the
+  anchor measurements. Needs a GPU (about 80 GB for T=8192).
+
+Usage::
+
+    .venv/bin/python benchmarks/overhead.py                       # CPU, T in 256..8192, writes results/overhead.md
+    .venv/bin/python benchmarks/overhead.py --lengths 256 1024 --repeats 3 --methods grpo gnivo/token
+    python benchmarks/overhead.py --device cuda --output benchmarks/results/overhead_gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "gnivo/sequence", "vimpo/exact", "vimpo/k2", "vimpo/k3"]
+DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
+PROMPT_LENGTH = 128
+NUM_COMPLETIONS = 2  # one group of K=2, as in the anchor measurements
+STEP_EVERY = 64  # a "\n\n" token every 64 completion tokens, for step units
+MODEL_SHAPES = {
+    "cpu": dict(
+        vocab_size=32_000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "cuda": dict(
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, tokenizer and inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_model_dir(directory: Path, device: str, seed: int = 0) -> str:
+    """A randomly initialised Qwen2 model of the configuration's shape and a word-level tokenizer covering its vocab."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    shape = MODEL_SHAPES[device]
+    vocab = {"<|pad|>": 0, "<|unk|>": 1, "<|im_end|>": 2, "\n\n": 3}
+    vocab.update({f"w{i}": i for i in range(len(vocab), shape["vocab_size"])})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token="<|unk|>", padding_side="left"
+    )
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        **shape,
+        max_position_embeddings=PROMPT_LENGTH + max(DEFAULT_LENGTHS) + 8,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+        torch_dtype="bfloat16" if device == "cuda" else "float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    if device == "cuda":
+        model = model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, do_sample=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def fixed_completions(length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """``NUM_COMPLETIONS`` random completions of exactly ``length`` tokens, a step delimiter every STEP_EVERY, EOS last."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + length)
+    completions = []
+    for _ in range(NUM_COMPLETIONS):
+        ids = torch.randint(4, vocab_size, (length,), generator=generator)
+        ids[STEP_EVERY - 1 :: STEP_EVERY] = 3
+        ids[-1] = 2
+        completions.append(ids.tolist())
+    return completions
+
+
+def build_trainer(method: str, model_dir: str, device: str, length: int, output_dir: str):
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    from gnivo_trl import GNIVOConfig, GNIVOTrainer, VIMPOConfig, VIMPOTrainer
+
+    common = dict(
+        output_dir=output_dir,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        gradient_checkpointing=True,
+        num_generations=NUM_COMPLETIONS,
+        per_device_train_batch_size=NUM_COMPLETIONS,
+        max_completion_length=length,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+    )
+    family, _, variant = method.partition("/")
+    if family.startswith("grpo"):
+        config_cls, trainer_cls = GRPOConfig, GRPOTrainer
+        common["beta"] = 0.04 if method == "grpo+ref" else 0.0
+    elif family == "gnivo":
+        config_cls, trainer_cls = GNIVOConfig, GNIVOTrainer
+        common["gnivo_prefix_unit"] = variant
+    else:
+        config_cls, trainer_cls = VIMPOConfig, VIMPOTrainer
+        common["vimpo_kl_estimator"] = variant
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer would pick Qwen2's BPE class
+    prompt = " ".join(f"w{4 + i}" for i in range(PROMPT_LENGTH))
+    dataset = Dataset.from_dict({"prompt": [prompt] * 4})
+    vocab_size = MODEL_SHAPES[device]["vocab_size"]
+    completions = fixed_completions(length, vocab_size)
+
+    def reward(completions, **kwargs):
+        return [float(i % 2) for i in range(len(completions))]  # distinct rewards within the group
+
+    trainer = trainer_cls(
+        model=model_dir,
+        reward_funcs=reward,
+        args=config_cls(**common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return [list(completions[i % NUM_COMPLETIONS]) for i in range(len(prompt_ids))], None
+
+    trainer._generate_single_turn = generate
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss is called directly here
+    if device == "cuda":
+        trainer.model.to("cuda")
+    return trainer, [dict(row) for row in dataset.select(range(NUM_COMPLETIONS))]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MiB (CUDA allocator, or the CPU process's resident set)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self.start = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        self.mib = (peak - self.start) / 2**20
+
+
+def one_step(trainer, rows: list[dict], device: str) -> dict[str, float]:
+    """Scoring + loss step of one generation batch; returns seconds of each phase and the peak memory in MiB."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    trainer.model.zero_grad(set_to_none=True)
+    with PeakMemory(device) as memory:
+        sync()
+        start = time.perf_counter()
+        batch = trainer._generate_and_score_completions(rows)
+        sync()
+        scored = time.perf_counter()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        sync()
+        done = time.perf_counter()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss}")
+    trainer.model.zero_grad(set_to_none=True)
+    del batch, loss
+    return {"score_s": scored - start, "loss_s": done - scored, "step_s": done - start, "peak_mib": memory.mib}
+
+
+def run(device: str, lengths: list[int], methods: list[str], repeats: int, workdir: Path) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model_dir = build_model_dir(workdir / "model", device)
+    results: dict[tuple[int, str], list[dict]] = {}
+    for length in lengths:
+        trainers = {}
+        for method in methods:
+            trainers[method] = build_trainer(method, model_dir, device, length, str(workdir / "out"))
+            one_step(*trainers[method], device)  # warm-up (kernels, allocator, token-text caches)
+        for repeat in range(repeats):
+            order = methods if repeat % 2 == 0 else list(reversed(methods))  # interleave, alternate the order
+            for method in order:
+                results.setdefault((length, method), []).append(one_step(*trainers[method], device))
+        for method in methods:
+            figures = results[(length, method)]
+            print(
+                f"T={length:5d} {method:15s} step {statistics.median(f['step_s'] for f in figures):8.4f} s  "
+                f"peak {statistics.median(f['peak_mib'] for f in figures):9.1f} MiB",
+                flush=True,
+            )
+        del trainers
+        gc.collect()
+    return results
+
+
+def median_ratio(results, length: int, method: str, baseline: str, key: str) -> float:
+    pairs = zip(results[(length, method)], results[(length, baseline)], strict=True)
+    return statistics.median(a[key] / b[key] if b[key] > 0 else float("nan") for a, b in pairs)
+
+
+def machine_description(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"CPU: {cpu}, {os.cpu_count()} logical cores visible, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
+
+
+def write_report(results, device: str, lengths, methods, repeats: int, output: Path, command: str) -> str:
+    lines = [
+        f"# Overhead over GRPO: step time and peak memory ({device.upper()})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine_description(device)}",
+        "",
+        f"Model: Qwen2 architecture, random initialisation, {MODEL_SHAPES[device]}, "
+        f"{'bf16' if device == 'cuda' else 'float32'}, gradient checkpointing on. Inputs: {NUM_COMPLETIONS} completions "
+        f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
+        f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
+        "forwards of `_generate_and_score_completions`: GRPO+ref's reference forward, VIMPO's reference forward and KL) "
+        "+ loss step (forward, loss, backward). Each figure is the median over "
+        f"{repeats} repetitions of the ratio to the baseline measured in the same repetition (methods interleaved).",
+        "",
+        "## Step time, ratio to GRPO (beta=0) / to GRPO with a reference model (beta=0.04)",
+        "",
+        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for method in methods:
+        cells = []
+        for length in lengths:
+            to_grpo = median_ratio(results, length, method, "grpo", "step_s")
+            to_ref = median_ratio(results, length, method, "grpo+ref", "step_s")
+            cells.append(f"{to_grpo:.3f} / {to_ref:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Peak memory above the resident model, ratio to GRPO / to GRPO with a reference model",
+        "",
+        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for method in methods:
+        cells = []
+        for length in lengths:
+            to_grpo = median_ratio(results, length, method, "grpo", "peak_mib")
+            to_ref = median_ratio(results, length, method, "grpo+ref", "peak_mib")
+            cells.append(f"{to_grpo:.3f} / {to_ref:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Absolute figures (medians): step seconds (scoring + loss step), peak MiB",
+        "",
+        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for method in methods:
+        cells = []
+        for length in lengths:
+            figures = results[(length, method)]
+            step = statistics.median(f["step_s"] for f in figures)
+            score = statistics.median(f["score_s"] for f in figures)
+            peak = statistics.median(f["peak_mib"] for f in figures)
+            cells.append(f"{step:.3f} s ({score:.3f} + {step - score:.3f}), {peak:.0f} MiB")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    report = "\n".join(lines) + "\n"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    return report
+
+
+def _memory_in_subprocess(args: argparse.Namespace) -> dict:
+    """Run the memory pass in a child process with glibc's mmap threshold pinned low (see the module docstring)."""
+    import json
+    import subprocess
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, "--device", "cpu", "--repeats", "1", "--memory-pass", out.name]
+        command += ["--lengths", *map(str, args.lengths), "--methods", *args.methods]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        subprocess.run(command, env=env, check=True)
+        raw = json.loads(Path(out.name).read_text())
+    return {(int(length), method): figures for length, method, figures in raw}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--memory-pass", default=None, help=argparse.SUPPRESS)  # internal: child process of a CPU run
+    args = parser.parse_args(argv)
+    if "grpo" not in args.methods or "grpo+ref" not in args.methods:
+        parser.error("--methods must include the baselines grpo and grpo+ref")
+    for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(variable, "1")
+    if args.memory_pass:
+        import json
+
+        with tempfile.TemporaryDirectory() as workdir:
+            results = run(args.device, args.lengths, args.methods, 1, Path(workdir))
+        Path(args.memory_pass).write_text(json.dumps([[t, m, f] for (t, m), f in results.items()]))
+        return 0
+
+    output = (
+        args.output or REPO_ROOT / "benchmarks" / "results" / f"overhead{'_gpu' if args.device == 'cuda' else ''}.md"
+    )
+    command = "python benchmarks/overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    # Timing pass in this process (glibc defaults: a low mmap threshold would add system time to every step).
+    with tempfile.TemporaryDirectory() as workdir:
+        results = run(args.device, args.lengths, args.methods, args.repeats, Path(workdir))
+    if args.device == "cpu":
+        memory = _memory_in_subprocess(args)
+        for key, figures in results.items():
+            for figure in figures:
+                figure["peak_mib"] = memory[key][0]["peak_mib"]
+    print(write_report(results, args.device, args.lengths, args.methods, args.repeats, output, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
