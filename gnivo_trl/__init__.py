@@ -4,7 +4,8 @@ __version__ = "0.1.0.dev0"
 
 from .gnivo_config import GNIVOConfig  # noqa: E402
 from .gnivo_trainer import GNIVOTrainer  # noqa: E402
+from .group_bookkeeping import RewardFunctionError  # noqa: E402
 from .vimpo_config import VIMPOConfig  # noqa: E402
 from .vimpo_trainer import VIMPOTrainer  # noqa: E402
 
-__all__ = ["GNIVOConfig", "GNIVOTrainer", "VIMPOConfig", "VIMPOTrainer", "__version__"]
+__all__ = ["GNIVOConfig", "GNIVOTrainer", "RewardFunctionError", "VIMPOConfig", "VIMPOTrainer", "__version__"]

@@ -10,7 +10,11 @@ processes. This mixin
 * hands the subclass the gathered, global rewards so that it can attach per-row group statistics computed on whole
   groups (``_add_group_statistics``), then sliced back to the local rows;
 * when ``per_device_train_batch_size`` is a multiple of the group size, shuffles whole groups instead of rows, so
-  that every micro-batch holds complete groups.
+  that every micro-batch holds complete groups;
+* turns bad input into clear errors or documented behaviour: a dataset without a ``prompt`` column is refused at
+  construction, an exception in a reward function is re-raised as :class:`RewardFunctionError` naming the function,
+  and a row whose weighted reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning
+  for infinities.
 
 Every value attached to the batch is a tensor with the batch as its first dimension, so TRL's shuffling, splitting
 and buffering carry it along.
@@ -18,12 +22,26 @@ and buffering carry it along.
 
 from __future__ import annotations
 
+import inspect
+import logging
+import math
+import traceback
 from typing import Any
 
 import torch
+from trl import GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
-__all__ = ["GroupBookkeepingMixin", "loss_mask", "shuffle_whole_groups"]
+__all__ = ["GroupBookkeepingMixin", "RewardFunctionError", "loss_mask", "shuffle_whole_groups"]
+
+logger = logging.getLogger(__name__)
+
+_GRPO_INIT = inspect.signature(GRPOTrainer.__init__)
+_GRPO_FILE = inspect.getsourcefile(GRPOTrainer)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised. The message names the function; the original exception is the ``__cause__``."""
 
 
 def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
@@ -58,10 +76,52 @@ def _is_scalar(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 0
 
 
+def _check_prompt_column(dataset, argument: str) -> None:
+    """Refuse a dataset (or a dict of datasets) whose known columns do not include ``prompt``."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for name, split in dataset.items():
+            _check_prompt_column(split, f"{argument}[{name!r}]")
+        return
+    columns = getattr(dataset, "column_names", None)  # None for an IterableDataset of unknown features
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"{argument} has no 'prompt' column (its columns are {sorted(columns)}). The trainers, like TRL's "
+            "GRPOTrainer, sample completions for the 'prompt' of each row: rename the column holding the prompts "
+            "(dataset.rename_column(old, 'prompt')) or map the rows to a 'prompt' field (chat messages or text)."
+        )
+
+
+def _failing_reward_function(error: BaseException) -> str | None:
+    """Name of the reward function an exception escaped from, read off TRL's ``_calculate_rewards`` frames.
+
+    Returns None when the exception was raised by TRL itself (its own errors already name the function) or when no
+    reward-function frame is on the traceback.
+    """
+    frames = list(traceback.walk_tb(error.__traceback__))
+    if not frames or frames[-1][0].f_code.co_filename == _GRPO_FILE:
+        return None
+    for frame, _ in reversed(frames):
+        if frame.f_code.co_filename != _GRPO_FILE:
+            continue
+        for variable in ("reward_func_name", "func_name"):  # the synchronous loop / the asyncio path
+            name = frame.f_locals.get(variable)
+            if isinstance(name, str):
+                return name
+    return None
+
+
 class GroupBookkeepingMixin:
     """Mixed in before ``GRPOTrainer``; subclasses implement :meth:`_add_group_statistics` and ``_compute_loss``."""
 
     _stashed_rewards_per_func: torch.Tensor | None = None
+
+    def __init__(self, *args, **kwargs):
+        bound = _GRPO_INIT.bind(self, *args, **kwargs)
+        _check_prompt_column(bound.arguments.get("train_dataset"), "train_dataset")
+        _check_prompt_column(bound.arguments.get("eval_dataset"), "eval_dataset")
+        super().__init__(*args, **kwargs)
 
     @property
     def _keeps_groups_whole(self) -> bool:
@@ -72,7 +132,17 @@ class GroupBookkeepingMixin:
         return self.num_generations if mode == "train" else self.num_generations_eval
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        try:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        except Exception as error:
+            name = _failing_reward_function(error)
+            if name is None:
+                raise
+            raise RewardFunctionError(
+                f"The reward function {name!r} raised {type(error).__name__}: {error} (on a batch of "
+                f"{len(completions)} completions). Fix the function, or return None for the completions it cannot "
+                "score: such rows get no reward and leave their group."
+            ) from error
         self._stashed_rewards_per_func = rewards_per_func  # gathered over processes, (P * B, n_funcs)
         return rewards_per_func
 
@@ -87,6 +157,23 @@ class GroupBookkeepingMixin:
         # returned None stays NaN ("no reward") instead of collapsing to 0.
         global_rewards = (rewards_per_func * self.reward_weights.to(device)[None, :]).nansum(dim=1)
         global_rewards = global_rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
+        # A reward of +-inf (or an overflowing weighted sum) cannot be centred or exponentiated: the row has no reward
+        # and leaves its group, exactly like a None reward, for both losses. NaN from a function is None already.
+        infinite = torch.isinf(global_rewards)
+        if bool(infinite.any()):
+            functions = [
+                name
+                for name, column in zip(self.reward_func_names, rewards_per_func.T)
+                if bool(torch.isinf(column).any())
+            ]
+            logger.warning(
+                "%d of %d completions got an infinite reward (reward functions with infinite values: %s); they are "
+                "treated as having no reward and leave their group.",
+                int(infinite.sum()),
+                infinite.numel(),
+                ", ".join(functions) or "none; the weighted sum overflowed",
+            )
+            global_rewards = global_rewards.masked_fill(infinite, math.nan)
         local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
         output["row_rewards"] = global_rewards[local]
         output["row_group_index"] = torch.arange(global_rewards.numel(), device=device)[local] // group_size

@@ -457,14 +457,19 @@ def whiten(
     std: torch.Tensor | None = None,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """``(values - mean) / (std + eps)`` on valid positions, 0 elsewhere; float32.
+    """``(values - mean) / sqrt(std^2 + eps)`` on valid positions, 0 elsewhere; float32.
+
+    The epsilon sits under the square root, as in verl's ``masked_whiten`` (what the official VIMPO run uses), not
+    added to the std: when the values are pure rounding noise (std ~ 1e-9, e.g. right after initialisation, when
+    ``rho - kappa`` is 0 up to float error) ``std + eps`` would blow that noise up to unit scale, while
+    ``sqrt(std^2 + eps)`` >= 1e-4 keeps it negligible. For any std well above 1e-4 the two forms agree.
 
     ``mean`` and ``std`` default to :func:`masked_mean_std` of the tensor itself; a trainer passes statistics
     reduced over every process so that the result does not depend on how the batch is split.
     """
     if mean is None or std is None:
         mean, std = masked_mean_std(values, mask)
-    return torch.where(mask.bool(), (values.float() - mean) / (std + eps), 0.0)
+    return torch.where(mask.bool(), (values.float() - mean) * torch.rsqrt(std.float().square() + eps), 0.0)
 
 
 def dual_clip_ppo_loss(

@@ -340,15 +340,21 @@ def test_masked_mean_std_and_whiten_match_naive(seed):
     whitened = whiten(values, mask)
     mask_rows, value_rows = mask.tolist(), values.double().tolist()
     expected = [
-        [(v - naive_mean) / (naive_std + 1e-8) if m else 0.0 for v, m in zip(vr, mr, strict=True)]
+        [(v - naive_mean) / math.sqrt(naive_std**2 + 1e-8) if m else 0.0 for v, m in zip(vr, mr, strict=True)]
         for vr, mr in zip(value_rows, mask_rows, strict=True)
     ]
     torch.testing.assert_close(whitened.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
     # Statistics passed in (as a trainer does with values all-reduced over processes) are used as given.
     given = whiten(values, mask, mean=torch.tensor(0.5), std=torch.tensor(2.0))
-    expected_given = torch.where(mask.bool(), (values.double() - 0.5) / (2.0 + 1e-8), 0.0)
+    expected_given = torch.where(mask.bool(), (values.double() - 0.5) / math.sqrt(4.0 + 1e-8), 0.0)
     torch.testing.assert_close(given.double(), expected_given, rtol=1e-6, atol=1e-6)
+
+
+def test_whiten_keeps_rounding_noise_negligible():
+    # epsilon under the square root (verl's masked_whiten): noise with std ~1e-9 is not scaled up to unit size.
+    noise = 1e-9 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    assert whiten(noise, torch.ones(4, 16)).abs().max() < 1e-4
 
 
 def test_whiten_degenerate_masks_are_finite():

@@ -80,7 +80,17 @@ def stub_generation(trainer) -> None:
     trainer._generate_single_turn = generate
 
 
-def build_trainer(algorithm: str, model_dir: str, output_dir: str, reward=reward_sevens, **overrides):
+def build_trainer(
+    algorithm: str,
+    model_dir: str,
+    output_dir: str,
+    reward=reward_sevens,
+    trainer_kwargs: dict | None = None,
+    train_dataset: Dataset | None = None,
+    **overrides,
+):
+    """A trainer with stubbed generation; ``overrides`` are config fields, ``trainer_kwargs`` extra trainer arguments
+    (e.g. ``peft_config``) and ``train_dataset`` replaces the default equal-length prompts."""
     config_cls, trainer_cls = ALGORITHMS[algorithm]
     settings = dict(
         output_dir=output_dir,
@@ -113,8 +123,9 @@ def build_trainer(algorithm: str, model_dir: str, output_dir: str, reward=reward
         model=model_dir,
         reward_funcs=reward,
         args=args,
-        train_dataset=equal_length_dataset(tokenizer),
+        train_dataset=equal_length_dataset(tokenizer) if train_dataset is None else train_dataset,
         processing_class=tokenizer,
+        **(trainer_kwargs or {}),
     )
     stub_generation(trainer)
     return trainer

@@ -1,0 +1,51 @@
+"""One optimizer step of each trainer under DeepSpeed ZeRO on CPU; rank 0 saves the full parameter updates.
+
+Launched by ``test_deepspeed.py`` as
+``accelerate launch --config_file CONFIG tests/deepspeed_step.py MODEL_DIR OUT`` with two CPU processes and
+``DS_ACCELERATOR=cpu``. Parameters are gathered with ``deepspeed.zero.GatheredParameters`` (a no-op below ZeRO-3).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from trainer_harness import build_trainer  # noqa: E402
+
+
+def full_parameters(model) -> dict[str, torch.Tensor]:
+    """Every parameter's full value, gathered from its ZeRO-3 shards when sharded."""
+    values = {}
+    for name, parameter in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter]):
+            values[name] = parameter.detach().clone().double()
+    return values
+
+
+def main() -> None:
+    model_dir, out = sys.argv[1], Path(sys.argv[2])
+    results = {}
+    for algorithm in ("gnivo", "vimpo"):
+        trainer = build_trainer(
+            algorithm, model_dir, str(out.parent / f"run-{algorithm}"), per_device_train_batch_size=4, max_steps=1
+        )
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        before = full_parameters(trainer.model)
+        trainer.train()
+        after = full_parameters(trainer.model)
+        loss = [entry for entry in trainer.state.log_history if "loss" in entry][0]["loss"]
+        results[algorithm] = {
+            "stage": stage,
+            "engine": type(trainer.model_wrapped).__name__,
+            "update": {name: after[name] - before[name] for name in after},
+            "loss": loss,
+            "ref_model": type(trainer.ref_model).__name__ if trainer.ref_model is not None else None,
+        }
+    if trainer.accelerator.is_main_process:
+        torch.save(results, out)
+
+
+if __name__ == "__main__":
+    main()

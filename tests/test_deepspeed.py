@@ -1,0 +1,64 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU: both trainers take one optimizer step on two processes and the update
+equals the single-process update (SPEC invariant 2 under ZeRO sharding).
+
+The launch config is the shipped ``examples/accelerate_configs/zero{2,3}.yaml`` with only what a CPU run needs
+changed (``use_cpu: true``, two processes, no bf16): ``accelerate launch --cpu`` would drop DeepSpeed altogether.
+DeepSpeed (``pip install gnivo-trl[deepspeed]``) runs on CPU through its CPU accelerator (``DS_ACCELERATOR=cpu``)
+with gloo and its shared-memory collectives; no oneCCL or Intel extension is needed.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import max_difference, max_magnitude
+from trainer_harness import build_trainer, parameter_update
+
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install gnivo-trl[deepspeed]")
+
+ROOT = Path(__file__).parents[1]
+TOLERANCE = 1e-5  # relative to the largest parameter change
+
+
+def _cpu_config(stage: int, directory: Path) -> Path:
+    config = yaml.safe_load((ROOT / "examples" / "accelerate_configs" / f"zero{stage}.yaml").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["deepspeed_config"]["zero_stage"] == stage
+    config.update(use_cpu=True, num_processes=2, mixed_precision="no")
+    path = directory / f"zero{stage}-cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_step_matches_one_process(stage, tiny_model_dir, tmp_path):
+    out = tmp_path / "updates.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(_cpu_config(stage, tmp_path)),
+        "--main_process_port",
+        "0",
+        str(ROOT / "tests" / "deepspeed_step.py"),
+        tiny_model_dir,
+        str(out),
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    saved = torch.load(out)
+    for algorithm in ("gnivo", "vimpo"):
+        run = saved[algorithm]
+        assert run["stage"] == stage and run["engine"] == "DeepSpeedEngine"
+        if algorithm == "vimpo":
+            assert run["ref_model"] == "DeepSpeedEngine"  # the frozen reference is prepared by DeepSpeed too
+        reference = parameter_update(build_trainer(algorithm, tiny_model_dir, str(tmp_path / algorithm)))
+        assert max_magnitude(reference) > 1e-3
+        assert max_difference(run["update"], reference) <= TOLERANCE * max_magnitude(reference)

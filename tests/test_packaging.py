@@ -1,0 +1,111 @@
+"""Release readiness: the sdist and wheel build, pass ``twine check``, and the wheel installed into a fresh virtual
+environment imports from that environment (not the repository) and trains.
+
+Nothing is downloaded: the build runs without isolation (``setuptools`` from this environment), the wheel is installed
+with ``--no-deps --no-index``, and the fresh environment sees this environment's dependencies through a ``.pth`` file
+naming its site-packages (a directory listed in a ``.pth`` file is not itself a site directory, so this environment's
+editable install of gnivo_trl is not picked up there).
+"""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+import gnivo_trl
+
+ROOT = Path(__file__).parents[1]
+SDIST_LIMIT_BYTES = 500_000  # the sdist is source text; anything near this means data or build output slipped in
+
+
+def _run(*command: str, cwd: Path) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def distributions(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    # The wheel is built from the sdist (build's default), which checks that the sdist holds everything a build needs.
+    _run(
+        sys.executable,
+        "-m",
+        "build",
+        "--no-isolation",
+        "--skip-dependency-check",
+        "--outdir",
+        str(out),
+        str(ROOT),
+        cwd=ROOT,
+    )
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    return sdist, wheel
+
+
+@pytest.mark.slow
+def test_distributions_pass_twine_check(distributions):
+    sdist, wheel = distributions
+    output = _run(sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel), cwd=ROOT)
+    assert output.count("PASSED") == 2
+
+
+@pytest.mark.slow
+def test_version_is_single_sourced(distributions):
+    sdist, wheel = distributions
+    version = gnivo_trl.__version__
+    assert wheel.name.startswith(f"gnivo_trl-{version}-") and sdist.name == f"gnivo_trl-{version}.tar.gz"
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = Parser().parsestr(archive.read(f"gnivo_trl-{version}.dist-info/METADATA").decode())
+    assert metadata["Name"] == "gnivo-trl" and metadata["Version"] == version
+    assert any(line.startswith("trl") and "<1.17" in line for line in metadata.get_all("Requires-Dist"))
+
+
+@pytest.mark.slow
+def test_distribution_contents(distributions):
+    sdist, wheel = distributions
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/")[0] for name in archive.namelist()}
+    assert top_level == {"gnivo_trl", f"gnivo_trl-{gnivo_trl.__version__}.dist-info"}  # no tests, no examples
+    modules = {p.name for p in (ROOT / "gnivo_trl").glob("*.py")}
+    with zipfile.ZipFile(wheel) as archive:
+        assert modules <= {Path(name).name for name in archive.namelist() if name.startswith("gnivo_trl/")}
+    assert sdist.stat().st_size < SDIST_LIMIT_BYTES
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert {"pyproject.toml", "README.md", "LICENSE", "gnivo_trl/__init__.py", "gnivo_trl/losses.py"} <= names
+    assert not any(part in name for name in names for part in ("__pycache__", ".pyc", ".venv/", "demo_output"))
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_environment_and_trains(distributions, tmp_path):
+    _, wheel = distributions
+    fresh = tmp_path / "fresh-venv"
+    _run(sys.executable, "-m", "venv", "--without-pip", str(fresh), cwd=tmp_path)
+    python = fresh / "bin" / "python"
+    fresh_site = Path(
+        _run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip()
+    )
+    (fresh_site / "_reuse_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run(str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel), cwd=tmp_path)
+
+    probe = (
+        "import importlib.metadata, json, gnivo_trl; "
+        "print(json.dumps({'file': gnivo_trl.__file__, 'version': gnivo_trl.__version__, "
+        "'metadata': importlib.metadata.version('gnivo-trl')}))"
+    )
+    info = json.loads(_run(str(python), "-c", probe, cwd=tmp_path).strip().splitlines()[-1])
+    assert Path(info["file"]).is_relative_to(fresh_site)  # the installed wheel, not the repository checkout
+    assert not Path(info["file"]).is_relative_to(ROOT)
+    assert info["version"] == info["metadata"] == gnivo_trl.__version__
+
+    _run(str(python), "-m", "gnivo_trl.demo", "--steps", "2", "--output-dir", str(tmp_path / "demo"), cwd=tmp_path)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["steps"] == 2
