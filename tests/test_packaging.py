@@ -106,6 +106,22 @@ def test_wheel_installs_into_a_fresh_environment_and_trains(distributions, tmp_p
     assert not Path(info["file"]).is_relative_to(ROOT)
     assert info["version"] == info["metadata"] == gnivo_trl.__version__
 
-    _run(str(python), "-m", "gnivo_trl.demo", "--steps", "2", "--output-dir", str(tmp_path / "demo"), cwd=tmp_path)
+    # A tiny warm start in a private cache: the default one takes minutes to build.
+    _run(
+        str(python),
+        "-m",
+        "gnivo_trl.demo",
+        "--steps",
+        "2",
+        "--warm-start-examples",
+        "640",
+        "--eval-problems",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(tmp_path / "demo"),
+        cwd=tmp_path,
+    )
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 2
