@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format demo clean
+.PHONY: venv test lint format demo learning-benchmark overhead-benchmark clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ format: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m gnivo_trl.demo --output-dir demo_output
+
+# Benchmarks write their tables and plots into benchmarks/results/ (tens of minutes on 2 CPU cores).
+learning-benchmark: $(STAMP)
+	$(PY) benchmarks/learning.py
+
+overhead-benchmark: $(STAMP)
+	$(PY) benchmarks/overhead.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo_output
