@@ -1,6 +1,6 @@
 """gnivo-trl: GN-IVO and VIMPO, critic-free RL fine-tuning of language models, as TRL GRPOTrainer subclasses."""
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 from .gnivo_config import GNIVOConfig  # noqa: E402
 from .gnivo_trainer import GNIVOTrainer  # noqa: E402
