@@ -242,11 +242,12 @@ def one_step(trainer, rows: list[dict], device: str) -> dict[str, float]:
 
     trainer.model.zero_grad(set_to_none=True)
     with PeakMemory(device) as memory:
-        sync()
-        start = time.perf_counter()
-        batch = trainer._generate_and_score_completions(rows)
-        sync()
-        scored = time.perf_counter()
+        with PeakMemory(device) as scoring_memory:
+            sync()
+            start = time.perf_counter()
+            batch = trainer._generate_and_score_completions(rows)
+            sync()
+            scored = time.perf_counter()
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()
         sync()
@@ -255,7 +256,13 @@ def one_step(trainer, rows: list[dict], device: str) -> dict[str, float]:
         raise RuntimeError(f"non-finite loss {loss}")
     trainer.model.zero_grad(set_to_none=True)
     del batch, loss
-    return {"score_s": scored - start, "loss_s": done - scored, "step_s": done - start, "peak_mib": memory.mib}
+    return {
+        "score_s": scored - start,
+        "loss_s": done - scored,
+        "step_s": done - start,
+        "peak_mib": memory.mib,
+        "scoring_peak_mib": scoring_memory.mib,
+    }
 
 
 def run(device: str, lengths: list[int], methods: list[str], repeats: int, workdir: Path) -> dict:
@@ -351,6 +358,16 @@ def write_report(results, device: str, lengths, methods, repeats: int, output: P
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "## Peak memory of the scoring phase alone (MiB above the resident model; VIMPO's exact KL lives here)",
+        "",
+        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for method in methods:
+        cells = [f"{statistics.median(f['scoring_peak_mib'] for f in results[(t, method)]):.0f}" for t in lengths]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         "## Absolute figures (medians): step seconds (scoring + loss step), peak MiB",
         "",
         "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
@@ -392,12 +409,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steadier timings on a shared 2-core machine)"
+    )
     parser.add_argument("--memory-pass", default=None, help=argparse.SUPPRESS)  # internal: child process of a CPU run
     args = parser.parse_args(argv)
     if "grpo" not in args.methods or "grpo+ref" not in args.methods:
         parser.error("--methods must include the baselines grpo and grpo+ref")
     for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(variable, "1")
+    if args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.memory_pass:
         import json
 
@@ -418,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, figures in results.items():
             for figure in figures:
                 figure["peak_mib"] = memory[key][0]["peak_mib"]
+                figure["scoring_peak_mib"] = memory[key][0]["scoring_peak_mib"]
     print(write_report(results, args.device, args.lengths, args.methods, args.repeats, output, command.strip()))
     return 0
 
