@@ -139,25 +139,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         group_size = self._group_size(mode)
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        logp, entropies, _ = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            num_images=inputs.get("num_images"),
-            pixel_attention_mask=inputs.get("pixel_attention_mask"),
-            spatial_shapes=inputs.get("spatial_shapes"),
-            num_tiles=inputs.get("num_tiles"),
-            image_sizes=inputs.get("image_sizes"),
-            token_type_ids=inputs.get("token_type_ids"),
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
-            image_position_ids=inputs.get("image_position_ids"),
-        )
+        logp, entropies = self._policy_token_logps(model, inputs)
         mask = loss_mask(inputs)
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
@@ -193,11 +175,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
             if self.args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * torch.exp(logp - old)
-            # Token mean over the generation batch, exactly as GRPO's default loss_type="dapo" normalises.
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = loss + self.beta * (per_token_kl * mask).sum() / normalizer
+            loss = loss + self.beta * (per_token_kl * mask).sum() / self._token_mean_normalizer(inputs, mode)
             self._log_mean_over_processes(mode, "kl", (per_token_kl.detach() * mask).sum(), mask.sum())
 
         self._log_mean_over_processes(mode, "gnivo/loss", gnivo_loss.detach(), torch.ones((), device=logp.device))

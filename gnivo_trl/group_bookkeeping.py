@@ -40,6 +40,21 @@ _GRPO_INIT = inspect.signature(GRPOTrainer.__init__)
 _GRPO_FILE = inspect.getsourcefile(GRPOTrainer)
 
 
+# Multimodal inputs GRPOTrainer._get_per_token_logps_and_entropies accepts; passed through when the batch has them.
+_MULTIMODAL_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
 class RewardFunctionError(RuntimeError):
     """A reward function raised. The message names the function; the original exception is the ``__cause__``."""
 
@@ -185,6 +200,33 @@ class GroupBookkeepingMixin:
     ) -> None:
         """Attach per-row tensors computed on whole groups. ``global_rewards`` is ``(P * B,)`` in global order."""
         raise NotImplementedError
+
+    def _policy_token_logps(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies ``(B, C)`` of the completion tokens under ``model`` (with gradient).
+
+        GRPO's own forward (the fused LM head: no ``(B, T, V)`` logits), with every multimodal input it accepts.
+        """
+        completion_ids = inputs["completion_ids"]
+        logp, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            **{name: inputs.get(name) for name in _MULTIMODAL_INPUTS},
+        )
+        return logp, entropies
+
+    def _token_mean_normalizer(self, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        """Divisor that makes a per-micro-batch token sum the token mean over the generation batch.
+
+        Exactly GRPO's ``loss_type="dapo"`` normalisation: the global token count of the generation batch, shared
+        among processes (DDP averages gradients) and among the micro-steps of an optimizer step.
+        """
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
 
     def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-row tensor over processes in global row order (every rank must call this)."""

@@ -195,25 +195,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        logp, entropies, _ = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            num_images=inputs.get("num_images"),
-            pixel_attention_mask=inputs.get("pixel_attention_mask"),
-            spatial_shapes=inputs.get("spatial_shapes"),
-            num_tiles=inputs.get("num_tiles"),
-            image_sizes=inputs.get("image_sizes"),
-            token_type_ids=inputs.get("token_type_ids"),
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
-            image_position_ids=inputs.get("image_position_ids"),
-        )
+        logp, entropies = self._policy_token_logps(model, inputs)
         targets = inputs["vimpo_value_target"]
         has_reward = ~torch.isnan(targets)
         row_weight = has_reward.float()
@@ -241,11 +223,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         )
         if is_ratio is not None:
             per_token = per_token * is_ratio
-        # Token mean over the generation batch, normalised exactly as GRPO's loss_type="dapo".
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        actor_loss = (per_token * mask).sum() / normalizer
+        actor_loss = (per_token * mask).sum() / self._token_mean_normalizer(inputs, mode)
         loss = value_loss / accumulation + self.args.vimpo_actor_coef * actor_loss
 
         num_rows = torch.tensor(float(logp.size(0)), device=logp.device)
