@@ -61,7 +61,7 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
-from .testing import CHAT_TEMPLATE, build_tiny_model  # noqa: E402
+from .testing import SPECIAL_TOKENS, build_tiny_model, chatml_tokenizer  # noqa: E402
 
 __all__ = [
     "AccuracyCallback",
@@ -86,7 +86,6 @@ __all__ = [
 OPERATIONS = ("+", "-", "*")
 STEP_DELIMITER = "\n\n"
 BOXED = "\\boxed{"
-SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # One in TEST_MODULUS problems (by hash of the text) belongs to the test split.
 TEST_MODULUS = 5
 
@@ -236,18 +235,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        unk_token="<|unk|>",
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-        padding_side="left",
-        truncation_side="left",
-    )
+    tokenizer = chatml_tokenizer(backend)
     # Whole tokens for the chat template's role names and the answer box: shorter sequences, faster training.
     tokenizer.add_tokens([BOXED, "user", "assistant", "system"])
-    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "chatml_tokenizer",
     "save_tiny_model",
     "tiny_prompt_dataset",
 ]
@@ -64,6 +65,13 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
         show_progress=False,
     )
     backend.train_from_iterator(list(corpus) if corpus is not None else _DEFAULT_CORPUS, trainer=trainer)
+    return chatml_tokenizer(backend)
+
+
+def chatml_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap a ``tokenizers`` backend that holds :data:`SPECIAL_TOKENS` as a transformers tokenizer with the ChatML
+    chat template: ``<|im_end|>`` is EOS, ``<|pad|>`` pads, padding and truncation on the left (as generation needs).
+    """
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
