@@ -329,59 +329,36 @@ def write_report(results, device: str, lengths, methods, repeats: int, output: P
         "forwards of `_generate_and_score_completions`: GRPO+ref's reference forward, VIMPO's reference forward and KL) "
         "+ loss step (forward, loss, backward). Each figure is the median over "
         f"{repeats} repetitions of the ratio to the baseline measured in the same repetition (methods interleaved).",
-        "",
-        "## Step time, ratio to GRPO (beta=0) / to GRPO with a reference model (beta=0.04)",
-        "",
-        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
-        "|---|" + "---|" * len(lengths),
     ]
-    for method in methods:
-        cells = []
-        for length in lengths:
-            to_grpo = median_ratio(results, length, method, "grpo", "step_s")
-            to_ref = median_ratio(results, length, method, "grpo+ref", "step_s")
-            cells.append(f"{to_grpo:.3f} / {to_ref:.3f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Peak memory above the resident model, ratio to GRPO / to GRPO with a reference model",
-        "",
-        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
-        "|---|" + "---|" * len(lengths),
-    ]
-    for method in methods:
-        cells = []
-        for length in lengths:
-            to_grpo = median_ratio(results, length, method, "grpo", "peak_mib")
-            to_ref = median_ratio(results, length, method, "grpo+ref", "peak_mib")
-            cells.append(f"{to_grpo:.3f} / {to_ref:.3f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Peak memory of the scoring phase alone (MiB above the resident model; VIMPO's exact KL lives here)",
-        "",
-        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
-        "|---|" + "---|" * len(lengths),
-    ]
-    for method in methods:
-        cells = [f"{statistics.median(f['scoring_peak_mib'] for f in results[(t, method)]):.0f}" for t in lengths]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Absolute figures (medians): step seconds (scoring + loss step), peak MiB",
-        "",
-        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
-        "|---|" + "---|" * len(lengths),
-    ]
-    for method in methods:
-        cells = []
-        for length in lengths:
-            figures = results[(length, method)]
-            step = statistics.median(f["step_s"] for f in figures)
-            score = statistics.median(f["score_s"] for f in figures)
-            peak = statistics.median(f["peak_mib"] for f in figures)
-            cells.append(f"{step:.3f} s ({score:.3f} + {step - score:.3f}), {peak:.0f} MiB")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+
+    def table(title: str, cell) -> None:
+        """A Markdown table with a row per method and a column per length; ``cell(length, method) -> str``."""
+        lines.extend(["", f"## {title}", "", "| method | " + " | ".join(f"T={t}" for t in lengths) + " |"])
+        lines.append("|---|" + "---|" * len(lengths))
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(cell(length, method) for length in lengths) + " |")
+
+    def ratios(key: str):
+        def cell(length: int, method: str) -> str:
+            to_grpo = median_ratio(results, length, method, "grpo", key)
+            return f"{to_grpo:.3f} / {median_ratio(results, length, method, 'grpo+ref', key):.3f}"
+
+        return cell
+
+    def median(length: int, method: str, key: str) -> float:
+        return statistics.median(f[key] for f in results[(length, method)])
+
+    def absolute(length: int, method: str) -> str:
+        step, score = median(length, method, "step_s"), median(length, method, "score_s")
+        return f"{step:.3f} s ({score:.3f} + {step - score:.3f}), {median(length, method, 'peak_mib'):.0f} MiB"
+
+    table("Step time, ratio to GRPO (beta=0) / to GRPO with a reference model (beta=0.04)", ratios("step_s"))
+    table("Peak memory above the resident model, ratio to GRPO / to GRPO with a reference model", ratios("peak_mib"))
+    table(
+        "Peak memory of the scoring phase alone (MiB above the resident model; VIMPO's exact KL lives here)",
+        lambda length, method: f"{median(length, method, 'scoring_peak_mib'):.0f}",
+    )
+    table("Absolute figures (medians): step seconds (scoring + loss step), peak MiB", absolute)
     report = "\n".join(lines) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
