@@ -54,3 +54,12 @@ def max_difference(a: dict, b: dict) -> float:
 
 def max_magnitude(a: dict) -> float:
     return max(value.abs().max().item() for value in a.values())
+
+
+LAYOUT_TOLERANCE = 1e-5  # relative to the largest parameter change
+
+
+def assert_same_update(update: dict, reference: dict) -> None:
+    """Two optimizer steps' parameter updates agree to LAYOUT_TOLERANCE, and the reference step did something."""
+    assert max_difference(update, reference) <= LAYOUT_TOLERANCE * max_magnitude(reference)
+    assert max_magnitude(reference) > 1e-3
