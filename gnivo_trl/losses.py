@@ -527,11 +527,14 @@ def _kl_from_log_probs(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tens
 
 
 class TokenStatistics(NamedTuple):
-    """Per-token quantities of the sampled tokens (float32, shape ``(N,)``), all computed without gradient."""
+    """Per-token quantities of the sampled tokens (float32, shape ``(N,)``), all computed without gradient.
+
+    ``kl`` is None when the exact KL was not asked for (``with_kl=False``).
+    """
 
     policy_logp: torch.Tensor
     ref_logp: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -543,6 +546,7 @@ def chunked_token_statistics(
     ref_head,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    with_kl: bool = True,
 ) -> TokenStatistics:
     """Sampled-token log-probs of both models and the exact per-token KL(pi_theta || pi_ref), chunk by chunk.
 
@@ -555,6 +559,8 @@ def chunked_token_statistics(
         policy_head, ref_head: callables mapping ``(n, H)`` hidden states to ``(n, V)`` logits (before temperature).
         temperature: the sampling temperature the logits are divided by.
         chunk_size: tokens per chunk.
+        with_kl: compute the exact KL (one more pass over each chunk's ``(n, V)`` log-probs); False returns
+            ``kl=None`` and only the sampled-token log-probs (what the k2/k3 estimators need).
     """
     policy_logps, ref_logps, kls = [], [], []
     for start in range(0, labels.numel(), chunk_size):
@@ -564,14 +570,15 @@ def chunked_token_statistics(
         index = labels[start:stop, None]
         policy_logps.append(policy_log_probs.gather(1, index).squeeze(1))
         ref_logps.append(ref_log_probs.gather(1, index).squeeze(1))
-        kls.append(_kl_from_log_probs(policy_log_probs, ref_log_probs))
+        if with_kl:
+            kls.append(_kl_from_log_probs(policy_log_probs, ref_log_probs))
         del policy_log_probs, ref_log_probs
     device = labels.device
     empty = torch.zeros(0, device=device)
     return TokenStatistics(
         policy_logp=torch.cat(policy_logps) if policy_logps else empty,
         ref_logp=torch.cat(ref_logps) if ref_logps else empty,
-        kl=torch.cat(kls) if kls else empty,
+        kl=(torch.cat(kls) if kls else empty) if with_kl else None,
     )
 
 

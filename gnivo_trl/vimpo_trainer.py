@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.trainer.utils import get_config_model_id, use_adapter
+from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx, use_adapter
 
 from .group_bookkeeping import GroupBookkeepingMixin, loss_mask
 from .losses import (
@@ -113,39 +113,31 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         model = getattr(model, "module", model)  # DeepSpeed engine / DDP wrapper
         return model.get_base_model() if is_peft_model(model) else model
 
-    def _sampled_token_statistics(self, output: dict[str, Any], mask: torch.Tensor, batch_size: int):
-        """``(policy_logp, ref_logp, token_kl)``, each ``(B, C)`` float32 and 0 where ``mask`` is 0."""
-        prompt_completion_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        completion_ids = output["completion_ids"]
-        num_completion = completion_ids.size(1)
-        if self.args.vimpo_kl_estimator != "exact":
-            policy_logp = output.get("old_per_token_logps")
-            if policy_logp is None:
-                policy_logp, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, prompt_completion_ids, attention_mask, num_completion, batch_size=batch_size
-                )
-            with self._reference_context():
-                ref_logp, _, _ = self._get_per_token_logps_and_entropies(
-                    self.ref_model if self.ref_model is not None else self.model,
-                    prompt_completion_ids,
-                    attention_mask,
-                    num_completion,
-                    batch_size=batch_size,
-                )
-            token_kl = token_kl_estimate(policy_logp, ref_logp, self.args.vimpo_kl_estimator)
-            return policy_logp.float(), ref_logp.float(), torch.where(mask.bool(), token_kl, 0.0)
+    def _score_sequences(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(policy_logp, ref_logp, exact_kl)`` of the last ``num_completion`` tokens, each ``(B, C)`` float32.
 
+        One backbone forward of each model per ``batch_size`` rows (in the accelerator's autocast, like TRL's own
+        forwards), then both LM heads over the completion tokens in chunks of ``vimpo_kl_chunk_size`` tokens: no
+        ``(B, T, V)`` tensor exists. Values are 0 where ``attention_mask`` is 0. ``exact_kl`` is None for the sampled
+        estimators (k2/k3), which need only the two log-probs. Run without gradient.
+        """
         policy_lm, ref_lm = self._causal_lm(reference=False), self._causal_lm(reference=True)
-        results = torch.zeros(3, *completion_ids.shape, device=completion_ids.device)
-        for start in range(0, completion_ids.size(0), batch_size):
+        float32_head = self.args.cast_lm_head_to_fp32
+        policy_head = _head_logits(policy_lm, float32=float32_head)
+        ref_head = _head_logits(ref_lm, context=self._reference_context, float32=float32_head)
+        with_kl = self.args.vimpo_kl_estimator == "exact"
+        completion_ids = input_ids[:, -num_completion:]
+        results = torch.zeros(3 if with_kl else 2, *completion_ids.shape, device=input_ids.device)
+        for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            valid = mask[rows].bool()
+            valid = attention_mask[rows, -num_completion:].bool()
             hidden = []
             for lm, context in ((policy_lm, contextlib.nullcontext()), (ref_lm, self._reference_context())):
-                with context:
+                with context, self.accelerator.autocast():
                     states = lm.base_model(
-                        input_ids=prompt_completion_ids[rows], attention_mask=attention_mask[rows], use_cache=False
+                        input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False
                     ).last_hidden_state
                 # The hidden state at position p predicts token p + 1: keep those that predict completion tokens.
                 hidden.append(states[:, -num_completion - 1 : -1][valid])
@@ -153,14 +145,80 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 hidden[0],
                 hidden[1],
                 completion_ids[rows][valid],
-                _head_logits(policy_lm),
-                _head_logits(ref_lm, context=self._reference_context),
+                policy_head,
+                ref_head,
                 temperature=self.temperature,
                 chunk_size=self.args.vimpo_kl_chunk_size,
+                with_kl=with_kl,
             )
-            for index, values in enumerate(statistics):
+            for index, values in enumerate(statistics[: results.size(0)]):
                 results[index, rows][valid] = values
-        return results[0], results[1], results[2]
+        return results[0], results[1], (results[2] if with_kl else None)
+
+    def _generate_and_score_completions(self, inputs):
+        # While TRL scores the generation batch, its own no-grad policy forward (old log-probs: vLLM's importance
+        # sampling correction, num_iterations > 1) is answered by _score_sequences, which runs the reference beside
+        # it, so VIMPO adds no policy forward of its own in those settings (see _get_per_token_logps_and_entropies).
+        self._scoring_generation_batch, self._scored_sequences = True, None
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring_generation_batch, self._scored_sequences = False, None
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ):
+        if (
+            getattr(self, "_scoring_generation_batch", False)
+            and model is self.model
+            and not torch.is_grad_enabled()
+            and not compute_entropy
+            and not compute_aux_loss
+            and all(value is None for value in multimodal_inputs.values())
+        ):
+            statistics = self._score_sequences(
+                input_ids, attention_mask, logits_to_keep, batch_size or input_ids.size(0)
+            )
+            self._scored_sequences = (input_ids, attention_mask, statistics)
+            return statistics[0], None, None
+        return super()._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            batch_size=batch_size,
+            compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss,
+            **multimodal_inputs,
+        )
+
+    def _sampled_token_statistics(self, output: dict[str, Any], mask: torch.Tensor, batch_size: int):
+        """``(policy_logp, ref_logp, token_kl)``, each ``(B, C)`` float32 and 0 where ``mask`` is 0.
+
+        Reuses the scores of TRL's old-log-prob forward of this generation batch when it ran, else scores now.
+        """
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        scored = self._scored_sequences
+        if scored is not None and torch.equal(scored[0], input_ids) and torch.equal(scored[1], attention_mask):
+            policy_logp, ref_logp, exact_kl = scored[2]
+        else:
+            policy_logp, ref_logp, exact_kl = self._score_sequences(
+                input_ids, attention_mask, output["completion_ids"].size(1), batch_size
+            )
+        valid = mask.bool()
+        if exact_kl is None:
+            exact_kl = token_kl_estimate(policy_logp, ref_logp, self.args.vimpo_kl_estimator)
+        zero = torch.zeros((), device=valid.device)
+        return tuple(torch.where(valid, values, zero) for values in (policy_logp, ref_logp, exact_kl))
 
     def _add_group_statistics(self, output, global_rewards, local, group_size, mode) -> None:
         mask = loss_mask(output)
@@ -248,20 +306,33 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         return loss
 
 
-def _head_logits(causal_lm, context=contextlib.nullcontext):
+def _head_logits(causal_lm, context=contextlib.nullcontext, float32: bool = False):
     """Callable mapping final hidden states to logits like the model's own head (scale and soft-cap included).
 
     ``context`` is entered around each call (the reference's adapter-disabled context under PEFT, so that an
-    adapted LM head is computed without its adapter for the reference only).
+    adapted LM head is computed without its adapter for the reference only). ``float32`` projects in float32
+    outside autocast, as TRL's fused head does with ``cast_lm_head_to_fp32`` (the head's own weight, cast once).
     """
     head = causal_lm.get_output_embeddings()
     text_config = causal_lm.config.get_text_config()
     scale = getattr(text_config, "logit_scale", None)
     softcap = getattr(text_config, "final_logit_softcapping", None)
+    float32_weights = []
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        if not float32:
+            with context():
+                return head(hidden)
+        if not float32_weights:  # a float32 copy of the head for this scoring pass (ZeRO-3: gathered first)
+            with maybe_gather_lm_head_ctx(head.weight, head.bias):
+                bias = None if head.bias is None else head.bias.float()
+                float32_weights.append((head.weight.float(), bias))
+        weight, bias = float32_weights[0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), weight, bias)
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
-        with context():
-            values = head(hidden)
+        values = project(hidden)
         if scale is not None:
             values = values * scale
         if softcap is not None:

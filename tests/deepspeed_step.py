@@ -45,6 +45,10 @@ def main() -> None:
         }
     if trainer.accelerator.is_main_process:
         torch.save(results, out)
+    # Shut the process group down in step on every rank: left to interpreter exit, gloo's threads can abort a rank
+    # ("terminate called without an active exception") after the work is done.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ def main() -> None:
     if trainer.accelerator.is_main_process:
         metrics = {k: v for k, v in trainer.state.log_history[0].items() if isinstance(v, float)}
         torch.save({"update": update, "metrics": metrics}, out)
+    # Shut the process group down in step on every rank: left to interpreter exit, gloo's threads can abort a rank
+    # ("terminate called without an active exception") after the work is done.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

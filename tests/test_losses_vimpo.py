@@ -542,6 +542,21 @@ def test_chunked_statistics_linear_heads(chunk_size, temperature, head_dtype):
     torch.testing.assert_close(stats.ref_logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_chunked_statistics_without_kl_gives_the_same_log_probs(chunk_size):
+    generator = torch.Generator().manual_seed(37)
+    N, V = 20, 97
+    policy_logits, ref_logits = 2.0 * torch.randn(2, N, V, generator=generator)
+    labels = torch.randint(0, V, (N,), generator=generator)
+    stats = chunked_token_statistics(
+        policy_logits, ref_logits, labels, _identity, _identity, temperature=0.7, chunk_size=chunk_size, with_kl=False
+    )
+    assert stats.kl is None
+    _, policy_logp, ref_logp = naive_kl_and_logps(policy_logits, ref_logits, labels, 0.7)
+    torch.testing.assert_close(stats.policy_logp.double(), policy_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.ref_logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_statistics_empty_input():
     stats = chunked_token_statistics(
         torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), _identity, _identity

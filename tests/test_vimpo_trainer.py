@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import assert_same_update, max_difference, max_magnitude, run_two_processes
 from trainer_harness import build_trainer, parameter_update
-from trl import GRPOConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from gnivo_trl import VIMPOConfig, VIMPOTrainer
 from gnivo_trl.group_bookkeeping import loss_mask
@@ -136,6 +136,78 @@ def test_trainer_exact_kl_equals_full_softmax_kl(temperature, chunk_size, tiny_m
     assert expected_kl.max() > 1e-3
     torch.testing.assert_close(batch["vimpo_token_kl"].double(), expected_kl, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(batch["vimpo_ref_logps"].double(), expected_ref, rtol=1e-5, atol=1e-5)
+
+
+def _moved_policy_batch(trainer):
+    """Scores one generation batch after moving the policy away from the reference (so that KL and rho are not 0)."""
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
+
+
+def _full_softmax_log_probs(model, batch, temperature: float = 1.0) -> torch.Tensor:
+    """float64 log-softmax of a model's full logits at the positions that predict the completion tokens."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    C = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double()
+    return (logits / temperature).log_softmax(-1)
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_sampled_kl_estimators_use_both_models_sampled_log_probs(estimator, tiny_model_dir, tmp_path):
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), temperature=0.7, vimpo_kl_estimator=estimator)
+    batch = _moved_policy_batch(trainer)
+    mask = loss_mask(batch)
+    index = batch["completion_ids"][..., None]
+    policy = _full_softmax_log_probs(trainer.model, batch, 0.7).gather(-1, index).squeeze(-1)
+    ref = _full_softmax_log_probs(trainer.ref_model, batch, 0.7).gather(-1, index).squeeze(-1)
+    log_ratio = policy - ref
+    expected = 0.5 * log_ratio.square() if estimator == "k2" else torch.expm1(-log_ratio) + log_ratio
+    assert (expected * mask).max() > 1e-3
+    torch.testing.assert_close(batch["vimpo_token_kl"].double(), expected * mask, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(batch["vimpo_ref_logps"].double(), ref * mask, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "k2", "k3"])
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_scoring_runs_one_policy_and_one_reference_forward(estimator, num_iterations, tiny_model_dir, tmp_path):
+    """With num_iterations=2 TRL computes old log-probs at scoring time (as with vLLM's importance sampling): VIMPO
+    answers that forward with its own scoring pass instead of adding a second policy forward, and the old log-probs
+    it returns are TRL's."""
+    trainer = build_trainer(
+        "vimpo",
+        tiny_model_dir,
+        str(tmp_path),
+        num_iterations=num_iterations,
+        per_device_train_batch_size=4,
+        vimpo_kl_estimator=estimator,
+    )
+    rows = {"policy": 0, "reference": 0}
+
+    def counter(name):
+        def hook(module, args, kwargs, output):
+            rows[name] += kwargs["input_ids"].size(0) if "input_ids" in kwargs else args[0].size(0)
+
+        return hook
+
+    trainer.model.model.register_forward_hook(counter("policy"), with_kwargs=True)
+    trainer.ref_model.model.register_forward_hook(counter("reference"), with_kwargs=True)
+    batch = _moved_policy_batch(trainer)
+    num_rows = batch["completion_ids"].size(0)
+    assert rows == {"policy": num_rows, "reference": num_rows}
+    assert ("old_per_token_logps" in batch) == (num_iterations == 2)
+    if num_iterations == 2:
+        mask = loss_mask(batch)
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        with torch.no_grad():
+            trl_old, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, trainer.model, ids, attention, batch["completion_ids"].size(1)
+            )
+        torch.testing.assert_close(batch["old_per_token_logps"] * mask, trl_old * mask, rtol=1e-5, atol=1e-5)
 
 
 def test_value_targets_are_group_centred_raw_rewards(tiny_model_dir, tmp_path):

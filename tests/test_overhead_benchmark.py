@@ -1,0 +1,28 @@
+"""benchmarks/overhead.py runs end to end at a tiny length and writes both scenarios' tables."""
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import overhead  # noqa: E402
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_writes_both_scenarios(tmp_path):
+    output = tmp_path / "overhead.md"
+    methods = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact"]
+    argv = ["--lengths", "16", "--repeats", "1", "--methods", *methods, "--old-logps-methods", *methods]
+    assert overhead.main([*argv, "--output", str(output)]) == 0
+    report = output.read_text()
+    assert "## Scenario `aligned`" in report and "## Scenario `old-logps`" in report
+    rows = [line for line in report.splitlines() if line.startswith("| vimpo/exact | ")]
+    assert len(rows) == 8  # four tables per scenario
+    time_ratios = [float(value) for value in re.findall(r"\| ([0-9.]+) / ([0-9.]+) \|", rows[0])[0]]
+    assert all(math.isfinite(value) and value > 0 for value in time_ratios)
+    baseline = [line for line in report.splitlines() if line.startswith("| grpo | ")][0]
+    assert baseline.startswith("| grpo | 1.000 / ")  # each method's ratio to itself is exactly one
