@@ -20,6 +20,14 @@ pass (a child process, one repetition: memory is deterministic) with glibc's mma
 (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors are returned at once and RSS follows the live tensors; the
 timing pass runs with glibc's defaults, because the low threshold adds system time to every step.
 
+Scenarios (the no-grad forwards TRL itself runs at scoring time differ between them):
+
+* ``aligned``: one optimizer step per generation batch, transformers generation (TRL's defaults without vLLM): GRPO
+  computes no old log-probs, so VIMPO's policy forward for its KL and advantages is a forward GRPO never runs.
+* ``old-logps``: ``num_iterations=2``, so TRL computes the policy's old log-probs at scoring time, the same no-grad
+  forward it runs with vLLM's importance-sampling correction (TRL's default with vLLM). VIMPO answers that forward
+  with its own scoring pass, so here it adds only the reference and the KL, like GRPO+ref.
+
 Configurations:
 
 * ``--device cpu`` (default): a tiny Qwen2-architecture model (hidden 64, 2 layers) with a 32,000-token vocabulary,
@@ -31,7 +39,8 @@ Configurations:
 Usage::
 
     .venv/bin/python benchmarks/overhead.py                       # CPU, T in 256..8192, writes results/overhead.md
-    .venv/bin/python benchmarks/overhead.py --lengths 256 1024 --repeats 3 --methods grpo gnivo/token
+    .venv/bin/python benchmarks/overhead.py --lengths 256 1024 --repeats 3 --methods grpo gnivo/token \
+        --old-logps-methods  # an empty list: the aligned scenario only
     python benchmarks/overhead.py --device cuda --output benchmarks/results/overhead_gpu.md
 """
 
@@ -52,6 +61,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "gnivo/sequence", "vimpo/exact", "vimpo/k2", "vimpo/k3"]
+OLD_LOGPS_METHODS = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact", "vimpo/k3"]
+SCENARIOS = {"aligned": dict(num_iterations=1), "old-logps": dict(num_iterations=2)}
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
 PROMPT_LENGTH = 128
 NUM_COMPLETIONS = 2  # one group of K=2, as in the anchor measurements
@@ -128,7 +139,7 @@ def fixed_completions(length: int, vocab_size: int, seed: int = 0) -> list[list[
     return completions
 
 
-def build_trainer(method: str, model_dir: str, device: str, length: int, output_dir: str):
+def build_trainer(method: str, model_dir: str, device: str, length: int, output_dir: str, scenario: str = "aligned"):
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
@@ -149,6 +160,7 @@ def build_trainer(method: str, model_dir: str, device: str, length: int, output_
         disable_tqdm=True,
         logging_steps=1,
         seed=0,
+        **SCENARIOS[scenario],
     )
     family, _, variant = method.partition("/")
     if family.startswith("grpo"):
@@ -265,7 +277,7 @@ def one_step(trainer, rows: list[dict], device: str) -> dict[str, float]:
     }
 
 
-def run(device: str, lengths: list[int], methods: list[str], repeats: int, workdir: Path) -> dict:
+def run(device: str, lengths: list[int], methods: list[str], repeats: int, workdir: Path, scenario: str) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -274,7 +286,7 @@ def run(device: str, lengths: list[int], methods: list[str], repeats: int, workd
     for length in lengths:
         trainers = {}
         for method in methods:
-            trainers[method] = build_trainer(method, model_dir, device, length, str(workdir / "out"))
+            trainers[method] = build_trainer(method, model_dir, device, length, str(workdir / "out"), scenario)
             one_step(*trainers[method], device)  # warm-up (kernels, allocator, token-text caches)
         for repeat in range(repeats):
             order = methods if repeat % 2 == 0 else list(reversed(methods))  # interleave, alternate the order
@@ -283,7 +295,7 @@ def run(device: str, lengths: list[int], methods: list[str], repeats: int, workd
         for method in methods:
             figures = results[(length, method)]
             print(
-                f"T={length:5d} {method:15s} step {statistics.median(f['step_s'] for f in figures):8.4f} s  "
+                f"{scenario:9s} T={length:5d} {method:15s} step {statistics.median(f['step_s'] for f in figures):8.4f} s  "
                 f"peak {statistics.median(f['peak_mib'] for f in figures):9.1f} MiB",
                 flush=True,
             )
@@ -314,7 +326,17 @@ def machine_description(device: str) -> str:
     )
 
 
-def write_report(results, device: str, lengths, methods, repeats: int, output: Path, command: str) -> str:
+SCENARIO_TITLES = {
+    "aligned": "Scenario `aligned`: one optimizer step per generation batch, no old log-probs (transformers generation)",
+    "old-logps": (
+        "Scenario `old-logps`: num_iterations=2, TRL computes old log-probs at scoring time (the forwards it runs "
+        "with vLLM's importance-sampling correction)"
+    ),
+}
+
+
+def write_report(sections, device: str, lengths, repeats: int, output: Path, command: str) -> str:
+    """``sections``: ``[(scenario, methods, results)]``; one group of tables per scenario."""
     lines = [
         f"# Overhead over GRPO: step time and peak memory ({device.upper()})",
         "",
@@ -326,53 +348,64 @@ def write_report(results, device: str, lengths, methods, repeats: int, output: P
         f"{'bf16' if device == 'cuda' else 'float32'}, gradient checkpointing on. Inputs: {NUM_COMPLETIONS} completions "
         f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
         f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
-        "forwards of `_generate_and_score_completions`: GRPO+ref's reference forward, VIMPO's reference forward and KL) "
-        "+ loss step (forward, loss, backward). Each figure is the median over "
-        f"{repeats} repetitions of the ratio to the baseline measured in the same repetition (methods interleaved).",
+        "forwards of `_generate_and_score_completions`: old log-probs where TRL computes them, GRPO+ref's reference "
+        "forward, VIMPO's policy and reference forwards and KL) + loss step (forward, loss, backward). Each figure is "
+        f"the median over {repeats} repetitions of the ratio to the baseline measured in the same repetition (methods "
+        "interleaved).",
     ]
 
-    def table(title: str, cell) -> None:
+    def table(title: str, methods, cell) -> None:
         """A Markdown table with a row per method and a column per length; ``cell(length, method) -> str``."""
-        lines.extend(["", f"## {title}", "", "| method | " + " | ".join(f"T={t}" for t in lengths) + " |"])
+        lines.extend(["", f"### {title}", "", "| method | " + " | ".join(f"T={t}" for t in lengths) + " |"])
         lines.append("|---|" + "---|" * len(lengths))
         for method in methods:
             lines.append(f"| {method} | " + " | ".join(cell(length, method) for length in lengths) + " |")
 
-    def ratios(key: str):
-        def cell(length: int, method: str) -> str:
-            to_grpo = median_ratio(results, length, method, "grpo", key)
-            return f"{to_grpo:.3f} / {median_ratio(results, length, method, 'grpo+ref', key):.3f}"
+    for scenario, methods, results in sections:
 
-        return cell
+        def ratios(key: str, results=results):
+            def cell(length: int, method: str) -> str:
+                to_grpo = median_ratio(results, length, method, "grpo", key)
+                return f"{to_grpo:.3f} / {median_ratio(results, length, method, 'grpo+ref', key):.3f}"
 
-    def median(length: int, method: str, key: str) -> float:
-        return statistics.median(f[key] for f in results[(length, method)])
+            return cell
 
-    def absolute(length: int, method: str) -> str:
-        step, score = median(length, method, "step_s"), median(length, method, "score_s")
-        return f"{step:.3f} s ({score:.3f} + {step - score:.3f}), {median(length, method, 'peak_mib'):.0f} MiB"
+        def median(length: int, method: str, key: str, results=results) -> float:
+            return statistics.median(f[key] for f in results[(length, method)])
 
-    table("Step time, ratio to GRPO (beta=0) / to GRPO with a reference model (beta=0.04)", ratios("step_s"))
-    table("Peak memory above the resident model, ratio to GRPO / to GRPO with a reference model", ratios("peak_mib"))
-    table(
-        "Peak memory of the scoring phase alone (MiB above the resident model; VIMPO's exact KL lives here)",
-        lambda length, method: f"{median(length, method, 'scoring_peak_mib'):.0f}",
-    )
-    table("Absolute figures (medians): step seconds (scoring + loss step), peak MiB", absolute)
+        def absolute(length: int, method: str) -> str:
+            step, score = median(length, method, "step_s"), median(length, method, "score_s")
+            return f"{step:.3f} s ({score:.3f} + {step - score:.3f}), {median(length, method, 'peak_mib'):.0f} MiB"
+
+        lines.extend(["", f"## {SCENARIO_TITLES[scenario]}"])
+        table(
+            "Step time, ratio to GRPO (beta=0) / to GRPO with a reference model (beta=0.04)", methods, ratios("step_s")
+        )
+        table(
+            "Peak memory above the resident model, ratio to GRPO / to GRPO with a reference model",
+            methods,
+            ratios("peak_mib"),
+        )
+        table(
+            "Peak memory of the scoring phase alone (MiB above the resident model; VIMPO's exact KL lives here)",
+            methods,
+            lambda length, method: f"{median(length, method, 'scoring_peak_mib'):.0f}",
+        )
+        table("Absolute figures (medians): step seconds (scoring + loss step), peak MiB", methods, absolute)
     report = "\n".join(lines) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     return report
 
 
-def _memory_in_subprocess(args: argparse.Namespace) -> dict:
+def _memory_in_subprocess(args: argparse.Namespace, scenario: str, methods: list[str]) -> dict:
     """Run the memory pass in a child process with glibc's mmap threshold pinned low (see the module docstring)."""
     import json
     import subprocess
 
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--device", "cpu", "--repeats", "1", "--memory-pass", out.name]
-        command += ["--lengths", *map(str, args.lengths), "--methods", *args.methods]
+        command += ["--scenario", scenario, "--lengths", *map(str, args.lengths), "--methods", *methods]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         subprocess.run(command, env=env, check=True)
         raw = json.loads(Path(out.name).read_text())
@@ -383,16 +416,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument(
+        "--methods", nargs="+", default=METHODS, choices=METHODS, help="methods of the aligned scenario"
+    )
+    parser.add_argument(
+        "--old-logps-methods",
+        nargs="*",
+        default=OLD_LOGPS_METHODS,
+        choices=METHODS,
+        help="methods of the old-logps scenario (none: skip it)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: steadier timings on a shared 2-core machine)"
     )
     parser.add_argument("--memory-pass", default=None, help=argparse.SUPPRESS)  # internal: child process of a CPU run
+    parser.add_argument("--scenario", default="aligned", choices=list(SCENARIOS), help=argparse.SUPPRESS)  # idem
     args = parser.parse_args(argv)
-    if "grpo" not in args.methods or "grpo+ref" not in args.methods:
-        parser.error("--methods must include the baselines grpo and grpo+ref")
+    plan = [("aligned", args.methods)] + ([("old-logps", args.old_logps_methods)] if args.old_logps_methods else [])
+    for scenario, methods in plan:
+        if "grpo" not in methods or "grpo+ref" not in methods:
+            parser.error(f"the {scenario} scenario's methods must include the baselines grpo and grpo+ref")
     for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(variable, "1")
     if args.device == "cpu":
@@ -403,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         with tempfile.TemporaryDirectory() as workdir:
-            results = run(args.device, args.lengths, args.methods, 1, Path(workdir))
+            results = run(args.device, args.lengths, args.methods, 1, Path(workdir), args.scenario)
         Path(args.memory_pass).write_text(json.dumps([[t, m, f] for (t, m), f in results.items()]))
         return 0
 
@@ -411,16 +456,19 @@ def main(argv: list[str] | None = None) -> int:
         args.output or REPO_ROOT / "benchmarks" / "results" / f"overhead{'_gpu' if args.device == 'cuda' else ''}.md"
     )
     command = "python benchmarks/overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    # Timing pass in this process (glibc defaults: a low mmap threshold would add system time to every step).
-    with tempfile.TemporaryDirectory() as workdir:
-        results = run(args.device, args.lengths, args.methods, args.repeats, Path(workdir))
-    if args.device == "cpu":
-        memory = _memory_in_subprocess(args)
-        for key, figures in results.items():
-            for figure in figures:
-                figure["peak_mib"] = memory[key][0]["peak_mib"]
-                figure["scoring_peak_mib"] = memory[key][0]["scoring_peak_mib"]
-    print(write_report(results, args.device, args.lengths, args.methods, args.repeats, output, command.strip()))
+    sections = []
+    for scenario, methods in plan:
+        # Timing pass in this process (glibc defaults: a low mmap threshold would add system time to every step).
+        with tempfile.TemporaryDirectory() as workdir:
+            results = run(args.device, args.lengths, methods, args.repeats, Path(workdir), scenario)
+        if args.device == "cpu":
+            memory = _memory_in_subprocess(args, scenario, methods)
+            for key, figures in results.items():
+                for figure in figures:
+                    figure["peak_mib"] = memory[key][0]["peak_mib"]
+                    figure["scoring_peak_mib"] = memory[key][0]["scoring_peak_mib"]
+        sections.append((scenario, methods, results))
+    print(write_report(sections, args.device, args.lengths, args.repeats, output, command.strip()))
     return 0
 
 
