@@ -54,6 +54,12 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
       micro-batches and processes. With several generation rounds per optimizer step (``steps_per_generation <
       gradient_accumulation_steps``) each round whitens its own advantages and takes its own token mean, as TRL's
       GRPO normalises per generation batch; the value loss is layout-independent in every case.
+    * Scoring costs one no-grad backbone forward of each model per generation batch plus both LM heads in chunks,
+      for every KL estimator. Where TRL itself computes old log-probs at scoring time (vLLM's importance-sampling
+      correction, ``num_iterations > 1``), that policy forward *is* VIMPO's: the old log-probs come out of the same
+      pass, so VIMPO adds only the reference and the KL, as GRPO with ``beta > 0`` does. Otherwise (one optimizer
+      step per batch, transformers generation) the policy forward is VIMPO's own cost, because the whole batch's
+      advantages must be whitened before the first micro-step.
     * The loss-time forward is GRPO's (the fused LM head, no logits); the value loss is a mean over rows and the actor
       loss a token mean over the generation batch (TRL's ``num_items_in_batch``), both scaled for accumulation.
     * A row without a reward (every reward function returned None) contributes to neither loss. With vLLM's

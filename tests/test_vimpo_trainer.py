@@ -335,3 +335,31 @@ def test_defaults_follow_the_official_implementation():
     assert (config.vimpo_beta, config.vimpo_actor_coef, config.vimpo_gae_lambda) == (5e-4, 5e-3, 1.0)
     assert (config.vimpo_kl_estimator, config.num_generations, config.beta) == ("exact", 8, 0.0)
     assert (config.epsilon, config.epsilon_high, config.vimpo_dual_clip) == (0.2, 0.28, 10.0)
+
+
+@pytest.mark.parametrize("cast_lm_head_to_fp32", [False, True])
+@pytest.mark.parametrize("estimator", ["exact", "k3"])
+def test_bf16_scoring_matches_trls_fused_head(estimator, cast_lm_head_to_fp32, tiny_model_dir, tmp_path):
+    """In bf16 the scoring heads round the logits exactly where TRL's fused head does (bf16 tiles, or float32 with
+    cast_lm_head_to_fp32), so the old log-probs VIMPO hands to TRL and the reference log-probs it sets beside TRL's
+    loss-time log-probs agree with TRL's to float32 rounding (a float32 head against bf16 tiles differs by ~3e-3)."""
+    trainer = build_trainer(
+        "vimpo",
+        tiny_model_dir,
+        str(tmp_path),
+        num_iterations=2,
+        vimpo_kl_estimator=estimator,
+        model_init_kwargs={"dtype": "bfloat16"},
+        cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+    )
+    assert trainer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    batch = _moved_policy_batch(trainer)
+    mask = loss_mask(batch)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    C = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        trl_old, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, C)
+        trl_ref, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, ids, attention, C)
+    torch.testing.assert_close(batch["old_per_token_logps"] * mask, trl_old.float() * mask, rtol=0, atol=1e-4)
+    torch.testing.assert_close(batch["vimpo_ref_logps"], trl_ref.float() * mask, rtol=0, atol=1e-4)
