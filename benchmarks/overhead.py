@@ -59,6 +59,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # vimpo_kl_memory, for the exact-KL memory section
 
 METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "gnivo/sequence", "vimpo/exact", "vimpo/k2", "vimpo/k3"]
 OLD_LOGPS_METHODS = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact", "vimpo/k3"]
@@ -335,6 +336,51 @@ SCENARIO_TITLES = {
 }
 
 
+KL_MEMORY_TITLE = "## VIMPO's exact KL against a naive full-vocabulary implementation"
+
+
+def kl_memory_section(tokens: int, device: str, command: str) -> list[str]:
+    """Peak memory of VIMPO's chunked exact KL vs the naive one at ``tokens`` tokens (benchmarks/vimpo_kl_memory.py).
+
+    Both run on CPU in fresh processes with the configuration's vocabulary and hidden size; see that script.
+    """
+    import vimpo_kl_memory
+
+    shape = MODEL_SHAPES[device]
+    vocab, hidden = shape["vocab_size"], shape["hidden_size"]
+    naive = vimpo_kl_memory.measure("naive", tokens, vocab=vocab, hidden=hidden)
+    chunked = vimpo_kl_memory.measure("chunked", tokens, vocab=vocab, hidden=hidden)
+    difference = vimpo_kl_memory.max_abs_difference(chunked, naive)
+    one_tensor = tokens * vocab * 4 / 2**20
+    return [
+        "",
+        f"{KL_MEMORY_TITLE} (T={tokens})",
+        "",
+        f"Command: `{command}`. Peak resident-set growth of a fresh CPU process per variant "
+        f"(`benchmarks/vimpo_kl_memory.py`: float32 heads of the configuration's shape, V={vocab:,}, H={hidden}, "
+        f"{tokens} tokens, glibc mmap threshold pinned low). The naive variant holds both models' (N, V) logits, their "
+        "float32 log-softmaxes and the difference, as the VIMPO port of the anchor measurements does; VIMPO "
+        f"(`chunked_token_statistics`, default `vimpo_kl_chunk_size` {chunked.chunk_size}) holds a few "
+        f"(chunk, V) float32 tensors. One (N, V) float32 tensor is {one_tensor:,.0f} MiB.",
+        "",
+        "| variant | peak MiB | ratio to naive | max abs difference of KL and log-probs |",
+        "|---|---|---|---|",
+        f"| naive | {naive.peak_mib:,.0f} | 1.000 | - |",
+        f"| VIMPO chunked | {chunked.peak_mib:,.0f} | {chunked.peak_mib / naive.peak_mib:.3f} | {difference:.1e} |",
+    ]
+
+
+def replace_kl_memory_section(output: Path, section: list[str]) -> str:
+    """Put ``section`` in place of the report's KL-memory section (appended if it has none)."""
+    report = output.read_text() if output.exists() else ""
+    if KL_MEMORY_TITLE in report:
+        report = report[: report.index(KL_MEMORY_TITLE)].rstrip("\n") + "\n"
+    report = report + "\n".join(section[1:] if not report else section) + "\n"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    return report
+
+
 def write_report(sections, device: str, lengths, repeats: int, output: Path, command: str) -> str:
     """``sections``: ``[(scenario, methods, results)]``; one group of tables per scenario."""
     lines = [
@@ -431,6 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: steadier timings on a shared 2-core machine)"
     )
+    parser.add_argument(
+        "--kl-memory-tokens",
+        type=int,
+        default=4096,
+        help="tokens of the exact-KL vs naive memory comparison appended to the report (0: skip)",
+    )
+    parser.add_argument(
+        "--kl-memory-only",
+        action="store_true",
+        help="only (re)measure the exact-KL vs naive section and replace it in the existing report",
+    )
     parser.add_argument("--memory-pass", default=None, help=argparse.SUPPRESS)  # internal: child process of a CPU run
     parser.add_argument("--scenario", default="aligned", choices=list(SCENARIOS), help=argparse.SUPPRESS)  # idem
     args = parser.parse_args(argv)
@@ -456,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         args.output or REPO_ROOT / "benchmarks" / "results" / f"overhead{'_gpu' if args.device == 'cuda' else ''}.md"
     )
     command = "python benchmarks/overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.kl_memory_only:
+        print(replace_kl_memory_section(output, kl_memory_section(args.kl_memory_tokens, args.device, command)))
+        return 0
     sections = []
     for scenario, methods in plan:
         # Timing pass in this process (glibc defaults: a low mmap threshold would add system time to every step).
@@ -468,7 +528,11 @@ def main(argv: list[str] | None = None) -> int:
                     figure["peak_mib"] = memory[key][0]["peak_mib"]
                     figure["scoring_peak_mib"] = memory[key][0]["scoring_peak_mib"]
         sections.append((scenario, methods, results))
-    print(write_report(sections, args.device, args.lengths, args.repeats, output, command.strip()))
+    report = write_report(sections, args.device, args.lengths, args.repeats, output, command.strip())
+    if args.kl_memory_tokens:
+        section = kl_memory_section(args.kl_memory_tokens, args.device, command.strip())
+        report = replace_kl_memory_section(output, section)
+    print(report)
     return 0
 
 

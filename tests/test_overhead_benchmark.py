@@ -17,6 +17,7 @@ def test_overhead_benchmark_writes_both_scenarios(tmp_path):
     output = tmp_path / "overhead.md"
     methods = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact"]
     argv = ["--lengths", "16", "--repeats", "1", "--methods", *methods, "--old-logps-methods", *methods]
+    argv += ["--kl-memory-tokens", "256"]
     assert overhead.main([*argv, "--output", str(output)]) == 0
     report = output.read_text()
     assert "## Scenario `aligned`" in report and "## Scenario `old-logps`" in report
@@ -26,3 +27,12 @@ def test_overhead_benchmark_writes_both_scenarios(tmp_path):
     assert all(math.isfinite(value) and value > 0 for value in time_ratios)
     baseline = [line for line in report.splitlines() if line.startswith("| grpo | ")][0]
     assert baseline.startswith("| grpo | 1.000 / ")  # each method's ratio to itself is exactly one
+    assert report.count(overhead.KL_MEMORY_TITLE) == 1
+    chunked = [line for line in report.splitlines() if line.startswith("| VIMPO chunked | ")][0]
+    assert 0 < float(chunked.split(" | ")[2]) < 1.0  # chunked below naive
+
+    # Re-measuring only the exact-KL section replaces it instead of appending a second one.
+    assert overhead.main([*argv, "--output", str(output), "--kl-memory-only"]) == 0
+    again = output.read_text()
+    assert again.count(overhead.KL_MEMORY_TITLE) == 1
+    assert again.split(overhead.KL_MEMORY_TITLE)[0] == report.split(overhead.KL_MEMORY_TITLE)[0]
