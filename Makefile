@@ -38,7 +38,7 @@ learning-benchmark: $(STAMP)
 	$(PY) benchmarks/learning.py
 
 overhead-benchmark: $(STAMP)
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py --lengths 256 1024 4096 --repeats 5
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo_output
