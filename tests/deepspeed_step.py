@@ -5,6 +5,7 @@ Launched by ``test_deepspeed.py`` as
 ``DS_ACCELERATOR=cpu``. Parameters are gathered with ``deepspeed.zero.GatheredParameters`` (a no-op below ZeRO-3).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -53,3 +54,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave without interpreter teardown: with the work saved and the process group destroyed, a rank could still
+    # abort in C++ static destruction (gloo/c10d threads: "terminate called without an active exception", seen about
+    # once in ten runs), which the launcher reports as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

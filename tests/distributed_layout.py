@@ -6,6 +6,7 @@ Launched by the trainer tests as
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,3 +31,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave without interpreter teardown: with the work saved and the process group destroyed, a rank could still
+    # abort in C++ static destruction (gloo/c10d threads: "terminate called without an active exception", seen about
+    # once in ten runs), which the launcher reports as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
