@@ -5,7 +5,6 @@ Launched by ``test_deepspeed.py`` as
 ``DS_ACCELERATOR=cpu``. Parameters are gathered with ``deepspeed.zero.GatheredParameters`` (a no-op below ZeRO-3).
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
-from trainer_harness import build_trainer  # noqa: E402
+from trainer_harness import build_trainer, exit_distributed_run  # noqa: E402
 
 
 def full_parameters(model) -> dict[str, torch.Tensor]:
@@ -46,17 +45,8 @@ def main() -> None:
         }
     if trainer.accelerator.is_main_process:
         torch.save(results, out)
-    # Shut the process group down in step on every rank: left to interpreter exit, gloo's threads can abort a rank
-    # ("terminate called without an active exception") after the work is done.
-    trainer.accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
+    exit_distributed_run(trainer.accelerator)
 
 
 if __name__ == "__main__":
     main()
-    # Leave without interpreter teardown: with the work saved and the process group destroyed, a rank could still
-    # abort in C++ static destruction (gloo/c10d threads: "terminate called without an active exception", seen about
-    # once in ten runs), which the launcher reports as a failed rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -179,3 +179,20 @@ def use_fake_vllm(trainer, mode: str, shifts: list[float], clip_max: float = 3.0
     trainer.vllm_generation = FakeVLLMGeneration(trainer, shifts)
     trainer._last_loaded_step = -1
     del trainer._generate_single_turn  # back to GRPOTrainer's own, which takes the vLLM branch
+
+
+def exit_distributed_run(accelerator) -> None:
+    """End a launched rank once its work is saved: destroy the process group in step, then leave the interpreter.
+
+    Left to interpreter exit, a rank can abort in C++ teardown (gloo/c10d threads: "terminate called without an
+    active exception", about once in ten runs) after its work is done, which the launcher reports as a failed rank.
+    ``os._exit`` skips that teardown.
+    """
+    import os
+    import sys
+
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
