@@ -109,35 +109,6 @@ def test_reference_is_the_frozen_initial_model_and_grpo_kl_stays_off(tiny_model_
     assert not any("kl" in entry for entry in trainer.state.log_history)  # GRPO's own KL metric never appears
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_trainer_exact_kl_equals_full_softmax_kl(temperature, chunk_size, tiny_model_dir, tmp_path):
-    trainer = build_trainer(
-        "vimpo", tiny_model_dir, str(tmp_path), temperature=temperature, vimpo_kl_chunk_size=chunk_size
-    )
-    # Move the policy away from the reference so that the KL is not zero.
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    batch = trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
-    mask = loss_mask(batch)
-    assert mask.sum() > 0 and (mask == 0).any()  # ragged rows
-
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    C = batch["completion_ids"].size(1)
-    with torch.no_grad():
-        policy = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double() / temperature
-        ref = trainer.ref_model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double() / temperature
-    policy_log_probs, ref_log_probs = policy.log_softmax(-1), ref.log_softmax(-1)
-    expected_kl = (policy_log_probs.exp() * (policy_log_probs - ref_log_probs)).sum(-1) * mask
-    expected_ref = ref_log_probs.gather(-1, batch["completion_ids"][..., None]).squeeze(-1) * mask
-
-    assert expected_kl.max() > 1e-3
-    torch.testing.assert_close(batch["vimpo_token_kl"].double(), expected_kl, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(batch["vimpo_ref_logps"].double(), expected_ref, rtol=1e-5, atol=1e-5)
-
-
 def _moved_policy_batch(trainer):
     """Scores one generation batch after moving the policy away from the reference (so that KL and rho are not 0)."""
     with torch.no_grad():
@@ -146,14 +117,39 @@ def _moved_policy_batch(trainer):
     return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
 
 
-def _full_softmax_log_probs(model, batch, temperature: float = 1.0) -> torch.Tensor:
-    """float64 log-softmax of a model's full logits at the positions that predict the completion tokens."""
+def _sequences(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(prompt + completion ids, their attention mask, number of completion positions)`` of a scored batch."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    C = batch["completion_ids"].size(1)
+    return ids, attention, batch["completion_ids"].size(1)
+
+
+def _full_softmax_log_probs(model, batch, temperature: float = 1.0) -> torch.Tensor:
+    """float64 log-softmax of a model's full logits at the positions that predict the completion tokens."""
+    ids, attention, C = _sequences(batch)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double()
     return (logits / temperature).log_softmax(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_trainer_exact_kl_equals_full_softmax_kl(temperature, chunk_size, tiny_model_dir, tmp_path):
+    trainer = build_trainer(
+        "vimpo", tiny_model_dir, str(tmp_path), temperature=temperature, vimpo_kl_chunk_size=chunk_size
+    )
+    batch = _moved_policy_batch(trainer)
+    mask = loss_mask(batch)
+    assert mask.sum() > 0 and (mask == 0).any()  # ragged rows
+
+    policy_log_probs = _full_softmax_log_probs(trainer.model, batch, temperature)
+    ref_log_probs = _full_softmax_log_probs(trainer.ref_model, batch, temperature)
+    expected_kl = (policy_log_probs.exp() * (policy_log_probs - ref_log_probs)).sum(-1) * mask
+    expected_ref = ref_log_probs.gather(-1, batch["completion_ids"][..., None]).squeeze(-1) * mask
+
+    assert expected_kl.max() > 1e-3
+    torch.testing.assert_close(batch["vimpo_token_kl"].double(), expected_kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(batch["vimpo_ref_logps"].double(), expected_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("estimator", ["k2", "k3"])
@@ -201,12 +197,9 @@ def test_scoring_runs_one_policy_and_one_reference_forward(estimator, num_iterat
     assert ("old_per_token_logps" in batch) == (num_iterations == 2)
     if num_iterations == 2:
         mask = loss_mask(batch)
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        ids, attention, C = _sequences(batch)
         with torch.no_grad():
-            trl_old, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
-                trainer, trainer.model, ids, attention, batch["completion_ids"].size(1)
-            )
+            trl_old, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, C)
         torch.testing.assert_close(batch["old_per_token_logps"] * mask, trl_old * mask, rtol=1e-5, atol=1e-5)
 
 
@@ -355,9 +348,7 @@ def test_bf16_scoring_matches_trls_fused_head(estimator, cast_lm_head_to_fp32, t
     assert trainer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     batch = _moved_policy_batch(trainer)
     mask = loss_mask(batch)
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    C = batch["completion_ids"].size(1)
+    ids, attention, C = _sequences(batch)
     with torch.no_grad():
         trl_old, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, C)
         trl_ref, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, ids, attention, C)
