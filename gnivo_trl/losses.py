@@ -16,6 +16,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -441,12 +442,21 @@ def vimpo_advantages(
     return reverse_discounted_cumsum(delta, mask, gae_lambda)
 
 
-def masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased (Bessel-corrected) std of ``values`` over ``mask``, both 0-d float32."""
+def masked_mean_std(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased (Bessel-corrected) std of ``values`` over ``mask``, both 0-d float32.
+
+    ``all_reduce_sum`` (optional) sums a tensor over processes; with it the statistics cover every process's valid
+    entries (two reductions: the sum and count, then the squared deviations from the global mean).
+    """
+    reduce = all_reduce_sum if all_reduce_sum is not None else (lambda tensor: tensor)
     valid = mask.bool()
-    count = valid.sum().float()
-    mean = torch.where(valid, values.float(), 0.0).sum() / count.clamp(min=1.0)
-    squared = torch.where(valid, (values.float() - mean).square(), 0.0).sum()
+    total, count = reduce(torch.stack([torch.where(valid, values.float(), 0.0).sum(), valid.sum().float()]))
+    mean = total / count.clamp(min=1.0)
+    squared = reduce(torch.where(valid, (values.float() - mean).square(), 0.0).sum())
     return mean, (squared / (count - 1).clamp(min=1.0)).sqrt()
 
 

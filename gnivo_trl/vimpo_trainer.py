@@ -16,6 +16,7 @@ from .losses import (
     chunked_token_statistics,
     dual_clip_ppo_loss,
     group_centered_rewards,
+    masked_mean_std,
     token_kl_estimate,
     vimpo_advantages,
     vimpo_terminal_residuals,
@@ -101,6 +102,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         finally:
             args.beta = 0.0
         self.beta = 0.0  # no GRPO KL term and no reference forward in GRPO's own generation step
+        # Set while _generate_and_score_completions runs; holds the scores of TRL's old-log-prob forward, if it ran.
+        self._scoring_generation_batch, self._scored_sequences = False, None
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation time: reference log-probs, KL, value targets and whitened advantages of the generation batch
@@ -183,7 +186,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         **multimodal_inputs,
     ):
         if (
-            getattr(self, "_scoring_generation_batch", False)
+            self._scoring_generation_batch
             and model is self.model
             and not torch.is_grad_enabled()
             and not compute_entropy
@@ -236,22 +239,15 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         advantages = vimpo_advantages(
             policy_logp, ref_logp, token_kl, actor_mask, self.args.vimpo_beta, self.args.vimpo_gae_lambda
         )
-        mean, std = self._masked_mean_std_over_processes(advantages, actor_mask)
+        mean, std = masked_mean_std(
+            advantages, actor_mask, lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
+        )
         output["vimpo_ref_logps"] = ref_logp
         output["vimpo_token_kl"] = token_kl
         output["vimpo_value_target"] = targets
         output["vimpo_advantages"] = whiten(advantages, actor_mask, mean, std)
         self._metrics[mode]["vimpo/advantage_std"].append(std.item())
         self._log_mean_over_processes(mode, "vimpo/kl", (token_kl * mask).sum(), mask.sum())
-
-    def _masked_mean_std_over_processes(self, values: torch.Tensor, mask: torch.Tensor):
-        """Mean and unbiased std of ``values`` over ``mask`` on every process (two all-reduces)."""
-        valid = mask.bool()
-        totals = torch.stack([torch.where(valid, values, 0.0).sum(), valid.sum().float()])
-        total, count = self.accelerator.reduce(totals, reduction="sum")
-        mean = total / count.clamp(min=1.0)
-        squared = self.accelerator.reduce(torch.where(valid, (values - mean).square(), 0.0).sum(), reduction="sum")
-        return mean, (squared / (count - 1).clamp(min=1.0)).sqrt()
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -317,7 +313,9 @@ def _head_logits(causal_lm, context=contextlib.nullcontext, float32: bool = Fals
 
     ``context`` is entered around each call (the reference's adapter-disabled context under PEFT, so that an
     adapted LM head is computed without its adapter for the reference only). ``float32`` projects in float32
-    outside autocast, as TRL's fused head does with ``cast_lm_head_to_fp32`` (the head's own weight, cast once).
+    outside autocast, as TRL's fused head does with ``cast_lm_head_to_fp32``: it reads the head's base weight (cast
+    once per scoring pass, gathered first under ZeRO-3), so, like TRL's fused head, it applies no adapter of the head
+    itself and ``context`` is not needed.
     """
     head = causal_lm.get_output_embeddings()
     text_config = causal_lm.config.get_text_config()

@@ -328,6 +328,19 @@ def test_advantages_long_sequence_no_overflow(gae_lambda):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_mean_std_over_processes_covers_every_process(seed):
+    # Two processes holding the same shard: summing over processes doubles every reduced quantity, so the statistics
+    # must be those of the shard concatenated with itself (the count doubles, which moves the Bessel correction).
+    generator = torch.Generator().manual_seed(410 + seed)
+    mask = random_mask(5, 13, generator, holes=True)
+    values = (3.0 * torch.randn(5, 13, generator=generator) + 1.5).masked_fill(mask == 0, 1e6)
+    mean, std = masked_mean_std(values, mask, lambda tensor: 2 * tensor)
+    naive_mean, naive_std = naive_mean_std(torch.cat([values, values]).double(), torch.cat([mask, mask]))
+    assert abs(mean.item() - naive_mean) < 1e-5 and abs(std.item() - naive_std) < 1e-5
+    assert abs(std.item() - masked_mean_std(values, mask)[1].item()) > 1e-4  # the reduction reached the count
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_masked_mean_std_and_whiten_match_naive(seed):
     generator = torch.Generator().manual_seed(400 + seed)
     mask = random_mask(5, 13, generator, holes=True)
