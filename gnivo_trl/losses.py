@@ -526,14 +526,16 @@ def exact_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, temper
     """
     policy_log_probs = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
     ref_log_probs = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
-    return _kl_from_log_probs(policy_log_probs, ref_log_probs)
+    return _kl_from_log_probs_(policy_log_probs, ref_log_probs)
 
 
-def _kl_from_log_probs(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    # sum_v p * (log p - log q) as a batched dot product: no third (N, V) temporary. Overwrites ref_log_probs.
-    log_ratio = ref_log_probs.neg_().add_(policy_log_probs)
-    probs = policy_log_probs.exp()
-    return torch.bmm(probs.unsqueeze(1), log_ratio.unsqueeze(2)).reshape(-1)
+def _kl_from_log_probs_(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    # KL = sum_v p * (log p - log q) = -sum_v p * (log q - log p). Both inputs are overwritten in place (q's
+    # log-probs by the log-ratio, p's by p times it): no (N, V) temporary, whose allocation (page faults on CPU)
+    # cost more than the arithmetic, and a plain reduction, which on CPU ran 3x faster than a batched dot product
+    # (benchmarks/results/scoring_profile.md).
+    log_ratio = ref_log_probs.sub_(policy_log_probs)
+    return policy_log_probs.exp_().mul_(log_ratio).sum(dim=-1).neg_()
 
 
 class TokenStatistics(NamedTuple):
@@ -575,13 +577,13 @@ def chunked_token_statistics(
     policy_logps, ref_logps, kls = [], [], []
     for start in range(0, labels.numel(), chunk_size):
         stop = start + chunk_size
-        policy_log_probs = torch.log_softmax(policy_head(policy_hidden[start:stop]).float() / temperature, dim=-1)
-        ref_log_probs = torch.log_softmax(ref_head(ref_hidden[start:stop]).float() / temperature, dim=-1)
+        policy_log_probs = _log_softmax(policy_head(policy_hidden[start:stop]), temperature)
+        ref_log_probs = _log_softmax(ref_head(ref_hidden[start:stop]), temperature)
         index = labels[start:stop, None]
         policy_logps.append(policy_log_probs.gather(1, index).squeeze(1))
         ref_logps.append(ref_log_probs.gather(1, index).squeeze(1))
         if with_kl:
-            kls.append(_kl_from_log_probs(policy_log_probs, ref_log_probs))
+            kls.append(_kl_from_log_probs_(policy_log_probs, ref_log_probs))
         del policy_log_probs, ref_log_probs
     device = labels.device
     empty = torch.zeros(0, device=device)
@@ -590,6 +592,13 @@ def chunked_token_statistics(
         ref_logp=torch.cat(ref_logps) if ref_logps else empty,
         kl=(torch.cat(kls) if kls else empty) if with_kl else None,
     )
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # At temperature 1 (TRL's default) skip the division: a full (n, V) pass and allocation. Not in place: a head
+    # may return a view of its input.
+    logits = logits.float()
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:

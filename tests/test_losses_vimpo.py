@@ -518,9 +518,12 @@ def test_chunked_statistics_random_logits(chunk_size, temperature):
     policy_logits = 2.0 * torch.randn(N, V, generator=generator)
     ref_logits = 2.0 * torch.randn(N, V, generator=generator)
     labels = torch.randint(0, V, (N,), generator=generator)
+    policy_before, ref_before = policy_logits.clone(), ref_logits.clone()
     stats = chunked_token_statistics(
         policy_logits, ref_logits, labels, _identity, _identity, temperature=temperature, chunk_size=chunk_size
     )
+    # The KL works in place on its own log-softmaxes, never on what the heads return (here views of the inputs).
+    assert torch.equal(policy_logits, policy_before) and torch.equal(ref_logits, ref_before)
     kl, policy_logp, ref_logp = naive_kl_and_logps(policy_logits, ref_logits, labels, temperature)
     torch.testing.assert_close(stats.kl.double(), kl, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.policy_logp.double(), policy_logp, rtol=1e-5, atol=1e-5)

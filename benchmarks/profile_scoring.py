@@ -1,0 +1,123 @@
+"""Where the scoring phase's time goes: torch profiler tables of GRPO+ref's and VIMPO's no-grad scoring forwards.
+
+The overhead benchmark (``overhead.py``) showed VIMPO's scoring phase (``_generate_and_score_completions`` with the
+fixed-output generation stub: the reference forward, and for VIMPO the policy forward, both LM heads and the KL) as
+the part of its step that GRPO with a reference model does not pay. This script profiles that phase for the given
+methods on the overhead benchmark's CPU configuration and appends, under ``--label``, a table of the operators that
+take the most self CPU time, with the phase's wall time and the loss step's for scale.
+
+To compare two versions of the package, run the script from a checkout of each (it imports the package and
+``overhead.py`` from the checkout it lives in) with the same ``--output``::
+
+    git worktree add /tmp/before <commit> && cp benchmarks/profile_scoring.py /tmp/before/benchmarks/
+    (cd /tmp/before && ../main/.venv/bin/python benchmarks/profile_scoring.py --label before \\
+        --output /work/main/benchmarks/results/scoring_profile.md)
+    .venv/bin/python benchmarks/profile_scoring.py --label after
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import overhead  # noqa: E402  (the benchmark's model, trainers and stub; needs the paths above)
+
+DEFAULT_OUTPUT = HERE / "results" / "scoring_profile.md"
+
+
+def _package_revision() -> str:
+    import gnivo_trl
+
+    root = Path(gnivo_trl.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "gnivo_trl"], capture_output=True)
+        return f"gnivo_trl at {commit}{' + uncommitted changes' if dirty.stdout.strip() else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        return f"gnivo_trl {gnivo_trl.__version__}"
+
+
+def profile_method(method: str, length: int, repeats: int, top: int, workdir: Path) -> list[str]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model_dir = overhead.build_model_dir(workdir / "model", "cpu")
+    trainer, rows = overhead.build_trainer(method, model_dir, "cpu", length, str(workdir / "out"))
+    overhead.one_step(trainer, rows, "cpu")  # warm-up
+    steps = [overhead.one_step(trainer, rows, "cpu") for _ in range(repeats)]
+    with profile(activities=[ProfilerActivity.CPU]) as profiler, torch.no_grad():
+        start = time.perf_counter()
+        trainer._generate_and_score_completions(rows)
+        profiled_s = time.perf_counter() - start
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total_ms = sum(event.self_cpu_time_total for event in events) / 1e3
+    lines = [
+        f"#### `{method}`, T={length}",
+        "",
+        f"Scoring phase {statistics.median(s['score_s'] for s in steps):.3f} s, loss step "
+        f"{statistics.median(s['loss_s'] for s in steps):.3f} s (medians of {repeats} unprofiled steps); profiled "
+        f"scoring call {profiled_s:.3f} s, {total_ms / 1e3:.3f} s of operator self time.",
+        "",
+        "| operator | calls | self CPU ms | share of self time |",
+        "|---|---|---|---|",
+    ]
+    for event in events[:top]:
+        self_ms = event.self_cpu_time_total / 1e3
+        lines.append(f"| `{event.key}` | {event.count} | {self_ms:,.1f} | {self_ms / total_ms:.1%} |")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["grpo+ref", "vimpo/exact", "vimpo/k3"])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps whose phase times are reported")
+    parser.add_argument("--top", type=int, default=12, help="operators listed per method")
+    parser.add_argument("--label", required=True, help="heading of this run's section, e.g. 'before' or 'after'")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(variable, "1")
+    import torch
+
+    torch.set_num_threads(1)
+    command = "python benchmarks/profile_scoring.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    section = [
+        f"### {args.label}",
+        "",
+        f"Command: `{command.strip()}` ({_package_revision()})",
+        "",
+        f"Machine: {overhead.machine_description('cpu')}",
+        "",
+    ]
+    for method in args.methods:
+        with tempfile.TemporaryDirectory() as workdir:
+            section += profile_method(method, args.length, args.repeats, args.top, Path(workdir))
+    if not args.output.exists():
+        args.output.write_text(
+            "# Scoring phase profile (CPU, torch profiler)\n\n"
+            "Written by `benchmarks/profile_scoring.py`: the overhead benchmark's CPU configuration (tiny Qwen2, "
+            "hidden 64, 2 layers, vocabulary 32,000, float32, B=2 after a 128-token prompt), the operators with the "
+            "most self CPU time in one scoring call (`_generate_and_score_completions` with the generation stub).\n\n"
+        )
+    with args.output.open("a") as output:
+        output.write("\n".join(section) + "\n")
+    print("\n".join(section))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
