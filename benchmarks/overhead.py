@@ -35,6 +35,10 @@ Configurations:
 * ``--device cuda``: Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864), random
   initialisation, vocabulary 151,936, bf16, gradient checkpointing, B=2 after a 128-token prompt; the setting of the
   anchor measurements. Needs a GPU (about 80 GB for T=8192).
+* ``--device cpu --shape qwen2-0.5b``: that shape on CPU in float32, where the LM head weighs against the backbone as
+  in the real model (the tiny model's step is almost all LM head); 13-36 s per step at T=256-512 on two threads, so
+  short lengths only, and about 2 GB per model copy (each method holds its own policy and, with a reference, a
+  second copy).
 
 Usage::
 
@@ -42,6 +46,8 @@ Usage::
     .venv/bin/python benchmarks/overhead.py --lengths 256 1024 --repeats 3 --methods grpo gnivo/token \
         --old-logps-methods  # an empty list: the aligned scenario only
     python benchmarks/overhead.py --device cuda --output benchmarks/results/overhead_gpu.md
+    .venv/bin/python benchmarks/overhead.py --shape qwen2-0.5b --lengths 256 512 --repeats 3 --threads 2 \
+        --methods grpo grpo+ref gnivo/token vimpo/exact --old-logps-methods --kl-memory-tokens 0  # overhead_qwen2-05b.md
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ PROMPT_LENGTH = 128
 NUM_COMPLETIONS = 2  # one group of K=2, as in the anchor measurements
 STEP_EVERY = 64  # a "\n\n" token every 64 completion tokens, for step units
 MODEL_SHAPES = {
-    "cpu": dict(
+    "tiny": dict(
         vocab_size=32_000,
         hidden_size=64,
         intermediate_size=128,
@@ -77,7 +83,7 @@ MODEL_SHAPES = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
-    "cuda": dict(
+    "qwen2-0.5b": dict(
         vocab_size=151_936,
         hidden_size=896,
         intermediate_size=4864,
@@ -86,6 +92,7 @@ MODEL_SHAPES = {
         num_key_value_heads=2,
     ),
 }
+DEFAULT_SHAPE = {"cpu": "tiny", "cuda": "qwen2-0.5b"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -93,13 +100,13 @@ MODEL_SHAPES = {
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_model_dir(directory: Path, device: str, seed: int = 0) -> str:
+def build_model_dir(directory: Path, device: str, seed: int = 0, shape_name: str | None = None) -> str:
     """A randomly initialised Qwen2 model of the configuration's shape and a word-level tokenizer covering its vocab."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    shape = MODEL_SHAPES[device]
+    shape = MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]
     vocab = {"<|pad|>": 0, "<|unk|>": 1, "<|im_end|>": 2, "\n\n": 3}
     vocab.update({f"w{i}": i for i in range(len(vocab), shape["vocab_size"])})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
@@ -140,7 +147,15 @@ def fixed_completions(length: int, vocab_size: int, seed: int = 0) -> list[list[
     return completions
 
 
-def build_trainer(method: str, model_dir: str, device: str, length: int, output_dir: str, scenario: str = "aligned"):
+def build_trainer(
+    method: str,
+    model_dir: str,
+    device: str,
+    length: int,
+    output_dir: str,
+    scenario: str = "aligned",
+    shape_name: str | None = None,
+):
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
@@ -176,7 +191,7 @@ def build_trainer(method: str, model_dir: str, device: str, length: int, output_
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer would pick Qwen2's BPE class
     prompt = " ".join(f"w{4 + i}" for i in range(PROMPT_LENGTH))
     dataset = Dataset.from_dict({"prompt": [prompt] * 4})
-    vocab_size = MODEL_SHAPES[device]["vocab_size"]
+    vocab_size = MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]["vocab_size"]
     completions = fixed_completions(length, vocab_size)
 
     def reward(completions, **kwargs):
@@ -278,16 +293,26 @@ def one_step(trainer, rows: list[dict], device: str) -> dict[str, float]:
     }
 
 
-def run(device: str, lengths: list[int], methods: list[str], repeats: int, workdir: Path, scenario: str) -> dict:
+def run(
+    device: str,
+    lengths: list[int],
+    methods: list[str],
+    repeats: int,
+    workdir: Path,
+    scenario: str,
+    shape_name: str | None = None,
+) -> dict:
     import torch
 
     torch.manual_seed(0)
-    model_dir = build_model_dir(workdir / "model", device)
+    model_dir = build_model_dir(workdir / "model", device, shape_name=shape_name)
     results: dict[tuple[int, str], list[dict]] = {}
     for length in lengths:
         trainers = {}
         for method in methods:
-            trainers[method] = build_trainer(method, model_dir, device, length, str(workdir / "out"), scenario)
+            trainers[method] = build_trainer(
+                method, model_dir, device, length, str(workdir / "out"), scenario, shape_name
+            )
             one_step(*trainers[method], device)  # warm-up (kernels, allocator, token-text caches)
         for repeat in range(repeats):
             order = methods if repeat % 2 == 0 else list(reversed(methods))  # interleave, alternate the order
@@ -339,14 +364,14 @@ SCENARIO_TITLES = {
 KL_MEMORY_TITLE = "## VIMPO's exact KL against a naive full-vocabulary implementation"
 
 
-def kl_memory_section(tokens: int, device: str, command: str) -> list[str]:
+def kl_memory_section(tokens: int, device: str, command: str, shape_name: str | None = None) -> list[str]:
     """Peak memory of VIMPO's chunked exact KL vs the naive one at ``tokens`` tokens (benchmarks/vimpo_kl_memory.py).
 
     Both run on CPU in fresh processes with the configuration's vocabulary and hidden size; see that script.
     """
     import vimpo_kl_memory
 
-    shape = MODEL_SHAPES[device]
+    shape = MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]
     vocab, hidden = shape["vocab_size"], shape["hidden_size"]
     naive = vimpo_kl_memory.measure("naive", tokens, vocab=vocab, hidden=hidden)
     chunked = vimpo_kl_memory.measure("chunked", tokens, vocab=vocab, hidden=hidden)
@@ -381,7 +406,9 @@ def replace_kl_memory_section(output: Path, section: list[str]) -> str:
     return report
 
 
-def write_report(sections, device: str, lengths, repeats: int, output: Path, command: str) -> str:
+def write_report(
+    sections, device: str, lengths, repeats: int, output: Path, command: str, shape_name: str | None = None
+) -> str:
     """``sections``: ``[(scenario, methods, results)]``; one group of tables per scenario."""
     lines = [
         f"# Overhead over GRPO: step time and peak memory ({device.upper()})",
@@ -390,7 +417,7 @@ def write_report(sections, device: str, lengths, repeats: int, output: Path, com
         "",
         f"Machine: {machine_description(device)}",
         "",
-        f"Model: Qwen2 architecture, random initialisation, {MODEL_SHAPES[device]}, "
+        f"Model: Qwen2 architecture, random initialisation, {MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]}, "
         f"{'bf16' if device == 'cuda' else 'float32'}, gradient checkpointing on. Inputs: {NUM_COMPLETIONS} completions "
         f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
         f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
@@ -452,6 +479,7 @@ def _memory_in_subprocess(args: argparse.Namespace, scenario: str, methods: list
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--device", "cpu", "--repeats", "1", "--memory-pass", out.name]
         command += ["--scenario", scenario, "--lengths", *map(str, args.lengths), "--methods", *methods]
+        command += ["--threads", str(args.threads)] + (["--shape", args.shape] if args.shape else [])
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         subprocess.run(command, env=env, check=True)
         raw = json.loads(Path(out.name).read_text())
@@ -461,6 +489,12 @@ def _memory_in_subprocess(args: argparse.Namespace, scenario: str, methods: list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--shape",
+        choices=list(MODEL_SHAPES),
+        default=None,
+        help="model shape (default: tiny on cpu, qwen2-0.5b on cuda); qwen2-0.5b on cpu runs in float32",
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
     parser.add_argument(
         "--methods", nargs="+", default=METHODS, choices=METHODS, help="methods of the aligned scenario"
@@ -505,22 +539,24 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         with tempfile.TemporaryDirectory() as workdir:
-            results = run(args.device, args.lengths, args.methods, 1, Path(workdir), args.scenario)
+            results = run(args.device, args.lengths, args.methods, 1, Path(workdir), args.scenario, args.shape)
         Path(args.memory_pass).write_text(json.dumps([[t, m, f] for (t, m), f in results.items()]))
         return 0
 
-    output = (
-        args.output or REPO_ROOT / "benchmarks" / "results" / f"overhead{'_gpu' if args.device == 'cuda' else ''}.md"
-    )
+    name = "overhead" + ("_gpu" if args.device == "cuda" else "")
+    if args.shape and args.shape != DEFAULT_SHAPE[args.device]:
+        name += "_" + args.shape.replace(".", "")
+    output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{name}.md"
     command = "python benchmarks/overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.kl_memory_only:
-        print(replace_kl_memory_section(output, kl_memory_section(args.kl_memory_tokens, args.device, command)))
+        section = kl_memory_section(args.kl_memory_tokens, args.device, command, args.shape)
+        print(replace_kl_memory_section(output, section))
         return 0
     sections = []
     for scenario, methods in plan:
         # Timing pass in this process (glibc defaults: a low mmap threshold would add system time to every step).
         with tempfile.TemporaryDirectory() as workdir:
-            results = run(args.device, args.lengths, methods, args.repeats, Path(workdir), scenario)
+            results = run(args.device, args.lengths, methods, args.repeats, Path(workdir), scenario, args.shape)
         if args.device == "cpu":
             memory = _memory_in_subprocess(args, scenario, methods)
             for key, figures in results.items():
@@ -528,9 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                     figure["peak_mib"] = memory[key][0]["peak_mib"]
                     figure["scoring_peak_mib"] = memory[key][0]["scoring_peak_mib"]
         sections.append((scenario, methods, results))
-    report = write_report(sections, args.device, args.lengths, args.repeats, output, command.strip())
+    report = write_report(sections, args.device, args.lengths, args.repeats, output, command.strip(), args.shape)
     if args.kl_memory_tokens:
-        section = kl_memory_section(args.kl_memory_tokens, args.device, command.strip())
+        section = kl_memory_section(args.kl_memory_tokens, args.device, command.strip(), args.shape)
         report = replace_kl_memory_section(output, section)
     print(report)
     return 0
