@@ -95,6 +95,17 @@ MODEL_SHAPES = {
 DEFAULT_SHAPE = {"cpu": "tiny", "cuda": "qwen2-0.5b"}
 
 
+def offline_environment() -> None:
+    """Nothing is fetched from the Hub: the benchmarks build their models and tokenizers locally."""
+    for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(variable, "1")
+
+
+def model_shape(device: str, shape_name: str | None = None) -> dict:
+    """The Qwen2 shape a run uses: ``shape_name`` (a key of ``MODEL_SHAPES``), else the device's default."""
+    return MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model, tokenizer and inputs
 # ----------------------------------------------------------------------------------------------------------------------
@@ -106,7 +117,7 @@ def build_model_dir(directory: Path, device: str, seed: int = 0, shape_name: str
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    shape = MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]
+    shape = model_shape(device, shape_name)
     vocab = {"<|pad|>": 0, "<|unk|>": 1, "<|im_end|>": 2, "\n\n": 3}
     vocab.update({f"w{i}": i for i in range(len(vocab), shape["vocab_size"])})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
@@ -191,7 +202,7 @@ def build_trainer(
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer would pick Qwen2's BPE class
     prompt = " ".join(f"w{4 + i}" for i in range(PROMPT_LENGTH))
     dataset = Dataset.from_dict({"prompt": [prompt] * 4})
-    vocab_size = MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]["vocab_size"]
+    vocab_size = model_shape(device, shape_name)["vocab_size"]
     completions = fixed_completions(length, vocab_size)
 
     def reward(completions, **kwargs):
@@ -371,7 +382,7 @@ def kl_memory_section(tokens: int, device: str, command: str, shape_name: str | 
     """
     import vimpo_kl_memory
 
-    shape = MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]
+    shape = model_shape(device, shape_name)
     vocab, hidden = shape["vocab_size"], shape["hidden_size"]
     naive = vimpo_kl_memory.measure("naive", tokens, vocab=vocab, hidden=hidden)
     chunked = vimpo_kl_memory.measure("chunked", tokens, vocab=vocab, hidden=hidden)
@@ -417,7 +428,7 @@ def write_report(
         "",
         f"Machine: {machine_description(device)}",
         "",
-        f"Model: Qwen2 architecture, random initialisation, {MODEL_SHAPES[shape_name or DEFAULT_SHAPE[device]]}, "
+        f"Model: Qwen2 architecture, random initialisation, {model_shape(device, shape_name)}, "
         f"{'bf16' if device == 'cuda' else 'float32'}, gradient checkpointing on. Inputs: {NUM_COMPLETIONS} completions "
         f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
         f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
@@ -529,8 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, methods in plan:
         if "grpo" not in methods or "grpo+ref" not in methods:
             parser.error(f"the {scenario} scenario's methods must include the baselines grpo and grpo+ref")
-    for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(variable, "1")
+    offline_environment()
     if args.device == "cpu":
         import torch
 

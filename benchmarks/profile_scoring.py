@@ -18,7 +18,6 @@ To compare two versions of the package, run the script from a checkout of each (
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import subprocess
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", required=True, help="heading of this run's section, e.g. 'before' or 'after'")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(variable, "1")
+    overhead.offline_environment()
     import torch
 
     torch.set_num_threads(1)

@@ -524,9 +524,7 @@ def exact_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, temper
 
     Materialises a few float32 ``(N, V)`` tensors: call it on chunks (see :func:`chunked_token_statistics`).
     """
-    policy_log_probs = torch.log_softmax(policy_logits.float() / temperature, dim=-1)
-    ref_log_probs = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
-    return _kl_from_log_probs_(policy_log_probs, ref_log_probs)
+    return _kl_from_log_probs_(_log_softmax(policy_logits, temperature), _log_softmax(ref_logits, temperature))
 
 
 def _kl_from_log_probs_(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
