@@ -9,8 +9,8 @@ generation is out of the timing) and is measured on the same model weights:
 * ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``: ``VIMPOTrainer`` with each KL estimator.
 
 One *step* = scoring (``_generate_and_score_completions`` with the stub: every no-grad forward a method runs per
-generation batch, e.g. GRPO's reference forward or VIMPO's exact KL) + the loss step (``compute_loss``, forward, loss,
-backward). Both phases are timed separately and summed. Methods are interleaved inside each repetition (a warm-up
+generation batch, e.g. GRPO's reference forward or VIMPO's scoring pass) + the loss step (``compute_loss``, forward,
+loss, backward; in the ``aligned`` scenario VIMPO's KL and advantages are computed here, from the loss-time forward). Both phases are timed separately and summed. Methods are interleaved inside each repetition (a warm-up
 step first), and every figure is the median over repetitions of the ratio to GRPO taken within the same repetition,
 because these machines are noisy.
 
@@ -22,8 +22,9 @@ timing pass runs with glibc's defaults, because the low threshold adds system ti
 
 Scenarios (the no-grad forwards TRL itself runs at scoring time differ between them):
 
-* ``aligned``: one optimizer step per generation batch, transformers generation (TRL's defaults without vLLM): GRPO
-  computes no old log-probs, so VIMPO's policy forward for its KL and advantages is a forward GRPO never runs.
+* ``aligned``: one optimizer step per generation batch in one micro-batch, transformers generation (TRL's defaults
+  without vLLM): GRPO computes no old log-probs; VIMPO scores only the reference at generation time and takes the
+  policy's side of its KL and advantages from the loss-time forward, so it runs no policy forward GRPO does not run.
 * ``old-logps``: ``num_iterations=2``, so TRL computes the policy's old log-probs at scoring time, the same no-grad
   forward it runs with vLLM's importance-sampling correction (TRL's default with vLLM). VIMPO answers that forward
   with its own scoring pass, so here it adds only the reference and the KL, like GRPO+ref.
@@ -433,7 +434,8 @@ def write_report(
         f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
         f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
         "forwards of `_generate_and_score_completions`: old log-probs where TRL computes them, GRPO+ref's reference "
-        "forward, VIMPO's policy and reference forwards and KL) + loss step (forward, loss, backward). Each figure is "
+        "forward, VIMPO's reference forward, plus its policy forward and KL where TRL computes old log-probs) + loss "
+        "step (forward, loss, backward; VIMPO's KL and advantages where TRL computes no old log-probs). Each figure is "
         f"the median over {repeats} repetitions of the ratio to the baseline measured in the same repetition (methods "
         "interleaved).",
     ]
@@ -471,7 +473,7 @@ def write_report(
             ratios("peak_mib"),
         )
         table(
-            "Peak memory of the scoring phase alone (MiB above the resident model; VIMPO's exact KL lives here)",
+            "Peak memory of the scoring phase alone (MiB above the resident model)",
             methods,
             lambda length, method: f"{median(length, method, 'scoring_peak_mib'):.0f}",
         )

@@ -213,9 +213,14 @@ class GroupBookkeepingMixin:
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
             completion_ids.size(1),
             compute_entropy=True,
-            **{name: inputs.get(name) for name in _MULTIMODAL_INPUTS},
+            **self._multimodal_inputs(inputs),
         )
         return logp, entropies
+
+    @staticmethod
+    def _multimodal_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        """The multimodal inputs of a batch that ``_get_per_token_logps_and_entropies`` accepts (None if absent)."""
+        return {name: batch.get(name) for name in _MULTIMODAL_INPUTS}
 
     def _token_mean_normalizer(self, inputs: dict[str, Any], mode: str) -> torch.Tensor:
         """Divisor that makes a per-micro-batch token sum the token mean over the generation batch.

@@ -55,12 +55,16 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
       micro-batches and processes. With several generation rounds per optimizer step (``steps_per_generation <
       gradient_accumulation_steps``) each round whitens its own advantages and takes its own token mean, as TRL's
       GRPO normalises per generation batch; the value loss is layout-independent in every case.
-    * Scoring costs one no-grad backbone forward of each model per generation batch plus both LM heads in chunks,
-      for every KL estimator. Where TRL itself computes old log-probs at scoring time (vLLM's importance-sampling
-      correction, ``num_iterations > 1``), that policy forward *is* VIMPO's: the old log-probs come out of the same
-      pass, so VIMPO adds only the reference and the KL, as GRPO with ``beta > 0`` does. Otherwise (one optimizer
-      step per batch, transformers generation) the policy forward is VIMPO's own cost, because the whole batch's
-      advantages must be whitened before the first micro-step.
+    * What scoring costs depends on the layout. In TRL's default layout (one micro-batch holds the process's whole
+      generation batch: ``steps_per_generation == 1``, ``num_iterations == 1``; and in evaluation) scoring runs only
+      the reference's backbone, as GRPO with ``beta > 0`` does; the loss step takes the policy's log-probs and final
+      hidden states from the forward it runs anyway, computes the scores (both LM heads in chunks for the exact KL;
+      for k2/k3 nothing but the estimate) and whitens them before the loss, so VIMPO adds no policy forward. Where TRL
+      itself computes old log-probs at scoring time (vLLM's importance-sampling correction, ``num_iterations > 1``),
+      that no-grad policy forward *is* VIMPO's scoring pass: the old log-probs come out of the same pass, so VIMPO
+      adds only the reference and the KL. With gradient accumulation over several micro-batches of one generation
+      batch (and no old log-probs), a scoring pass runs one no-grad policy forward of its own, because the whole
+      batch's advantages must be whitened before the first micro-step. All paths compute the same scores (tested).
     * The loss-time forward is GRPO's (the fused LM head, no logits); the value loss is a mean over rows and the actor
       loss a token mean over the generation batch (TRL's ``num_items_in_batch``), both scaled for accumulation.
     * A row without a reward (every reward function returned None) contributes to neither loss. With vLLM's
@@ -122,6 +126,27 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         model = getattr(model, "module", model)  # DeepSpeed engine / DDP wrapper
         return model.get_base_model() if is_peft_model(model) else model
 
+    def _head(self, reference: bool):
+        """Callable mapping final hidden states to the policy's or the reference's logits (see :func:`_head_logits`)."""
+        return _head_logits(
+            self._causal_lm(reference),
+            context=self._reference_context if reference else contextlib.nullcontext,
+            float32=self.args.cast_lm_head_to_fp32,
+        )
+
+    def _completion_hidden_states(
+        self, reference: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion: int
+    ) -> torch.Tensor:
+        """``(B, C, H)`` final hidden states of the policy or the reference that predict the last ``C`` tokens.
+
+        One backbone forward in the accelerator's autocast, like TRL's own forwards; call it without gradient.
+        """
+        lm = self._causal_lm(reference)
+        with self._reference_context() if reference else contextlib.nullcontext(), self.accelerator.autocast():
+            states = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # The hidden state at position p predicts token p + 1: keep those that predict completion tokens.
+        return states.last_hidden_state[:, -num_completion - 1 : -1]
+
     def _score_sequences(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion: int, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -132,27 +157,20 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         ``(B, T, V)`` tensor exists. Values are 0 where ``attention_mask`` is 0. ``exact_kl`` is None for the sampled
         estimators (k2/k3), which need only the two log-probs. Run without gradient.
         """
-        policy_lm, ref_lm = self._causal_lm(reference=False), self._causal_lm(reference=True)
-        float32_head = self.args.cast_lm_head_to_fp32
-        policy_head = _head_logits(policy_lm, float32=float32_head)
-        ref_head = _head_logits(ref_lm, context=self._reference_context, float32=float32_head)
+        policy_head, ref_head = self._head(reference=False), self._head(reference=True)
         with_kl = self.args.vimpo_kl_estimator == "exact"
         completion_ids = input_ids[:, -num_completion:]
         results = torch.zeros(3 if with_kl else 2, *completion_ids.shape, device=input_ids.device)
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
             valid = attention_mask[rows, -num_completion:].bool()
-            hidden = []
-            for lm, context in ((policy_lm, contextlib.nullcontext()), (ref_lm, self._reference_context())):
-                with context, self.accelerator.autocast():
-                    states = lm.base_model(
-                        input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False
-                    ).last_hidden_state
-                # The hidden state at position p predicts token p + 1: keep those that predict completion tokens.
-                hidden.append(states[:, -num_completion - 1 : -1][valid])
+            policy_hidden, ref_hidden = (
+                self._completion_hidden_states(reference, input_ids[rows], attention_mask[rows], num_completion)[valid]
+                for reference in (False, True)
+            )
             statistics = chunked_token_statistics(
-                hidden[0],
-                hidden[1],
+                policy_hidden,
+                ref_hidden,
                 completion_ids[rows][valid],
                 policy_head,
                 ref_head,
@@ -214,14 +232,13 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
         Reuses the scores of TRL's old-log-prob forward of this generation batch when it ran, else scores now.
         """
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        input_ids, attention_mask, num_completion = _sequences(output)
         scored = self._scored_sequences
         if scored is not None and torch.equal(scored[0], input_ids) and torch.equal(scored[1], attention_mask):
             policy_logp, ref_logp, exact_kl = scored[2]
         else:
             policy_logp, ref_logp, exact_kl = self._score_sequences(
-                input_ids, attention_mask, output["completion_ids"].size(1), batch_size
+                input_ids, attention_mask, num_completion, batch_size
             )
         valid = mask.bool()
         if exact_kl is None:
@@ -229,12 +246,90 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         zero = torch.zeros((), device=valid.device)
         return tuple(torch.where(valid, values, zero) for values in (policy_logp, ref_logp, exact_kl))
 
+    def _scores_policy_in_loss_forward(self, mode: str) -> bool:
+        """Whether the policy's side of this generation batch's scores comes from the loss-time forward.
+
+        True when one micro-batch holds the process's whole generation batch and the policy cannot move before it is
+        used (evaluation, or ``steps_per_generation == 1`` with ``num_iterations == 1``: TRL's default layout), unless
+        TRL's own old-log-prob forward already scored the batch (vLLM's importance sampling), whose scores are reused.
+        Then scoring runs only the reference's backbone, as GRPO with ``beta > 0`` does, and :meth:`_compute_loss`
+        takes the policy's log-probs and final hidden states from the forward it runs anyway, so VIMPO adds no policy
+        forward of its own.
+        """
+        if self._scored_sequences is not None:
+            return False
+        return mode == "eval" or (self.args.steps_per_generation == 1 and self.num_iterations == 1)
+
     def _add_group_statistics(self, output, global_rewards, local, group_size, mode) -> None:
         mask = loss_mask(output)
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        targets = group_centered_rewards(global_rewards, group_size)[local]
+        output["vimpo_value_target"] = targets
+        if self._scores_policy_in_loss_forward(mode):
+            with torch.no_grad():
+                if self.args.vimpo_kl_estimator == "exact":
+                    output["vimpo_ref_hidden"] = self._reference_hidden_states(output, batch_size)
+                else:
+                    output["vimpo_ref_logps"] = self._reference_token_logps(output, batch_size)
+            return
         with torch.no_grad():
             policy_logp, ref_logp, token_kl = self._sampled_token_statistics(output, mask, batch_size)
-        targets = group_centered_rewards(global_rewards, group_size)[local]
+        output.update(self._actor_scores(policy_logp, ref_logp, token_kl, mask, targets, mode))
+
+    def _reference_hidden_states(self, output: dict[str, Any], batch_size: int) -> torch.Tensor:
+        """``(B, C, H)`` reference final hidden states that predict the completion tokens (any value at padding).
+
+        One reference backbone forward per ``batch_size`` rows; its LM head runs beside the policy's at loss time, in
+        chunks (:meth:`_loss_scores`), for the exact KL.
+        """
+        input_ids, attention_mask, num_completion = _sequences(output)
+        return torch.cat(
+            [
+                self._completion_hidden_states(
+                    True,
+                    input_ids[start : start + batch_size],
+                    attention_mask[start : start + batch_size],
+                    num_completion,
+                )
+                for start in range(0, input_ids.size(0), batch_size)
+            ]
+        )
+
+    def _reference_token_logps(self, output: dict[str, Any], batch_size: int) -> torch.Tensor:
+        """``(B, C)`` float32 reference log-probs of the completion tokens, 0 at padding: GRPO's own reference forward.
+
+        TRL's fused head, like the loss-time policy log-probs these are compared with: while the policy equals the
+        reference both come out of the same computation, so ``rho`` and the k2/k3 estimate are exactly 0 (whitening
+        would blow rounding differences up to unit-scale advantages).
+        """
+        input_ids, attention_mask, num_completion = _sequences(output)
+        model = self.ref_model if self.ref_model is not None else self.model
+        with self._reference_context():
+            ref_logp, _, _ = super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                num_completion,
+                batch_size=batch_size,
+                **self._multimodal_inputs(output),
+            )
+        return torch.where(output["completion_mask"].bool(), ref_logp.float(), 0.0)
+
+    def _actor_scores(
+        self,
+        policy_logp: torch.Tensor,
+        ref_logp: torch.Tensor,
+        token_kl: torch.Tensor,
+        mask: torch.Tensor,
+        targets: torch.Tensor,
+        mode: str,
+    ) -> dict[str, torch.Tensor]:
+        """Reference log-probs, per-token KL and whitened actor advantages of a generation batch, each ``(B, C)``.
+
+        Inputs are detached float32 ``(B, C)``, 0 where ``mask`` is 0; ``targets`` ``(B,)`` is NaN for rows without a
+        reward, which the actor leaves out. Whitening statistics cover every process (every rank must call this).
+        Logs ``vimpo/advantage_std`` and ``vimpo/kl``.
+        """
         actor_mask = mask * ~torch.isnan(targets)[:, None]
         advantages = vimpo_advantages(
             policy_logp, ref_logp, token_kl, actor_mask, self.args.vimpo_beta, self.args.vimpo_gae_lambda
@@ -242,12 +337,65 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         mean, std = masked_mean_std(
             advantages, actor_mask, lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
         )
-        output["vimpo_ref_logps"] = ref_logp
-        output["vimpo_token_kl"] = token_kl
-        output["vimpo_value_target"] = targets
-        output["vimpo_advantages"] = whiten(advantages, actor_mask, mean, std)
         self._metrics[mode]["vimpo/advantage_std"].append(std.item())
         self._log_mean_over_processes(mode, "vimpo/kl", (token_kl * mask).sum(), mask.sum())
+        return {
+            "vimpo_ref_logps": ref_logp,
+            "vimpo_token_kl": token_kl,
+            "vimpo_advantages": whiten(advantages, actor_mask, mean, std),
+        }
+
+    @contextlib.contextmanager
+    def _keeping_policy_hidden_states(self, keep: bool):
+        """Collects (detached) the policy backbone's final hidden states ``(B, L, H)`` of the forwards run inside."""
+        captured: list[torch.Tensor] = []
+        if not keep:
+            yield captured
+            return
+
+        def store(module, args, output):
+            captured.append(output.last_hidden_state.detach())
+
+        handle = self._causal_lm(reference=False).base_model.register_forward_hook(store)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def _loss_scores(
+        self, inputs: dict[str, Any], logp: torch.Tensor, policy_hidden: torch.Tensor | None, mode: str
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`_actor_scores` of a batch scored by the loss-time forward (see :meth:`_scores_policy_in_loss_forward`).
+
+        ``logp`` ``(B, C)`` is that forward's policy log-probs (used detached) and ``policy_hidden`` ``(B, C, H)`` its
+        final hidden states that predict the completion tokens (needed by the exact KL only); the reference's hidden
+        states come from scoring time. Both LM heads run in chunks of ``vimpo_kl_chunk_size`` tokens.
+        """
+        mask = loss_mask(inputs)
+        if self.args.vimpo_kl_estimator == "exact":
+            # Both models' log-probs from the same chunked heads (not TRL's fused head): while the policy equals the
+            # reference, rho and the KL are then exactly 0, as at scoring time, instead of whitened rounding noise.
+            valid = inputs["completion_mask"].bool()
+            statistics = chunked_token_statistics(
+                policy_hidden[valid],
+                inputs["vimpo_ref_hidden"][valid],
+                inputs["completion_ids"][valid],
+                self._head(reference=False),
+                self._head(reference=True),
+                temperature=self.temperature,
+                chunk_size=self.args.vimpo_kl_chunk_size,
+            )
+            policy_logp, ref_logp, token_kl = (torch.zeros_like(logp, dtype=torch.float32) for _ in range(3))
+            for scores, values in zip((policy_logp, ref_logp, token_kl), statistics):
+                scores[valid] = values
+        else:
+            policy_logp, ref_logp = logp.detach().float(), inputs["vimpo_ref_logps"]
+            token_kl = token_kl_estimate(policy_logp, ref_logp, self.args.vimpo_kl_estimator)
+        policy_logp, ref_logp, token_kl = (
+            torch.where(mask.bool(), values, 0.0) for values in (policy_logp, ref_logp, token_kl)
+        )
+        return self._actor_scores(policy_logp, ref_logp, token_kl, mask, inputs["vimpo_value_target"], mode)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -255,7 +403,18 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        logp, entropies = self._policy_token_logps(model, inputs)
+        scored_here = "vimpo_advantages" not in inputs  # see _scores_policy_in_loss_forward
+        needs_hidden = scored_here and self.args.vimpo_kl_estimator == "exact"
+        with self._keeping_policy_hidden_states(needs_hidden) as hidden:
+            logp, entropies = self._policy_token_logps(model, inputs)
+        if scored_here:
+            if needs_hidden and len(hidden) != 1:
+                raise RuntimeError(
+                    f"Expected one policy backbone forward in the loss step, saw {len(hidden)}: the exact KL needs the "
+                    "final hidden states of the forward that computed the log-probs."
+                )
+            policy_hidden = hidden[0][:, -logp.size(1) - 1 : -1] if needs_hidden else None
+            inputs = {**inputs, **self._loss_scores(inputs, logp, policy_hidden, mode)}
         targets = inputs["vimpo_value_target"]
         has_reward = ~torch.isnan(targets)
         row_weight = has_reward.float()
@@ -306,6 +465,13 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         )
         self._log_mean_over_processes(mode, "entropy", (entropies.detach() * mask).sum(), mask.sum())
         return loss
+
+
+def _sequences(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(prompt + completion ids, their attention mask, number of completion positions)`` of a scored batch."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    return input_ids, attention_mask, batch["completion_ids"].size(1)
 
 
 def _head_logits(causal_lm, context=contextlib.nullcontext, float32: bool = False):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import max_magnitude
 from datasets import Dataset
-from trainer_harness import build_trainer, parameter_update
+from trainer_harness import build_trainer, parameter_update, record_scored_batches
 
 from gnivo_trl import GNIVOConfig, VIMPOConfig
 from gnivo_trl.group_bookkeeping import RewardFunctionError
@@ -36,19 +36,6 @@ def _with_bad_value(bad):
         return [bad if "Hi" in t else float(min(t.count("7"), 3)) for t in _texts(completions)]
 
     return reward
-
-
-def _record_batches(trainer) -> list[dict]:
-    batches = []
-    original = trainer._generate_and_score_completions
-
-    def record(inputs):
-        output = original(inputs)
-        batches.append(output)
-        return output
-
-    trainer._generate_and_score_completions = record
-    return batches
 
 
 def _stub_completions(trainer, completion_for_member) -> None:
@@ -108,7 +95,7 @@ def none_reward_run(tiny_model_dir, tmp_path_factory):
             trainer = build_trainer(
                 algorithm, tiny_model_dir, str(tmp_path_factory.mktemp("none")), reward=_with_bad_value(None)
             )
-            batches = _record_batches(trainer)
+            batches = record_scored_batches(trainer)
             cache[algorithm] = (parameter_update(trainer), batches[0])
         return cache[algorithm]
 
@@ -139,7 +126,7 @@ def test_none_reward_excludes_the_row(algorithm, none_reward_run):
 def test_nan_and_infinite_rewards_act_like_none(algorithm, bad, none_reward_run, tiny_model_dir, tmp_path, caplog):
     expected_update, expected_batch = none_reward_run(algorithm)
     trainer = build_trainer(algorithm, tiny_model_dir, str(tmp_path), reward=_with_bad_value(bad))
-    batches = _record_batches(trainer)
+    batches = record_scored_batches(trainer)
     with caplog.at_level(logging.WARNING, logger="gnivo_trl.group_bookkeeping"):
         update = parameter_update(trainer)
     assert torch.isnan(batches[0]["row_rewards"]).tolist() == torch.isnan(expected_batch["row_rewards"]).tolist()
@@ -184,7 +171,7 @@ def test_completions_that_are_only_eos(algorithm, tiny_model_dir, tmp_path):
     words = tokenizer("nine ten", add_special_tokens=False)["input_ids"]
     completions = {0: [eos], 1: [eos], 2: seven + [eos], 3: words + [eos]}
     _stub_completions(trainer, completions.__getitem__)
-    batches = _record_batches(trainer)
+    batches = record_scored_batches(trainer)
     update = parameter_update(trainer)
     assert _finite(update) and max_magnitude(update) > 1e-4
     assert all(math.isfinite(loss) for loss in _logged_losses(trainer))
@@ -219,7 +206,7 @@ def test_all_truncated_with_masking_gives_zero_gradient(algorithm, tiny_model_di
     tokenizer = trainer.processing_class
     texts = ["7 7 7 7 7 7 7", "nine ten nine ten", "Hi there. Hi there.", "3 + 4 = 7"]
     _stub_completions(trainer, lambda member: tokenizer(texts[member], add_special_tokens=False)["input_ids"])
-    batches = _record_batches(trainer)
+    batches = record_scored_batches(trainer)
     update = parameter_update(trainer)
     assert int(batches[0]["completion_mask"].sum()) == 0  # no EOS anywhere: every row is truncated and masked
     assert batches[0]["completion_ids"].size(1) > 0
@@ -244,7 +231,7 @@ def test_groups_with_equal_rewards_give_no_value_signal_vimpo(tiny_model_dir, tm
     actor has no advantage either: the update is float noise (the loss-time and generation-time log-probs agree to
     ~1e-8), not a signal."""
     trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), reward=_constant_reward, max_steps=1)
-    batches = _record_batches(trainer)
+    batches = record_scored_batches(trainer)
     update = parameter_update(trainer)
     assert torch.all(batches[0]["vimpo_value_target"] == 0)
     assert torch.all(batches[0]["vimpo_advantages"] == 0)

@@ -4,7 +4,7 @@ saved adapter reloads with ``PeftModel.from_pretrained`` to the same logits."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from trainer_harness import build_trainer
+from trainer_harness import build_trainer, record_scored_batches
 from transformers import AutoModelForCausalLM
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -16,20 +16,6 @@ def _lora_trainer(algorithm: str, model_dir: str, output_dir: str, **overrides):
     return build_trainer(
         algorithm, model_dir, output_dir, trainer_kwargs=dict(peft_config=LoraConfig(**LORA)), **settings
     )
-
-
-def _record_batches(trainer) -> list[dict]:
-    """Keep every scored generation batch (the dicts the loss later reads)."""
-    batches = []
-    original = trainer._generate_and_score_completions
-
-    def record(inputs):
-        output = original(inputs)
-        batches.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in output.items()})
-        return output
-
-    trainer._generate_and_score_completions = record
-    return batches
 
 
 def _completion_logps(model, batch: dict, temperature: float) -> torch.Tensor:
@@ -88,7 +74,7 @@ def test_vimpo_reference_is_the_adapter_disabled_model(estimator, tiny_model_dir
     trainer = _lora_trainer("vimpo", tiny_model_dir, str(tmp_path), vimpo_kl_estimator=estimator)
     assert trainer.ref_model is None  # no copy of the base model: the reference is the adapter switched off
     assert trainer.beta == 0.0 and trainer.args.beta == 0.0
-    batches = _record_batches(trainer)
+    batches = record_scored_batches(trainer)
     trainer.train()
     assert len(batches) == 2
     batch = batches[-1]  # scored after the first optimizer step, when the adapter has moved

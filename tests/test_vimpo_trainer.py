@@ -109,12 +109,50 @@ def test_reference_is_the_frozen_initial_model_and_grpo_kl_stays_off(tiny_model_
     assert not any("kl" in entry for entry in trainer.state.log_history)  # GRPO's own KL metric never appears
 
 
+# Layouts that score a generation batch in the two ways VIMPOTrainer has: the policy's side of the scores from the
+# loss-time forward (one micro-batch holds the generation batch: TRL's default), or from a scoring pass at generation
+# time (gradient accumulation over micro-batches, whose advantages must all be whitened before the first micro-step).
+SCORING_PATHS = {
+    "loss forward": dict(per_device_train_batch_size=8),
+    "scoring pass": dict(per_device_train_batch_size=4, gradient_accumulation_steps=2),
+}
+
+
+def _start_training(trainer) -> None:
+    """What Trainer's loop sets before scoring and loss steps: training mode and the accumulation count."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+
+
 def _moved_policy_batch(trainer):
-    """Scores one generation batch after moving the policy away from the reference (so that KL and rho are not 0)."""
+    """Scores one training generation batch after moving the policy away from the reference (so that KL and rho are
+    not 0)."""
+    _start_training(trainer)
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
+
+
+def _scores(trainer, batch) -> dict:
+    """The batch's ``vimpo_ref_logps``, ``vimpo_token_kl`` and ``vimpo_advantages``: attached at scoring time, or
+    computed by the loss step (run here) when the policy's side comes from the loss-time forward."""
+    if "vimpo_advantages" in batch:
+        return batch
+    assert "vimpo_token_kl" not in batch
+    seen = {}
+    loss_scores = trainer._loss_scores
+
+    def record(*args, **kwargs):
+        seen.update(loss_scores(*args, **kwargs))
+        return seen
+
+    trainer._loss_scores = record
+    try:
+        trainer._compute_loss(trainer.model, batch)
+    finally:
+        del trainer._loss_scores
+    return seen
 
 
 def _sequences(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -132,13 +170,20 @@ def _full_softmax_log_probs(model, batch, temperature: float = 1.0) -> torch.Ten
     return (logits / temperature).log_softmax(-1)
 
 
+@pytest.mark.parametrize("path", list(SCORING_PATHS))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_trainer_exact_kl_equals_full_softmax_kl(temperature, chunk_size, tiny_model_dir, tmp_path):
+def test_trainer_exact_kl_equals_full_softmax_kl(temperature, chunk_size, path, tiny_model_dir, tmp_path):
     trainer = build_trainer(
-        "vimpo", tiny_model_dir, str(tmp_path), temperature=temperature, vimpo_kl_chunk_size=chunk_size
+        "vimpo",
+        tiny_model_dir,
+        str(tmp_path),
+        temperature=temperature,
+        vimpo_kl_chunk_size=chunk_size,
+        **SCORING_PATHS[path],
     )
     batch = _moved_policy_batch(trainer)
+    scores = _scores(trainer, batch)
     mask = loss_mask(batch)
     assert mask.sum() > 0 and (mask == 0).any()  # ragged rows
 
@@ -148,14 +193,23 @@ def test_trainer_exact_kl_equals_full_softmax_kl(temperature, chunk_size, tiny_m
     expected_ref = ref_log_probs.gather(-1, batch["completion_ids"][..., None]).squeeze(-1) * mask
 
     assert expected_kl.max() > 1e-3
-    torch.testing.assert_close(batch["vimpo_token_kl"].double(), expected_kl, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(batch["vimpo_ref_logps"].double(), expected_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores["vimpo_token_kl"].double(), expected_kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores["vimpo_ref_logps"].double(), expected_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", list(SCORING_PATHS))
 @pytest.mark.parametrize("estimator", ["k2", "k3"])
-def test_sampled_kl_estimators_use_both_models_sampled_log_probs(estimator, tiny_model_dir, tmp_path):
-    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), temperature=0.7, vimpo_kl_estimator=estimator)
+def test_sampled_kl_estimators_use_both_models_sampled_log_probs(estimator, path, tiny_model_dir, tmp_path):
+    trainer = build_trainer(
+        "vimpo",
+        tiny_model_dir,
+        str(tmp_path),
+        temperature=0.7,
+        vimpo_kl_estimator=estimator,
+        **SCORING_PATHS[path],
+    )
     batch = _moved_policy_batch(trainer)
+    scores = _scores(trainer, batch)
     mask = loss_mask(batch)
     index = batch["completion_ids"][..., None]
     policy = _full_softmax_log_probs(trainer.model, batch, 0.7).gather(-1, index).squeeze(-1)
@@ -163,24 +217,25 @@ def test_sampled_kl_estimators_use_both_models_sampled_log_probs(estimator, tiny
     log_ratio = policy - ref
     expected = 0.5 * log_ratio.square() if estimator == "k2" else torch.expm1(-log_ratio) + log_ratio
     assert (expected * mask).max() > 1e-3
-    torch.testing.assert_close(batch["vimpo_token_kl"].double(), expected * mask, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(batch["vimpo_ref_logps"].double(), ref * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores["vimpo_token_kl"].double(), expected * mask, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores["vimpo_ref_logps"].double(), ref * mask, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("estimator", ["exact", "k2", "k3"])
-@pytest.mark.parametrize("num_iterations", [1, 2])
-def test_scoring_runs_one_policy_and_one_reference_forward(estimator, num_iterations, tiny_model_dir, tmp_path):
-    """With num_iterations=2 TRL computes old log-probs at scoring time (as with vLLM's importance sampling): VIMPO
-    answers that forward with its own scoring pass instead of adding a second policy forward, and the old log-probs
-    it returns are TRL's."""
-    trainer = build_trainer(
-        "vimpo",
-        tiny_model_dir,
-        str(tmp_path),
-        num_iterations=num_iterations,
-        per_device_train_batch_size=4,
-        vimpo_kl_estimator=estimator,
-    )
+@pytest.mark.parametrize("setting", ["loss forward", "scoring pass", "old log-probs"])
+def test_each_model_runs_one_forward_per_step(estimator, setting, tiny_model_dir, tmp_path):
+    """Backbone forwards (rows) of each model while a generation batch is scored and while its loss step runs.
+
+    In TRL's default layout the policy's scores come from the loss-time forward: scoring runs only the reference, as
+    GRPO with beta > 0 does. With gradient accumulation a scoring pass runs the policy too. With num_iterations=2 TRL
+    computes old log-probs at scoring time (as with vLLM's importance sampling): VIMPO answers that forward with its
+    own scoring pass instead of adding a second policy forward, and the old log-probs it returns are TRL's."""
+    layout = {
+        "loss forward": SCORING_PATHS["loss forward"],
+        "scoring pass": SCORING_PATHS["scoring pass"],
+        "old log-probs": dict(per_device_train_batch_size=8, num_iterations=2),
+    }[setting]
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), vimpo_kl_estimator=estimator, **layout)
     rows = {"policy": 0, "reference": 0}
 
     def counter(name):
@@ -193,14 +248,55 @@ def test_scoring_runs_one_policy_and_one_reference_forward(estimator, num_iterat
     trainer.ref_model.model.register_forward_hook(counter("reference"), with_kwargs=True)
     batch = _moved_policy_batch(trainer)
     num_rows = batch["completion_ids"].size(0)
-    assert rows == {"policy": num_rows, "reference": num_rows}
-    assert ("old_per_token_logps" in batch) == (num_iterations == 2)
-    if num_iterations == 2:
+    scoring_policy_rows = 0 if setting == "loss forward" else num_rows
+    assert rows == {"policy": scoring_policy_rows, "reference": num_rows}
+    trainer._compute_loss(trainer.model, batch)
+    assert rows == {"policy": scoring_policy_rows + num_rows, "reference": num_rows}
+    assert ("old_per_token_logps" in batch) == (setting == "old log-probs")
+    if setting == "old log-probs":
         mask = loss_mask(batch)
         ids, attention, C = _sequences(batch)
         with torch.no_grad():
             trl_old, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, C)
         torch.testing.assert_close(batch["old_per_token_logps"] * mask, trl_old * mask, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "k3"])
+def test_loss_forward_scores_equal_scoring_pass_scores(estimator, tiny_model_dir, tmp_path):
+    """On one batch, the scores taken from the loss-time forward equal those of a scoring pass (whose own policy
+    forward they replace), advantages included."""
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), vimpo_kl_estimator=estimator)
+    batch = _moved_policy_batch(trainer)
+    loss_forward = _scores(trainer, batch)
+    mask = loss_mask(batch)
+    with torch.no_grad():
+        statistics = trainer._sampled_token_statistics(batch, mask, 8)
+    scoring_pass = trainer._actor_scores(*statistics, mask, batch["vimpo_value_target"], "train")
+    assert scoring_pass["vimpo_advantages"].abs().max() > 0.5
+    for name in ("vimpo_ref_logps", "vimpo_token_kl", "vimpo_advantages"):
+        torch.testing.assert_close(loss_forward[name], scoring_pass[name], rtol=1e-5, atol=1e-5)
+
+
+def test_unmoved_policy_has_exactly_zero_advantages_in_the_loss_forward(tiny_model_dir, tmp_path):
+    """While the policy is the reference, rho - kappa is exactly 0 (not rounding noise that whitening would blow up to
+    unit scale): the loss-time scores take both models' log-probs from the same computation."""
+    for estimator in ("exact", "k3"):
+        trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), vimpo_kl_estimator=estimator)
+        _start_training(trainer)
+        batch = trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
+        scores = _scores(trainer, batch)
+        assert loss_mask(batch).sum() > 0
+        assert scores["vimpo_token_kl"].abs().max() == 0, estimator
+        assert scores["vimpo_advantages"].abs().max() == 0, estimator
+
+
+def test_loss_forward_refuses_a_model_whose_backbone_it_cannot_see(tiny_model_dir, tmp_path):
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path))
+    batch = _moved_policy_batch(trainer)
+    logp = torch.zeros_like(batch["completion_mask"], dtype=torch.float32, requires_grad=True)
+    trainer._policy_token_logps = lambda model, inputs: (logp, torch.zeros_like(logp))  # no backbone forward
+    with pytest.raises(RuntimeError, match="one policy backbone forward"):
+        trainer._compute_loss(trainer.model, batch)
 
 
 def test_value_targets_are_group_centred_raw_rewards(tiny_model_dir, tmp_path):

@@ -80,6 +80,40 @@ def stub_generation(trainer) -> None:
     trainer._generate_single_turn = generate
 
 
+def record_scored_batches(trainer) -> list[dict]:
+    """Records (copies of) every generation batch the trainer scores, in order.
+
+    VIMPO in its one-micro-batch layout computes the reference log-probs, KL and advantages in the loss step (the
+    policy's side comes from the loss-time forward): the record of such a batch is then the loss's input (the whole
+    generation batch, its rows shuffled) together with those scores.
+    """
+    batches: list[dict] = []
+
+    def copy(batch: dict) -> dict:
+        return {
+            key: value.detach().clone() if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+        }
+
+    generate_and_score = trainer._generate_and_score_completions
+
+    def record(inputs):
+        output = generate_and_score(inputs)
+        batches.append(copy(output))
+        return output
+
+    trainer._generate_and_score_completions = record
+    loss_scores = getattr(trainer, "_loss_scores", None)
+    if loss_scores is not None:
+
+        def record_loss_scores(inputs, *args, **kwargs):
+            scores = loss_scores(inputs, *args, **kwargs)
+            batches[-1] = copy({**inputs, **scores})
+            return scores
+
+        trainer._loss_scores = record_loss_scores
+    return batches
+
+
 def build_trainer(
     algorithm: str,
     model_dir: str,
