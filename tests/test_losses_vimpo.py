@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gnivo_trl.losses import (
+    _head_log_softmax,
     chunked_token_statistics,
     dual_clip_ppo_loss,
     exact_token_kl,
@@ -662,3 +663,29 @@ def test_token_signal_has_zero_mean_under_pi_with_exact_kl(tiny_state_logits, te
     # ...but per token, k3 is not the constant KL of the state.
     k3_tokens = token_kl_estimate(log_p[0].float(), log_q[0].float(), "k3")
     assert (k3_tokens.max() - k3_tokens.min()).item() > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
+def test_head_log_softmax_overwrites_only_the_heads_own_output(temperature, head_dtype):
+    torch.manual_seed(43)
+    head = nn.Linear(8, 131, bias=False).to(head_dtype)
+    hidden = torch.randn(5, 8).to(head_dtype)
+    outputs = []
+
+    def recording_head(states):
+        outputs.append(head(states))
+        return outputs[-1]
+
+    log_probs = _head_log_softmax(recording_head, hidden, temperature)
+    with torch.no_grad():
+        expected = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
+    assert torch.equal(log_probs, expected)  # bitwise: writing over the input changes nothing
+    # A float32 head output at temperature 1 is the buffer written over (no second (n, V) tensor).
+    written_over = head_dtype == torch.float32 and temperature == 1.0
+    assert (log_probs.data_ptr() == outputs[0].data_ptr()) == written_over
+    # An identity head's output is the caller's tensor: never written over.
+    logits = torch.randn(5, 131)
+    before = logits.clone()
+    assert torch.equal(_head_log_softmax(_identity, logits, 1.0), torch.log_softmax(before, dim=-1))
+    assert torch.equal(logits, before)
