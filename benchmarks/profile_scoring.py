@@ -6,6 +6,11 @@ the part of its step that GRPO with a reference model does not pay. This script 
 methods on the overhead benchmark's CPU configuration and appends, under ``--label``, a table of the operators that
 take the most self CPU time, with the phase's wall time and the loss step's for scale.
 
+The results in ``results/scoring_profile.md`` predate the change that moved VIMPO's policy side, KL and advantages
+into the loss step where one micro-batch holds the generation batch: in the ``aligned`` scenario (the default here)
+VIMPO's scoring phase now runs only the reference's backbone. ``--scenario old-logps`` profiles the scoring pass
+VIMPO still runs (policy and reference forwards, both heads, the KL) where TRL computes old log-probs.
+
 To compare two versions of the package, run the script from a checkout of each (it imports the package and
 ``overhead.py`` from the checkout it lives in) with the same ``--output``::
 
@@ -49,12 +54,14 @@ def _package_revision() -> str:
         return f"gnivo_trl {gnivo_trl.__version__}"
 
 
-def profile_method(method: str, length: int, repeats: int, top: int, workdir: Path) -> list[str]:
+def profile_method(
+    method: str, length: int, repeats: int, top: int, workdir: Path, scenario: str = "aligned"
+) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     model_dir = overhead.build_model_dir(workdir / "model", "cpu")
-    trainer, rows = overhead.build_trainer(method, model_dir, "cpu", length, str(workdir / "out"))
+    trainer, rows = overhead.build_trainer(method, model_dir, "cpu", length, str(workdir / "out"), scenario)
     overhead.one_step(trainer, rows, "cpu")  # warm-up
     steps = [overhead.one_step(trainer, rows, "cpu") for _ in range(repeats)]
     with profile(activities=[ProfilerActivity.CPU]) as profiler, torch.no_grad():
@@ -64,7 +71,7 @@ def profile_method(method: str, length: int, repeats: int, top: int, workdir: Pa
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
     total_ms = sum(event.self_cpu_time_total for event in events) / 1e3
     lines = [
-        f"#### `{method}`, T={length}",
+        f"#### `{method}`, T={length}" + ("" if scenario == "aligned" else f", scenario `{scenario}`"),
         "",
         f"Scoring phase {statistics.median(s['score_s'] for s in steps):.3f} s, loss step "
         f"{statistics.median(s['loss_s'] for s in steps):.3f} s (medians of {repeats} unprofiled steps); profiled "
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["grpo+ref", "vimpo/exact", "vimpo/k3"])
     parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--scenario", choices=sorted(overhead.SCENARIOS), default="aligned")
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps whose phase times are reported")
     parser.add_argument("--top", type=int, default=12, help="operators listed per method")
     parser.add_argument("--label", required=True, help="heading of this run's section, e.g. 'before' or 'after'")
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for method in args.methods:
         with tempfile.TemporaryDirectory() as workdir:
-            section += profile_method(method, args.length, args.repeats, args.top, Path(workdir))
+            section += profile_method(method, args.length, args.repeats, args.top, Path(workdir), args.scenario)
     if not args.output.exists():
         args.output.write_text(
             "# Scoring phase profile (CPU, torch profiler)\n\n"
