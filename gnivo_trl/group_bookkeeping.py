@@ -32,7 +32,13 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
-__all__ = ["GroupBookkeepingMixin", "RewardFunctionError", "loss_mask", "shuffle_whole_groups"]
+__all__ = [
+    "GroupBookkeepingMixin",
+    "RewardFunctionError",
+    "loss_mask",
+    "prompt_completion_sequences",
+    "shuffle_whole_groups",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,13 @@ def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
     """The ``(B, T)`` mask of tokens that take part in the loss: completion tokens, less tool output."""
     mask = batch["completion_mask"]
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
+
+
+def prompt_completion_sequences(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(prompt + completion ids, their attention mask, number of completion positions)`` of a scored batch."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    return input_ids, attention_mask, batch["completion_ids"].size(1)
 
 
 def _is_scalar(value) -> bool:
@@ -206,12 +219,9 @@ class GroupBookkeepingMixin:
 
         GRPO's own forward (the fused LM head: no ``(B, T, V)`` logits), with every multimodal input it accepts.
         """
-        completion_ids = inputs["completion_ids"]
         logp, entropies, _ = self._get_per_token_logps_and_entropies(
             model,
-            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
-            completion_ids.size(1),
+            *prompt_completion_sequences(inputs),
             compute_entropy=True,
             **self._multimodal_inputs(inputs),
         )

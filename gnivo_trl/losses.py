@@ -609,8 +609,8 @@ def _head_log_softmax(head, hidden: torch.Tensor, temperature: float) -> torch.T
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    # At temperature 1 (TRL's default) skip the division: a full (n, V) pass and allocation. Not in place: a head
-    # may return a view of its input.
+    # At temperature 1 (TRL's default) skip the division: a full (n, V) pass and allocation. Not in place: the
+    # logits are the caller's (exact_token_kl); the chunked pass overwrites only what it owns (_head_log_softmax).
     logits = logits.float()
     return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 

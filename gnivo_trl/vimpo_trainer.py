@@ -11,7 +11,7 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx, use_adapter
 
-from .group_bookkeeping import GroupBookkeepingMixin, loss_mask
+from .group_bookkeeping import GroupBookkeepingMixin, loss_mask, prompt_completion_sequences
 from .losses import (
     chunked_token_statistics,
     dual_clip_ppo_loss,
@@ -144,8 +144,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         lm = self._causal_lm(reference)
         with self._reference_context() if reference else contextlib.nullcontext(), self.accelerator.autocast():
             states = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        # The hidden state at position p predicts token p + 1: keep those that predict completion tokens.
-        return states.last_hidden_state[:, -num_completion - 1 : -1]
+        return _completion_positions(states.last_hidden_state, num_completion)
 
     def _score_sequences(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion: int, batch_size: int
@@ -232,7 +231,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
         Reuses the scores of TRL's old-log-prob forward of this generation batch when it ran, else scores now.
         """
-        input_ids, attention_mask, num_completion = _sequences(output)
+        input_ids, attention_mask, num_completion = prompt_completion_sequences(output)
         scored = self._scored_sequences
         if scored is not None and torch.equal(scored[0], input_ids) and torch.equal(scored[1], attention_mask):
             policy_logp, ref_logp, exact_kl = scored[2]
@@ -282,7 +281,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         One reference backbone forward per ``batch_size`` rows; its LM head runs beside the policy's at loss time, in
         chunks (:meth:`_loss_scores`), for the exact KL.
         """
-        input_ids, attention_mask, num_completion = _sequences(output)
+        input_ids, attention_mask, num_completion = prompt_completion_sequences(output)
         return torch.cat(
             [
                 self._completion_hidden_states(
@@ -296,13 +295,13 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         )
 
     def _reference_token_logps(self, output: dict[str, Any], batch_size: int) -> torch.Tensor:
-        """``(B, C)`` float32 reference log-probs of the completion tokens, 0 at padding: GRPO's own reference forward.
+        """``(B, C)`` reference log-probs of the completion tokens (any value at padding): GRPO's own reference forward.
 
         TRL's fused head, like the loss-time policy log-probs these are compared with: while the policy equals the
         reference both come out of the same computation, so ``rho`` and the k2/k3 estimate are exactly 0 (whitening
         would blow rounding differences up to unit-scale advantages).
         """
-        input_ids, attention_mask, num_completion = _sequences(output)
+        input_ids, attention_mask, num_completion = prompt_completion_sequences(output)
         model = self.ref_model if self.ref_model is not None else self.model
         with self._reference_context():
             ref_logp, _, _ = super()._get_per_token_logps_and_entropies(
@@ -313,7 +312,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 batch_size=batch_size,
                 **self._multimodal_inputs(output),
             )
-        return torch.where(output["completion_mask"].bool(), ref_logp.float(), 0.0)
+        return ref_logp
 
     def _actor_scores(
         self,
@@ -390,7 +389,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             for scores, values in zip((policy_logp, ref_logp, token_kl), statistics):
                 scores[valid] = values
         else:
-            policy_logp, ref_logp = logp.detach().float(), inputs["vimpo_ref_logps"]
+            policy_logp, ref_logp = logp.detach().float(), inputs["vimpo_ref_logps"].float()
             token_kl = token_kl_estimate(policy_logp, ref_logp, self.args.vimpo_kl_estimator)
         policy_logp, ref_logp, token_kl = (
             torch.where(mask.bool(), values, 0.0) for values in (policy_logp, ref_logp, token_kl)
@@ -413,7 +412,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                     f"Expected one policy backbone forward in the loss step, saw {len(hidden)}: the exact KL needs the "
                     "final hidden states of the forward that computed the log-probs."
                 )
-            policy_hidden = hidden[0][:, -logp.size(1) - 1 : -1] if needs_hidden else None
+            policy_hidden = _completion_positions(hidden[0], logp.size(1)) if needs_hidden else None
             inputs = {**inputs, **self._loss_scores(inputs, logp, policy_hidden, mode)}
         targets = inputs["vimpo_value_target"]
         has_reward = ~torch.isnan(targets)
@@ -467,11 +466,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         return loss
 
 
-def _sequences(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(prompt + completion ids, their attention mask, number of completion positions)`` of a scored batch."""
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    return input_ids, attention_mask, batch["completion_ids"].size(1)
+def _completion_positions(states: torch.Tensor, num_completion: int) -> torch.Tensor:
+    """The ``(B, C, H)`` hidden states of ``(B, L, H)`` that predict the last ``C`` tokens (position p predicts p + 1)."""
+    return states[:, -num_completion - 1 : -1]
 
 
 def _head_logits(causal_lm, context=contextlib.nullcontext, float32: bool = False):
