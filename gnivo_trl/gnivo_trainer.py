@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.extras.profiling import profiling_decorator
 from trl.trainer.utils import get_config_model_id
 
 from .gnivo_config import GNIVOConfig
@@ -54,7 +55,8 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     Logged metrics (all reduced over processes): ``gnivo/loss``, ``gnivo/weight_entropy`` (entropy of the normalised
     target weights, averaged over groups; ``log K`` means no preference), ``gnivo/prefix_horizon`` (mean ``T_g``),
-    ``gnivo/member_fraction``, ``entropy``, and ``kl`` when ``beta > 0``.
+    ``gnivo/member_fraction``, ``entropy``, ``kl`` when ``beta > 0`` and ``aux_loss`` for MoE models (whose router
+    load-balancing loss is added as GRPO adds it).
     """
 
     _tag_names = ["trl", "gnivo"]
@@ -136,10 +138,11 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
+    @profiling_decorator
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         group_size = self._group_size(mode)
-        logp, entropies = self._policy_token_logps(model, inputs)
+        logp, entropies, aux_loss = self._policy_token_logps(model, inputs)
         mask = loss_mask(inputs)
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
@@ -178,6 +181,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             loss = loss + self.beta * (per_token_kl * mask).sum() / self._token_mean_normalizer(inputs, mode)
             self._log_mean_over_processes(mode, "kl", (per_token_kl.detach() * mask).sum(), mask.sum())
 
+        loss = self._add_aux_loss(loss, aux_loss, mode)
         self._log_mean_over_processes(mode, "gnivo/loss", gnivo_loss.detach(), torch.ones((), device=logp.device))
         self._log_mean_over_processes(mode, "entropy", (entropies.detach() * mask).sum(), mask.sum())
         return loss

@@ -22,6 +22,8 @@ and buffering carry it along.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import logging
 import math
@@ -29,7 +31,9 @@ import traceback
 from typing import Any
 
 import torch
+import trl.trainer.grpo_trainer as grpo_trainer_module
 from trl import GRPOTrainer
+from trl.extras.profiling import profiling_decorator
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 __all__ = [
@@ -140,6 +144,31 @@ def _failing_reward_function(error: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _reference_copied_from_instance(trainer, model):
+    """While ``GRPOTrainer.__init__`` runs, build its reference model as a copy of a policy passed as an instance.
+
+    TRL reloads the reference from ``config._name_or_path``, so a model changed in memory (fine-tuned in the same
+    notebook, or built from a config) would get a reference that is not the initial policy (or none at all). The copy
+    is taken when TRL asks for the reference: after ``Trainer`` has placed the model, before any training step. A
+    model given by name or path, and a PEFT model (whose reference is the model with its adapter disabled), are left
+    to TRL.
+    """
+    if isinstance(model, str):
+        yield
+        return
+    load_reference = grpo_trainer_module.create_model_from_path
+
+    def copy_policy(model_id: str, **model_init_kwargs):
+        return copy.deepcopy(trainer.model)
+
+    grpo_trainer_module.create_model_from_path = copy_policy
+    try:
+        yield
+    finally:
+        grpo_trainer_module.create_model_from_path = load_reference
+
+
 class GroupBookkeepingMixin:
     """Mixed in before ``GRPOTrainer``; subclasses implement :meth:`_add_group_statistics` and ``_compute_loss``."""
 
@@ -149,7 +178,8 @@ class GroupBookkeepingMixin:
         bound = _GRPO_INIT.bind(self, *args, **kwargs)
         _check_prompt_column(bound.arguments.get("train_dataset"), "train_dataset")
         _check_prompt_column(bound.arguments.get("eval_dataset"), "eval_dataset")
-        super().__init__(*args, **kwargs)
+        with _reference_copied_from_instance(self, bound.arguments["model"]):
+            super().__init__(*args, **kwargs)
 
     @property
     def _keeps_groups_whole(self) -> bool:
@@ -159,6 +189,7 @@ class GroupBookkeepingMixin:
     def _group_size(self, mode: str) -> int:
         return self.num_generations if mode == "train" else self.num_generations_eval
 
+    @profiling_decorator
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         try:
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -214,18 +245,30 @@ class GroupBookkeepingMixin:
         """Attach per-row tensors computed on whole groups. ``global_rewards`` is ``(P * B,)`` in global order."""
         raise NotImplementedError
 
-    def _policy_token_logps(self, model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropies ``(B, C)`` of the completion tokens under ``model`` (with gradient).
+    def _policy_token_logps(
+        self, model, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs and entropies ``(B, C)`` of the completion tokens under ``model`` (with gradient), and
+        the MoE router's load-balancing loss (0-d, None unless GRPO would add it: ``self.aux_loss_enabled``).
 
         GRPO's own forward (the fused LM head: no ``(B, T, V)`` logits), with every multimodal input it accepts.
         """
-        logp, entropies, _ = self._get_per_token_logps_and_entropies(
+        return self._get_per_token_logps_and_entropies(
             model,
             *prompt_completion_sequences(inputs),
             compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
             **self._multimodal_inputs(inputs),
         )
-        return logp, entropies
+
+    def _add_aux_loss(self, loss: torch.Tensor, aux_loss: torch.Tensor | None, mode: str) -> torch.Tensor:
+        """``loss`` plus the MoE load-balancing loss exactly as GRPO adds it (``router_aux_loss_coef``, scaled for
+        gradient accumulation), logged as ``aux_loss``; ``loss`` unchanged for a dense model."""
+        if aux_loss is None:
+            return loss
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
+        return loss + self.router_aux_loss_coef * aux_loss / accumulation
 
     @staticmethod
     def _multimodal_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +296,7 @@ class GroupBookkeepingMixin:
         total, total_count = self.accelerator.reduce(stats, reduction="sum").tolist()
         self._metrics[mode][name].append(total / total_count if total_count > 0 else float("nan"))
 
+    @profiling_decorator
     def _prepare_inputs(self, generation_batch):
         if not self.model.training or not self._keeps_groups_whole:
             return super()._prepare_inputs(generation_batch)

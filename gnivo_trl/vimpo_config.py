@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -17,10 +18,13 @@ class VIMPOConfig(GRPOConfig):
     Configuration of [`VIMPOTrainer`]: Value-Implicit Policy Optimization (Kang et al., arXiv 2606.20008), with the
     semantics of the authors' official implementation.
 
-    Inherits every [`trl.GRPOConfig`] field. Defaults that differ from `GRPOConfig`: `num_generations=8` and
-    `epsilon_high=0.28` (the official run's clip range 0.2 / 0.28). `epsilon` and `epsilon_high` clip the actor's PPO
-    ratio; `beta` must stay 0.0 (VIMPO's KL coefficient lives inside the value, `vimpo_beta`); `loss_type`,
-    `scale_rewards` and the other GRPO-only loss knobs have no effect.
+    Inherits every [`trl.GRPOConfig`] field. Defaults that differ from `GRPOConfig`: `num_generations=8`,
+    `epsilon_high=0.28` (the official run's clip range 0.2 / 0.28) and `use_bias_correction_kl=False` (there is no
+    GRPO KL term to correct). `epsilon` and `epsilon_high` clip the actor's PPO ratio; `beta` must stay 0.0 (VIMPO's
+    KL coefficient lives inside the value, `vimpo_beta`); `scale_rewards` has no effect (the value target is
+    `R - mean_group(R)`). GRPO loss options that VIMPO would otherwise ignore silently (`loss_type` other than its
+    token mean `"dapo"`, `importance_sampling_level="sequence"`, `delta`, `use_bias_correction_kl`) and FSDP are
+    refused at construction.
 
     Parameters:
         vimpo_beta (`float`, *optional*, defaults to `5e-4`):
@@ -45,6 +49,10 @@ class VIMPOConfig(GRPOConfig):
     epsilon_high: float | None = field(
         default=0.28,
         metadata={"help": "Upper clip bound of the actor's PPO ratio (1 + epsilon_high). The official run uses 0.28."},
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "GRPO's importance correction of its KL term. VIMPO has no such term: must stay False."},
     )
     vimpo_beta: float = field(
         default=5e-4,
@@ -106,7 +114,37 @@ class VIMPOConfig(GRPOConfig):
             fail("num_generations", self.num_generations, "VIMPO centres rewards within a group; use K >= 2.")
         if self.sync_ref_model:
             fail("sync_ref_model", True, "VIMPO's reference is the frozen initial model. Leave sync_ref_model=False.")
+        if self.loss_type != "dapo":
+            fail(
+                "loss_type",
+                self.loss_type,
+                "VIMPO's loss is its own (value loss plus a PPO actor averaged over the generation batch's tokens, "
+                "GRPO's 'dapo' normalisation); other GRPO loss types would be ignored. Leave loss_type='dapo'.",
+            )
+        if self.importance_sampling_level != "token":
+            fail(
+                "importance_sampling_level",
+                self.importance_sampling_level,
+                "VIMPO's actor clips per-token ratios (the official implementation); GSPO's sequence-level ratio "
+                "would be ignored. Leave importance_sampling_level='token'.",
+            )
+        if self.delta is not None:
+            fail(
+                "delta",
+                self.delta,
+                "VIMPO's actor uses a dual clip for negative advantages (vimpo_dual_clip), not GRPO's two-sided "
+                "clipping, which would be ignored. Leave delta=None.",
+            )
+        if self.use_bias_correction_kl:
+            fail(
+                "use_bias_correction_kl",
+                self.use_bias_correction_kl,
+                "it corrects GRPO's KL penalty, which VIMPO does not have (beta=0). Leave it False (VIMPOConfig's "
+                "default).",
+            )
         super().__post_init__()
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            fail("fsdp", self.fsdp or "accelerate FSDP config", _FSDP_FIX)
         check_common_grpo_options(self, "VIMPO")
         if (
             self.use_vllm
@@ -119,6 +157,13 @@ class VIMPOConfig(GRPOConfig):
                 "VIMPO's value loss is a per-completion regression, so it needs a sequence-level ratio. Use "
                 "'sequence_mask' (default) or 'sequence_truncate', or set vllm_importance_sampling_correction=False.",
             )
+
+
+_FSDP_FIX = (
+    "VIMPO's scoring reads both LM heads directly and has not been tested under FSDP's sharded (DTensor) "
+    "parameters (accelerate cannot run FSDP on CPU, where the test suite runs). Use DeepSpeed ZeRO-3 instead: "
+    "accelerate launch --config_file examples/accelerate_configs/zero3.yaml, which is tested."
+)
 
 
 check_field_names(VIMPOConfig, "vimpo_")

@@ -1,10 +1,12 @@
 """One optimizer step of each trainer under DeepSpeed ZeRO on CPU; rank 0 saves the full parameter updates.
 
 Launched by ``test_deepspeed.py`` as
-``accelerate launch --config_file CONFIG tests/deepspeed_step.py MODEL_DIR OUT`` with two CPU processes and
-``DS_ACCELERATOR=cpu``. Parameters are gathered with ``deepspeed.zero.GatheredParameters`` (a no-op below ZeRO-3).
+``accelerate launch --config_file CONFIG tests/deepspeed_step.py MODEL_DIR OUT [JSON]`` with two CPU processes and
+``DS_ACCELERATOR=cpu``; JSON maps an algorithm to extra ``build_trainer`` settings. Parameters are gathered with
+``deepspeed.zero.GatheredParameters`` (a no-op below ZeRO-3).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -26,11 +28,11 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     results = {}
     for algorithm in ("gnivo", "vimpo"):
-        trainer = build_trainer(
-            algorithm, model_dir, str(out.parent / f"run-{algorithm}"), per_device_train_batch_size=4, max_steps=1
-        )
+        settings = dict(per_device_train_batch_size=4, max_steps=1, **extra.get(algorithm, {}))
+        trainer = build_trainer(algorithm, model_dir, str(out.parent / f"run-{algorithm}"), **settings)
         stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
         before = full_parameters(trainer.model)
         trainer.train()

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 from conftest import assert_same_update, max_magnitude, run_two_processes
-from trainer_harness import COMPLETION_POOL, build_trainer, parameter_update
-from trl import GRPOConfig
+from trainer_harness import COMPLETION_POOL, build_trainer, parameter_update, save_tiny_family_model
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
 
 from gnivo_trl import GNIVOConfig, GNIVOTrainer
 
@@ -184,6 +185,43 @@ def test_equal_rewards_give_no_update(tiny_model_dir, tmp_path):
     )
     update = parameter_update(trainer)
     assert max_magnitude(update) == 0.0
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_loss_includes_the_router_loss_as_grpo(tmp_path):
+    """The MoE load-balancing loss enters exactly as in GRPO: router_aux_loss_coef * aux / accumulation, with aux
+    from the same forward (TRL's fused head)."""
+    model_dir = save_tiny_family_model(tmp_path / "mixtral", "mixtral")
+    trainer = build_trainer("gnivo", model_dir, str(tmp_path / "run"), gradient_accumulation_steps=2)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.05
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    batch = trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
+    with torch.no_grad():
+        with_aux = trainer._compute_loss(trainer.model, batch)
+        trainer.router_aux_loss_coef = 0.0
+        without = trainer._compute_loss(trainer.model, batch)
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        _, _, aux = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, ids, attention, batch["completion_ids"].size(1), compute_aux_loss=True
+        )
+    assert aux > 0
+    torch.testing.assert_close(with_aux - without, 0.05 * aux / 2, rtol=1e-5, atol=1e-7)
+    assert trainer._metrics["train"]["aux_loss"]
+
+
+def test_reference_of_a_model_instance_is_a_copy_of_it(tiny_model_dir, tmp_path):
+    """With beta > 0, a policy changed in memory gets itself as reference, not the checkpoint it was loaded from."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), model=model, beta=0.04)
+    for (name, p), (_, q) in zip(trainer.model.named_parameters(), trainer.ref_model.named_parameters()):
+        assert torch.equal(p, q), name
+    trainer.train()
+    assert [entry for entry in trainer.state.log_history if "kl" in entry][0]["kl"] == 0.0
 
 
 def test_evaluation_logs_finite_loss(tiny_model_dir, tmp_path):

@@ -50,18 +50,27 @@ def equal_length_dataset(tokenizer, num_prompts: int = 16) -> Dataset:
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
 
 
-def _completion_function(trainer):
-    """Completion ids as a deterministic function of (prompt, index of the row inside its group)."""
+def _completion_function(trainer, long_then_short: bool = False):
+    """Completion ids as a deterministic function of (prompt, index of the row inside its group).
+
+    ``long_then_short``: rows in the first half of the global generation batch get long completions (the first pool
+    entry repeated to ``max_completion_length``) and the others a single token, so that two processes holding one
+    half each have very different numbers of completion tokens.
+    """
     tokenizer = trainer.processing_class
     max_length = trainer.args.max_completion_length
 
     def completions_for(prompt_ids, num_generations, with_eos_every: int = 3):
         first_global_row = trainer.accelerator.process_index * len(prompt_ids)
+        global_rows = trainer.accelerator.num_processes * len(prompt_ids)
         completions = []
         for offset, ids in enumerate(prompt_ids):
             member = (first_global_row + offset) % num_generations
             key = sum(int(t) for t in ids) * 7 + member * 3
-            completion = tokenizer(COMPLETION_POOL[key % len(COMPLETION_POOL)], add_special_tokens=False)["input_ids"]
+            text = COMPLETION_POOL[key % len(COMPLETION_POOL)]
+            if long_then_short:
+                text = (text + " ") * max_length if first_global_row + offset < global_rows // 2 else "7"
+            completion = tokenizer(text, add_special_tokens=False)["input_ids"]
             if key % with_eos_every:
                 completion = completion + [tokenizer.eos_token_id]
             completions.append(completion[:max_length])
@@ -70,9 +79,9 @@ def _completion_function(trainer):
     return completions_for
 
 
-def stub_generation(trainer) -> None:
+def stub_generation(trainer, long_then_short: bool = False) -> None:
     """Replace generation by a deterministic function of (prompt, index of the row inside its group)."""
-    completions_for = _completion_function(trainer)
+    completions_for = _completion_function(trainer, long_then_short)
 
     def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         return completions_for(prompt_ids, num_generations), None
@@ -83,9 +92,9 @@ def stub_generation(trainer) -> None:
 def record_scored_batches(trainer) -> list[dict]:
     """Records (copies of) every generation batch the trainer scores, in order.
 
-    VIMPO in its one-micro-batch layout computes the reference log-probs, KL and advantages in the loss step (the
-    policy's side comes from the loss-time forward): the record of such a batch is then the loss's input (the whole
-    generation batch, its rows shuffled) together with those scores.
+    VIMPO computes the reference log-probs, KL and whitened advantages in the loss step: for it the record of a batch
+    is the input of the last loss step run on it (in the one-micro-batch layout, the whole generation batch with its
+    rows shuffled) together with ``vimpo_ref_logps``, ``vimpo_token_kl`` and ``vimpo_advantages``, each ``(B, C)``.
     """
     batches: list[dict] = []
 
@@ -102,15 +111,28 @@ def record_scored_batches(trainer) -> list[dict]:
         return output
 
     trainer._generate_and_score_completions = record
-    loss_scores = getattr(trainer, "_loss_scores", None)
-    if loss_scores is not None:
+    if hasattr(trainer, "_token_scores"):
+        token_scores, whitened_advantages = trainer._token_scores, trainer._whitened_advantages
+        loss_inputs = {}
 
-        def record_loss_scores(inputs, *args, **kwargs):
-            scores = loss_scores(inputs, *args, **kwargs)
-            batches[-1] = copy({**inputs, **scores})
+        def record_token_scores(model, inputs):
+            scores = token_scores(model, inputs)
+            loss_inputs.update(inputs=inputs, scores=scores)
             return scores
 
-        trainer._loss_scores = record_loss_scores
+        def record_advantages(scores, mask, mode):
+            advantages = whitened_advantages(scores, mask, mode)
+            batches[-1] = copy(
+                {
+                    **loss_inputs["inputs"],
+                    "vimpo_ref_logps": scores.ref_logp,
+                    "vimpo_token_kl": scores.token_kl,
+                    "vimpo_advantages": advantages,
+                }
+            )
+            return advantages
+
+        trainer._token_scores, trainer._whitened_advantages = record_token_scores, record_advantages
     return batches
 
 
@@ -121,10 +143,14 @@ def build_trainer(
     reward=reward_sevens,
     trainer_kwargs: dict | None = None,
     train_dataset: Dataset | None = None,
+    model=None,
+    long_then_short: bool = False,
     **overrides,
 ):
     """A trainer with stubbed generation; ``overrides`` are config fields, ``trainer_kwargs`` extra trainer arguments
-    (e.g. ``peft_config``) and ``train_dataset`` replaces the default equal-length prompts."""
+    (e.g. ``peft_config``), ``train_dataset`` replaces the default equal-length prompts, ``model`` (an instance)
+    replaces loading from ``model_dir`` (whose tokenizer is still used) and ``long_then_short`` gives the first half
+    of the global batch long completions and the second half one-token ones."""
     config_cls, trainer_cls = ALGORITHMS[algorithm]
     settings = dict(
         output_dir=output_dir,
@@ -154,14 +180,14 @@ def build_trainer(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = trainer_cls(
-        model=model_dir,
+        model=model_dir if model is None else model,
         reward_funcs=reward,
         args=args,
         train_dataset=equal_length_dataset(tokenizer) if train_dataset is None else train_dataset,
         processing_class=tokenizer,
         **(trainer_kwargs or {}),
     )
-    stub_generation(trainer)
+    stub_generation(trainer, long_then_short)
     return trainer
 
 
@@ -230,3 +256,48 @@ def exit_distributed_run(accelerator) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def save_tiny_family_model(directory, family: str) -> str:
+    """A tiny model of another family than Qwen2, saved with the tiny tokenizer, for the logit-transform and MoE tests.
+
+    ``granite``: ``logits_scaling=8`` (the logits are divided by 8); ``gemma2``: ``final_logit_softcapping=3``
+    (small, so that the cap bends the random logits); ``cohere``: ``logit_scale=4``; ``mixtral``: 4 experts, 2 per
+    token, ``router_aux_loss_coef=0.05``.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, MixtralConfig
+
+    from gnivo_trl.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    configs = {
+        "granite": lambda: GraniteConfig(**common, logits_scaling=8.0),
+        "gemma2": lambda: Gemma2Config(**common, head_dim=4, final_logit_softcapping=3.0, query_pre_attn_scalar=4),
+        "cohere": lambda: CohereConfig(**common, logit_scale=4.0),
+        "mixtral": lambda: MixtralConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.05
+        ),
+    }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(configs[family]())
+    with torch.no_grad():  # larger logits than the default init, so that scale and soft-cap matter
+        model.get_output_embeddings().weight.mul_(20.0)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
