@@ -1,10 +1,12 @@
-"""Peak CPU memory of VIMPO's exact-KL step: ``chunked_token_statistics`` against a naive full materialisation.
+"""Peak CPU memory of VIMPO's exact-KL scoring: the trainer's kernel path against a naive full materialisation.
 
 VIMPO needs the exact KL(pi_theta || pi_ref) over the whole vocabulary at every completion token (SPEC section 4).
 The naive way, the one measured in ``notes/anchor-measurements.md`` for a VIMPO port, materialises the full (N, V)
-logits of policy and reference, float32 log-softmaxes of both and their difference. ``gnivo_trl.losses.
-chunked_token_statistics`` instead walks over chunks of ``chunk_size`` tokens, so only a few float32
-``(chunk_size, V)`` tensors exist at a time. This script measures the peak memory of both on CPU.
+logits of policy and reference, float32 log-softmaxes of both and their difference. ``VIMPOTrainer`` instead scores
+from hidden states with TRL's kernels (``gnivo_trl.scoring``): both sampled-token log-probs with
+``ChunkedLogProbFunction`` (the fused LM head's kernel, vocabulary tiles of 32,768) and the KL with
+``ChunkedDivergenceFunction`` called on chunks of ``chunk_size`` tokens (two float32 ``(chunk, 32768)`` tiles).
+This script measures the peak memory of the KL both ways on CPU.
 
 Inputs: N = batch x seq_len tokens, hidden size H, two random ``nn.Linear(H, V, bias=False)`` heads in float32
 (policy and reference) applied to two random (N, H) hidden-state tensors, random labels.
@@ -18,12 +20,11 @@ child. glibc's mmap threshold is pinned to 64 KiB in the child so that freed ten
 and the RSS follows the live tensors (the headline numbers). With glibc's defaults the threshold adapts upwards to
 the size of freed blocks (up to 32 MiB), so chunk-sized tensors below that come from the heap, where fragmentation
 inflates the RSS of the chunked loop on CPU by an amount that varies from run to run; those columns are reported
-too, for information (on a GPU the caching allocator decides instead). The worker loads ``gnivo_trl/losses.py`` as
-a standalone module (it imports only torch), to avoid the seconds-long import of TRL through the package
-``__init__``.
+too, for information (on a GPU the caching allocator decides instead).
 
-The per-token KLs and sampled-token log-probs of every chunked run are checked against the naive run (max abs
-difference reported; the script fails above 1e-5).
+What is measured is the KL alone, what VIMPO adds to GRPO with a reference model (whose sampled-token log-probs
+both methods compute with TRL's fused-head kernel). The per-token KLs of every chunked run are checked against the
+naive run (max abs difference reported; the script fails above 1e-5).
 
 Usage (from the repository root)::
 
@@ -34,7 +35,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -56,20 +56,6 @@ KL_TOLERANCE = 1e-5
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _load_losses():
-    """``gnivo_trl.losses`` loaded from its file without the package ``__init__`` (which imports TRL)."""
-    path = REPO_ROOT / "gnivo_trl" / "losses.py"
-    try:
-        spec = importlib.util.spec_from_file_location("_gnivo_losses_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    except ImportError:  # losses.py grew a package-relative import: fall back to the (slow) package import
-        from gnivo_trl import losses
-
-        return losses
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -86,7 +72,7 @@ def _reset_peak_rss() -> None:
 def naive_token_statistics(policy_hidden, ref_hidden, labels, policy_head, ref_head, temperature=1.0):
     """The full-materialisation reference: (N, V) logits of both models, their float32 log-softmaxes, the difference.
 
-    Returns ``(policy_logp, ref_logp, kl)`` like ``chunked_token_statistics``.
+    Returns ``(policy_logp, ref_logp, kl)``, each ``(N,)``.
     """
     import torch
 
@@ -101,13 +87,36 @@ def naive_token_statistics(policy_hidden, ref_hidden, labels, policy_head, ref_h
         return policy_log_probs.gather(1, index).squeeze(1), ref_log_probs.gather(1, index).squeeze(1), kl
 
 
+def kernel_kl(policy_hidden, ref_hidden, policy_head, ref_head, temperature, chunk_size):
+    """The exact KL as ``VIMPOTrainer`` computes it (``gnivo_trl.scoring.exact_token_kl``: TRL's divergence kernel on
+    chunks of ``chunk_size`` tokens), without gradient. The sampled-token log-probs are left out: GRPO with a
+    reference model computes them with the same fused-head kernel, so they are not what VIMPO adds."""
+    import torch
+    from torch import nn
+
+    from gnivo_trl import scoring
+
+    class HeadOnly(nn.Module):  # what the scoring functions read of a causal LM: its output embedding
+        def __init__(self, head: nn.Linear):
+            super().__init__()
+            self.head = head
+
+        def get_output_embeddings(self) -> nn.Linear:
+            return self.head
+
+    settings = scoring.FusedHeadSettings(temperature, 1.0, None, False, "base_model")
+    with torch.no_grad():
+        return scoring.exact_token_kl(
+            policy_hidden, HeadOnly(policy_head), settings, ref_hidden, HeadOnly(ref_head), settings, chunk_size
+        )
+
+
 def _worker(args: argparse.Namespace) -> None:
     import gc
 
     import torch
     from torch import nn
 
-    losses = _load_losses()
     torch.manual_seed(args.seed)
     n_tokens = args.tokens
     policy_head = nn.Linear(args.hidden, args.vocab, bias=False)
@@ -121,29 +130,21 @@ def _worker(args: argparse.Namespace) -> None:
         def run(n):
             return naive_token_statistics(
                 policy_hidden[:n], ref_hidden[:n], labels[:n], policy_head, ref_head, args.temperature
-            )
+            )[2]
     else:
 
         def run(n):
-            return tuple(
-                losses.chunked_token_statistics(
-                    policy_hidden[:n],
-                    ref_hidden[:n],
-                    labels[:n],
-                    policy_head,
-                    ref_head,
-                    temperature=args.temperature,
-                    chunk_size=args.chunk_size,
-                )
+            return kernel_kl(
+                policy_hidden[:n], ref_hidden[:n], policy_head, ref_head, args.temperature, args.chunk_size
             )
 
     run(4)  # warm-up: lazy kernel and thread-pool initialisation stays out of the measurement
     gc.collect()
     _reset_peak_rss()
     before_kib = _status_kib("VmRSS")
-    policy_logp, ref_logp, kl = run(n_tokens)
+    kl = run(n_tokens)
     peak_kib = _status_kib("VmHWM")
-    torch.save({"policy_logp": policy_logp, "ref_logp": ref_logp, "kl": kl}, args.save)
+    torch.save({"kl": kl}, args.save)
     print(json.dumps({"peak_growth_kib": peak_kib - before_kib, "rss_before_kib": before_kib}))
 
 
@@ -160,7 +161,7 @@ class Measurement:
     hidden: int
     chunk_size: int | None
     peak_mib: float
-    outputs: dict  # policy_logp, ref_logp, kl tensors
+    outputs: dict  # the per-token KL, {"kl": (N,) tensor}
 
 
 def measure(
@@ -219,7 +220,7 @@ def measure(
 
 
 def max_abs_difference(a: Measurement, b: Measurement) -> float:
-    return max((a.outputs[key] - b.outputs[key]).abs().max().item() for key in ("kl", "policy_logp", "ref_logp"))
+    return (a.outputs["kl"] - b.outputs["kl"]).abs().max().item()
 
 
 def machine_description() -> str:
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             naive_default_peak[m.tokens] = m_default.peak_mib
         chunk = "-" if m.chunk_size is None else str(m.chunk_size)
         chunks = "1 (all N)" if m.chunk_size is None else str(-(-m.tokens // m.chunk_size))
-        name = "naive full materialisation" if m.variant == "naive" else "chunked_token_statistics"
+        name = "naive full materialisation" if m.variant == "naive" else "TRL kernels (gnivo_trl.scoring)"
         if m.variant == "chunked" and m.chunk_size == DEFAULT_CHUNK_SIZE:
             name += " (VIMPOConfig default chunk)"
         ratio = m.peak_mib / naive_peak[m.tokens]
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     command = ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
     header = (
-        "# VIMPO exact-KL step: peak CPU memory, chunked vs naive\n\n"
+        "# VIMPO exact-KL scoring: peak CPU memory, TRL's kernels (chunked) vs naive\n\n"
         f"Command: `{command}`\n\n"
         f"Machine: {machine_description()}\n\n"
         f"Setup: vocabulary V = {args.vocab}, hidden size H = {args.hidden}, two random float32 "
@@ -315,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         "RSS follows the live tensors (these figures repeat to 0.5 MiB). Last two columns: glibc's adaptive "
         "defaults, where heap fragmentation inflates the chunked loop's RSS on CPU by an amount that varies from "
         "run to run (e.g. 65 to 240 MiB for N=512, chunk 128). The naive variant keeps both (N, V) logits, "
-        "both float32 log-softmaxes and their difference, then `(exp(logp) * diff).sum(-1)`. "
-        f"The chunked KLs and sampled-token log-probs must match the naive ones to {KL_TOLERANCE:g}.\n"
+        "both float32 log-softmaxes and their difference, then `(exp(logp) * diff).sum(-1)`. The chunked variant is "
+        "VIMPOTrainer's exact KL (`gnivo_trl.scoring.exact_token_kl`): TRL's divergence kernel on `chunk` tokens at a "
+        "time (two (min(chunk, 4096), 32768) float32 tiles). "
+        f"The chunked KLs must match the naive ones to {KL_TOLERANCE:g}.\n"
     )
     report = f"{header}\n{table}\n"
     print(report)

@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "TokenStatistics",
-    "chunked_token_statistics",
     "dual_clip_ppo_loss",
     "exact_token_kl",
     "group_centered_rewards",
@@ -43,6 +41,15 @@ __all__ = [
     "group_weights",
     "prefix_log_ratios",
     "unit_boundaries",
+    "ValueLossType",
+    "candidate_set_kl_from_log_probs",
+    "candidate_set_token_kl",
+    "soft_value_baselines",
+    "soft_vimpo_residuals",
+    "soft_vimpo_value_loss",
+    "vimpo_reward_baselines",
+    "vimpo_value_loss_from_residuals",
+    "vimpo_value_loss_norm_denom",
 ]
 
 WeightNormalization = Literal["softmax", "none"]
@@ -380,6 +387,9 @@ def vimpo_value_loss(
     rewards: torch.Tensor,
     num_generations: int,
     beta: float,
+    *,
+    loss_type: ValueLossType = "squared_error",
+    huber_delta: float = 1.0,
 ) -> torch.Tensor:
     """VIMPO value loss (SPEC section 4), a 0-d float32 tensor.
 
@@ -396,12 +406,15 @@ def vimpo_value_loss(
         rewards: ``(B,)`` rewards, groups of ``num_generations`` consecutive rows.
         num_generations: ``K``.
         beta: VIMPO's KL coefficient (``vimpo_beta``).
+        loss_type, huber_delta: the per-row loss of the residual (official ``vimpo_value_loss_type``); the default
+            ``"squared_error"`` is the ``0.5 * r^2`` above, ``"huber"`` see :func:`vimpo_value_loss_from_residuals`.
     """
     targets = group_centered_rewards(rewards, num_generations)
     has_target = ~torch.isnan(targets)
     # Zero the NaN targets before the residual, not after squaring: backward of where() would still see 0 * NaN.
     residuals = vimpo_terminal_residuals(logp, ref_logp, token_kl, mask, torch.nan_to_num(targets, nan=0.0), beta)
-    return torch.where(has_target, 0.5 * residuals.square(), 0.0).sum() / max(rewards.numel(), 1)
+    per_row = vimpo_value_loss_from_residuals(residuals, loss_type, huber_delta)
+    return torch.where(has_target, per_row, 0.0).sum() / max(rewards.numel(), 1)
 
 
 def reverse_discounted_cumsum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
@@ -522,7 +535,9 @@ def token_kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLE
 def exact_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Exact KL(softmax(policy_logits / T) || softmax(ref_logits / T)) per row, float32 ``(N,)``, from ``(N, V)``.
 
-    Materialises a few float32 ``(N, V)`` tensors: call it on chunks (see :func:`chunked_token_statistics`).
+    For stacks that hold logits (verl, OpenRLHF); it materialises two float32 ``(N, V)`` tensors, so call it on
+    chunks of tokens. ``VIMPOTrainer`` never forms logits: it computes the same KL from hidden states with TRL's
+    chunked divergence kernel (:func:`gnivo_trl.scoring.exact_token_kl`), tested against this function.
     """
     return _kl_from_log_probs_(_log_softmax(policy_logits, temperature), _log_softmax(ref_logits, temperature))
 
@@ -536,81 +551,9 @@ def _kl_from_log_probs_(policy_log_probs: torch.Tensor, ref_log_probs: torch.Ten
     return policy_log_probs.exp_().mul_(log_ratio).sum(dim=-1).neg_()
 
 
-class TokenStatistics(NamedTuple):
-    """Per-token quantities of the sampled tokens (float32, shape ``(N,)``), all computed without gradient.
-
-    ``kl`` is None when the exact KL was not asked for (``with_kl=False``).
-    """
-
-    policy_logp: torch.Tensor
-    ref_logp: torch.Tensor
-    kl: torch.Tensor | None
-
-
-@torch.no_grad()
-def chunked_token_statistics(
-    policy_hidden: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    labels: torch.Tensor,
-    policy_head,
-    ref_head,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    with_kl: bool = True,
-) -> TokenStatistics:
-    """Sampled-token log-probs of both models and the exact per-token KL(pi_theta || pi_ref), chunk by chunk.
-
-    Only ``chunk_size`` tokens' logits exist at a time, so memory stays at a few float32 ``(chunk_size, V)`` tensors
-    instead of ``(N, V)``. The loop runs over chunks of tokens, not over sequence positions.
-
-    Args:
-        policy_hidden, ref_hidden: ``(N, H)`` final hidden states that predict the ``N`` tokens ``labels``.
-        labels: ``(N,)`` token ids.
-        policy_head, ref_head: callables mapping ``(n, H)`` hidden states to ``(n, V)`` logits (before temperature).
-        temperature: the sampling temperature the logits are divided by.
-        chunk_size: tokens per chunk.
-        with_kl: compute the exact KL (one more pass over each chunk's ``(n, V)`` log-probs); False returns
-            ``kl=None`` and only the sampled-token log-probs (what the k2/k3 estimators need).
-    """
-    policy_logps, ref_logps, kls = [], [], []
-    for start in range(0, labels.numel(), chunk_size):
-        stop = start + chunk_size
-        policy_log_probs = _head_log_softmax(policy_head, policy_hidden[start:stop], temperature)
-        ref_log_probs = _head_log_softmax(ref_head, ref_hidden[start:stop], temperature)
-        index = labels[start:stop, None]
-        policy_logps.append(policy_log_probs.gather(1, index).squeeze(1))
-        ref_logps.append(ref_log_probs.gather(1, index).squeeze(1))
-        if with_kl:
-            kls.append(_kl_from_log_probs_(policy_log_probs, ref_log_probs))
-        del policy_log_probs, ref_log_probs
-    device = labels.device
-    empty = torch.zeros(0, device=device)
-    return TokenStatistics(
-        policy_logp=torch.cat(policy_logps) if policy_logps else empty,
-        ref_logp=torch.cat(ref_logps) if ref_logps else empty,
-        kl=(torch.cat(kls) if kls else empty) if with_kl else None,
-    )
-
-
-def _head_log_softmax(head, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Float32 log-softmax of ``head(hidden) / temperature``, written over the head's output when the head returned a
-    tensor of its own (as a linear head does): one ``(n, V)`` buffer per model instead of two, which halves the KL's
-    memory and, on CPU, the page faults of a fresh buffer, which cost more than the arithmetic. A head output that
-    shares memory with ``hidden`` (an identity head, a view) is never overwritten."""
-    logits = head(hidden)
-    owned = logits.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr()
-    if logits.dtype != torch.float32 or temperature != 1.0:
-        logits, owned = logits.float() if temperature == 1.0 else logits.float() / temperature, True
-    if not owned:
-        return torch.log_softmax(logits, dim=-1)
-    # log_softmax reduces each row (max, sum of exponentials) before writing it element by element, on CPU and CUDA,
-    # so writing the result over its input is exact (tested against the out-of-place result).
-    return torch.log_softmax(logits, dim=-1, out=logits)
-
-
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     # At temperature 1 (TRL's default) skip the division: a full (n, V) pass and allocation. Not in place: the
-    # logits are the caller's (exact_token_kl); the chunked pass overwrites only what it owns (_head_log_softmax).
+    # logits are the caller's.
     logits = logits.float()
     return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
@@ -622,3 +565,196 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
     for name, shape in shapes.items():
         if len(shape) != 2:
             raise ValueError(f"{name} must be 2-d (B, T), got shape {shape}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VIMPO options of the official implementation
+# ----------------------------------------------------------------------------------------------------------------------
+# Options of the authors' code (backprop07/VIMPO, recipe/vimpo/vimpo_core_algos.py) that the default VIMPO objective of
+# SPEC section 4 does not use: the Huber value loss, the value-loss normaliser, the capped per-prompt baseline
+# (``vimpo_cap_v0``), the candidate-set KL (``vimpo_kl_estimator="candidate_set"``) and the trajectory-level soft value
+# (``value_type="soft"``). Each function reproduces the official semantics; the docstrings say where they differ only
+# by this package's conventions (NaN marks a row without a reward; groups are consecutive rows instead of uids).
+
+ValueLossType = Literal["squared_error", "huber"]
+
+
+def vimpo_value_loss_from_residuals(
+    residuals: torch.Tensor,
+    loss_type: ValueLossType = "squared_error",
+    huber_delta: float = 1.0,
+) -> torch.Tensor:
+    """Per-row VIMPO value loss of terminal residuals ``r`` (official ``_compute_terminal_value_loss_stats``).
+
+    ``"squared_error"``: ``0.5 * r^2``. ``"huber"``: ``0.5 * r^2`` where ``|r| <= delta``, else
+    ``delta * (|r| - 0.5 * delta)`` (PyTorch's ``huber_loss`` convention, continuous with slope ``delta`` outside, not
+    divided by ``delta`` as ``smooth_l1_loss`` is); its gradient is ``clamp(r, -delta, delta)``.
+
+    Args:
+        residuals: ``(B,)`` residuals in the value's units (reward units, the ``beta``-scaled log-ratio sum minus the
+            target), e.g. from :func:`vimpo_terminal_residuals`; differentiable.
+        loss_type: ``"squared_error"`` or ``"huber"``.
+        huber_delta: Huber threshold ``delta`` (> 0, checked whatever ``loss_type`` is, as the official code does).
+
+    Returns:
+        Float32 ``(B,)`` per-row losses, unreduced (the official loss is their mean over the rows of the micro-batch,
+        then times ``vimpo_value_loss_coeff`` and, with ``vimpo_value_loss_normalized``, divided by
+        :func:`vimpo_value_loss_norm_denom`). NaN residuals stay NaN.
+    """
+    if loss_type not in ("squared_error", "huber"):
+        raise ValueError(f"loss_type must be 'squared_error' or 'huber', got {loss_type!r}.")
+    if not huber_delta > 0:
+        raise ValueError(f"huber_delta must be positive, got {huber_delta}.")
+    residuals = residuals.float()
+    half_squared = 0.5 * residuals.square()
+    if loss_type == "squared_error":
+        return half_squared
+    magnitude = residuals.abs()
+    return torch.where(magnitude <= huber_delta, half_squared, huber_delta * (magnitude - 0.5 * huber_delta))
+
+
+def vimpo_value_loss_norm_denom(targets: torch.Tensor) -> torch.Tensor:
+    """Denominator of the normalised value loss (``vimpo_value_loss_normalized=True``): ``mean_i target_i^2``.
+
+    The official trainer (``compute_value_loss_norm_denom``, called by ``_attach_value_loss_norm_denom``) computes it
+    once per training step over the whole actor-update batch (every prompt of the step, all processes), with
+    ``target = R - V0`` (the raw or the soft baseline), and refuses a value below ``1e-4``; the value loss of every
+    micro-batch is then ``coeff * mean_rows(loss) / denom``. Here NaN targets (rows without a reward) are left out
+    of the mean. Detached float32 0-d tensor (NaN when no target is finite).
+    """
+    targets = targets.detach().float().reshape(-1)
+    finite = ~torch.isnan(targets)
+    return torch.where(finite, targets, 0.0).square().sum() / finite.sum().float()
+
+
+def vimpo_reward_baselines(rewards: torch.Tensor, num_generations: int, cap_v0: float | None = None) -> torch.Tensor:
+    """Raw VIMPO's per-prompt baseline ``V0 = min(mean_{j in g(i)} R_j, cap_v0)`` (official
+    ``compute_reward_baseline_by_uid``); the value target is ``R_i - V0_i``.
+
+    ``cap_v0`` (``vimpo_cap_v0``) caps the group mean from above only; ``None`` (the official default) gives the
+    plain group mean, so ``rewards - vimpo_reward_baselines(rewards, K)`` equals :func:`group_centered_rewards`.
+    NaN rewards are left out of the group mean; a group without any reward gets NaN. Detached float32 ``(B,)``.
+    """
+    B = rewards.numel()
+    if num_generations < 1 or B % num_generations != 0:
+        raise ValueError(
+            f"The batch of {B} rows is not a whole number of groups of num_generations={num_generations}."
+        )
+    grouped = rewards.detach().float().reshape(-1, num_generations)
+    baselines = torch.nanmean(grouped, dim=1, keepdim=True).expand(-1, num_generations).reshape(-1)
+    return baselines if cap_v0 is None else baselines.clamp(max=float(cap_v0))
+
+
+def candidate_set_kl_from_log_probs(
+    policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, topk: int
+) -> torch.Tensor:
+    """Official ``candidate_set`` KL from full-vocabulary log-probabilities (``(N, V)`` each).
+
+    ``sum_{v in C} p(v) * (log p(v) - log q(v))`` with ``C`` the ``min(topk, V)`` tokens of largest policy
+    probability. ``p`` and ``q`` stay normalised over the whole vocabulary (nothing is renormalised over ``C``) and
+    the sampled token is not added to ``C``; the truncated sum can therefore be slightly negative, and it tends to
+    the exact KL as ``topk`` grows (equal at ``topk >= V``). Selecting by log-prob is selecting by logit (the same
+    per-row order); ties at the boundary of ``C`` are broken as ``torch.topk`` breaks them.
+
+    Float32 ``(N,)``; differentiable through both inputs (the official code runs it under no_grad by default,
+    ``vimpo_detach_kl=True``, and VIMPO's value loss detaches it in any case).
+    """
+    if topk <= 0:
+        raise ValueError(f"topk must be > 0, got {topk}.")
+    if policy_log_probs.shape != ref_log_probs.shape or policy_log_probs.dim() != 2:
+        raise ValueError(
+            f"Expected two (N, V) tensors of one shape, got {tuple(policy_log_probs.shape)} and "
+            f"{tuple(ref_log_probs.shape)}."
+        )
+    policy_log_probs = policy_log_probs.float()
+    k = min(int(topk), policy_log_probs.size(-1))
+    index = torch.topk(policy_log_probs.detach(), k=k, dim=-1, largest=True, sorted=False).indices
+    policy_candidates = policy_log_probs.gather(-1, index)
+    ref_candidates = ref_log_probs.float().gather(-1, index)
+    return (policy_candidates.exp() * (policy_candidates - ref_candidates)).sum(dim=-1)
+
+
+def candidate_set_token_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, topk: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """Official ``candidate_set`` approximation of KL(pi_theta || pi_ref) per row, float32 ``(N,)`` from ``(N, V)``.
+
+    Official ``compute_candidate_topk_flat_kl_from_logits`` on logits divided by the sampling temperature (the
+    official actor divides both models' logits by it before any KL): the candidates are the ``min(topk, V)``
+    tokens of largest *policy* logit, and the sum runs over them with both log-probabilities normalised over the
+    full vocabulary (see :func:`candidate_set_kl_from_log_probs`). Materialises float32 ``(N, V)`` log-softmaxes:
+    call it on chunks of tokens, like :func:`exact_token_kl`.
+    """
+    return candidate_set_kl_from_log_probs(
+        _log_softmax(policy_logits, temperature), _log_softmax(ref_logits, temperature), topk
+    )
+
+
+def soft_value_baselines(
+    rewards: torch.Tensor,
+    old_token_kl_sums: torch.Tensor,
+    num_generations: int,
+    beta: float,
+    cap_v0: float | None = None,
+) -> torch.Tensor:
+    """Soft VIMPO's per-prompt baseline (official ``compute_soft_value_baseline_by_uid``), detached float32 ``(B,)``.
+
+    ``V0_i = min(mean_{j in g(i)} (R_j - beta * K_j), cap_v0)``, the group mean of the soft return, where
+    ``K_j = sum_s mask[j,s] * KL_old[j,s]`` is the summed per-token KL(pi_old || pi_ref) of row ``j`` measured at
+    generation time under the policy that sampled it (``pi_old``; the official code computes it without gradient
+    in the old-log-prob pass, with the configured estimator: exact, candidate_set, or k1/k2/k3 of the sampled
+    tokens). ``cap_v0=None`` (the official default) does not cap. Rows whose reward is NaN are left out of the mean.
+
+    Args:
+        rewards: ``(B,)`` scalar rewards (groups of ``num_generations`` consecutive rows).
+        old_token_kl_sums: ``(B,)`` ``K_j`` in nats.
+        num_generations: ``K``.
+        beta: ``vimpo_beta``.
+        cap_v0: optional upper bound on ``V0`` (``vimpo_cap_v0``).
+    """
+    if old_token_kl_sums.shape != rewards.shape:
+        raise ValueError(f"Expected old_token_kl_sums of shape {tuple(rewards.shape)}, got {old_token_kl_sums.shape}.")
+    soft_returns = rewards.detach().float() - beta * old_token_kl_sums.detach().float()
+    return vimpo_reward_baselines(soft_returns, num_generations, cap_v0)
+
+
+def soft_vimpo_residuals(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Soft VIMPO's terminal residual per row: ``beta * sum_s mask * (logp - ref_logp) - target``, float32 ``(B,)``.
+
+    Official ``compute_soft_trajectory_vimpo_loss``: the prediction is the current policy's summed log-ratio to the
+    reference (no KL subtracted, unlike raw VIMPO's ``sum (rho - kappa)``), the target ``R_i - V0_i`` with ``V0``
+    from :func:`soft_value_baselines`. Differentiable through ``logp`` only; NaN where ``targets`` is NaN.
+    """
+    _check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
+    log_ratio = torch.where(mask.bool(), logp.float() - ref_logp.detach().float(), 0.0)
+    return beta * log_ratio.sum(dim=1) - targets.detach().float()
+
+
+def soft_vimpo_value_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    baselines: torch.Tensor,
+    beta: float,
+    loss_type: ValueLossType = "squared_error",
+    huber_delta: float = 1.0,
+) -> torch.Tensor:
+    """Soft VIMPO value loss, a 0-d float32 tensor: ``mean_i loss(beta * sum_s mask * (logp - ref) - (R_i - V0_i))``.
+
+    ``loss`` is :func:`vimpo_value_loss_from_residuals` (``0.5 r^2`` or Huber), ``V0`` the detached
+    :func:`soft_value_baselines`. The mean runs over the ``B`` rows given (the official code: over the micro-batch);
+    rows whose reward is NaN contribute 0 and still count in ``B``. Differentiable through ``logp`` only. The
+    official ``vimpo_value_loss_coeff`` and normaliser are left to the caller.
+    """
+    targets = rewards.detach().float() - baselines.detach().float()
+    has_target = ~torch.isnan(targets)
+    residuals = soft_vimpo_residuals(logp, ref_logp, mask, torch.nan_to_num(targets, nan=0.0), beta)
+    per_row = vimpo_value_loss_from_residuals(residuals, loss_type, huber_delta)
+    return torch.where(has_target, per_row, 0.0).sum() / max(rewards.numel(), 1)

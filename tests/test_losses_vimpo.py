@@ -12,11 +12,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from gnivo_trl.losses import (
-    _head_log_softmax,
-    chunked_token_statistics,
     dual_clip_ppo_loss,
     exact_token_kl,
     group_centered_rewards,
@@ -506,79 +503,31 @@ def test_exact_token_kl_matches_full_softmax(temperature, dtype):
     assert torch.equal(policy_logits, policy_before) and torch.equal(ref_logits, ref_before)
 
 
-def _identity(hidden):
-    return hidden
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
-def test_chunked_statistics_random_logits(chunk_size, temperature):
-    # Identity heads: the "hidden states" are the logits themselves.
-    generator = torch.Generator().manual_seed(31)
-    N, V = 20, 97
-    policy_logits = 2.0 * torch.randn(N, V, generator=generator)
-    ref_logits = 2.0 * torch.randn(N, V, generator=generator)
-    labels = torch.randint(0, V, (N,), generator=generator)
-    policy_before, ref_before = policy_logits.clone(), ref_logits.clone()
-    stats = chunked_token_statistics(
-        policy_logits, ref_logits, labels, _identity, _identity, temperature=temperature, chunk_size=chunk_size
-    )
-    # The KL works in place on its own log-softmaxes, never on what the heads return (here views of the inputs).
-    assert torch.equal(policy_logits, policy_before) and torch.equal(ref_logits, ref_before)
-    kl, policy_logp, ref_logp = naive_kl_and_logps(policy_logits, ref_logits, labels, temperature)
-    torch.testing.assert_close(stats.kl.double(), kl, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.policy_logp.double(), policy_logp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.ref_logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.kl, exact_token_kl(policy_logits, ref_logits, temperature), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("scale_and_cap", [(1.0, None), (0.125, None), (4.0, 3.0)])
+def test_exact_token_kl_matches_trls_chunked_divergence_kernel(temperature, scale_and_cap):
+    """The pure function (for stacks that hold logits) and TRL's kernel (what VIMPOTrainer runs on hidden states and
+    LM heads, with a logit scale and soft-cap) compute the same KL(pi_theta || pi_ref)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
+    scale, softcap = scale_and_cap
+    generator = torch.Generator().manual_seed(23)
+    N, H, V = 13, 8, 4099  # not a multiple of the kernel's vocabulary tile
+    policy_hidden, ref_hidden = torch.randn(2, N, H, generator=generator)
+    policy_weight, ref_weight = 3.0 * torch.randn(2, V, H, generator=generator)
+    ref_bias = torch.randn(V, generator=generator)
+    kernel_kl, _ = ChunkedDivergenceFunction.apply(
+        policy_hidden, policy_weight, None, ref_hidden, ref_weight, ref_bias, 1.0, temperature, scale, softcap,
+        scale, softcap,
+    )  # fmt: skip
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
-@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
-def test_chunked_statistics_linear_heads(chunk_size, temperature, head_dtype):
-    torch.manual_seed(41)
-    N, H, V = 23, 8, 131
-    policy_head = nn.Linear(H, V, bias=False).to(head_dtype)
-    ref_head = nn.Linear(H, V, bias=True).to(head_dtype)
-    with torch.no_grad():
-        policy_head.weight.mul_(4.0)
-        ref_head.weight.mul_(4.0)
-    policy_hidden = torch.randn(N, H).to(head_dtype).requires_grad_(True)
-    ref_hidden = torch.randn(N, H).to(head_dtype)  # a separate reference model has its own hidden states
-    labels = torch.randint(0, V, (N,))
-    stats = chunked_token_statistics(
-        policy_hidden, ref_hidden, labels, policy_head, ref_head, temperature=temperature, chunk_size=chunk_size
-    )
-    for tensor in stats:
-        assert tensor.shape == (N,) and tensor.dtype == torch.float32 and tensor.grad_fn is None
-    with torch.no_grad():  # the reference reads the heads' own (possibly bf16) logits, in float64
-        policy_logits, ref_logits = policy_head(policy_hidden), ref_head(ref_hidden)
-    kl, policy_logp, ref_logp = naive_kl_and_logps(policy_logits, ref_logits, labels, temperature)
-    torch.testing.assert_close(stats.kl.double(), kl, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.policy_logp.double(), policy_logp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.ref_logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    def logits(hidden, weight, bias=None):
+        values = (hidden @ weight.T + (0.0 if bias is None else bias)) * scale
+        return values if softcap is None else softcap * torch.tanh(values / softcap)
 
-
-@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
-def test_chunked_statistics_without_kl_gives_the_same_log_probs(chunk_size):
-    generator = torch.Generator().manual_seed(37)
-    N, V = 20, 97
-    policy_logits, ref_logits = 2.0 * torch.randn(2, N, V, generator=generator)
-    labels = torch.randint(0, V, (N,), generator=generator)
-    stats = chunked_token_statistics(
-        policy_logits, ref_logits, labels, _identity, _identity, temperature=0.7, chunk_size=chunk_size, with_kl=False
-    )
-    assert stats.kl is None
-    _, policy_logp, ref_logp = naive_kl_and_logps(policy_logits, ref_logits, labels, 0.7)
-    torch.testing.assert_close(stats.policy_logp.double(), policy_logp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.ref_logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
-
-
-def test_chunked_statistics_empty_input():
-    stats = chunked_token_statistics(
-        torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), _identity, _identity
-    )
-    assert all(t.numel() == 0 for t in stats)
+    kl = exact_token_kl(logits(policy_hidden, policy_weight), logits(ref_hidden, ref_weight, ref_bias), temperature)
+    assert kl.min() > 1e-2
+    torch.testing.assert_close(kl, kernel_kl, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -606,25 +555,17 @@ def tiny_state_logits():
 def _expected_token_signal(policy_logits, ref_logits, temperature, kappa_of_token, beta=1.0):
     """``sum_a pi(a|s) * (rho(a) - kappa(a))`` per state ``s``, enumerating every vocabulary token ``a``.
 
-    ``rho`` and the sampled-token log-probs come from the package (``chunked_token_statistics`` with the whole
-    vocabulary as labels) and ``rho - kappa`` from ``vimpo_advantages`` with ``lambda=0``, which returns ``delta``
-    itself; ``kappa_of_token(logp, ref_logp, exact_kl)`` gives the per-token KL fed to it.
+    The sampled-token log-probs are float32 log-softmaxes of every vocabulary token, ``kappa`` comes from the
+    package's :func:`exact_token_kl` (through ``kappa_of_token(logp, ref_logp, exact_kl)``) and ``rho - kappa`` from
+    ``vimpo_advantages`` with ``lambda=0``, which returns ``delta`` itself.
     """
     S, V = policy_logits.shape
-    labels = torch.arange(V).repeat(S)  # state-major: row s*V + a is token a at state s
-    stats = chunked_token_statistics(
-        policy_logits.repeat_interleave(V, dim=0),
-        ref_logits.repeat_interleave(V, dim=0),
-        labels,
-        _identity,
-        _identity,
-        temperature=temperature,
-        chunk_size=V,
-    )
+    policy_logp = torch.log_softmax(policy_logits.float() / temperature, dim=-1).reshape(-1)  # row s*V + a
+    ref_logp = torch.log_softmax(ref_logits.float() / temperature, dim=-1).reshape(-1)
     exact_kl = exact_token_kl(policy_logits, ref_logits, temperature)  # (S,), one value per state
-    token_kl = kappa_of_token(stats.policy_logp, stats.ref_logp, exact_kl.repeat_interleave(V))
+    token_kl = kappa_of_token(policy_logp, ref_logp, exact_kl.repeat_interleave(V))
     delta = vimpo_advantages(
-        stats.policy_logp[:, None], stats.ref_logp[:, None], token_kl[:, None], torch.ones(S * V, 1), beta, 0.0
+        policy_logp[:, None], ref_logp[:, None], token_kl[:, None], torch.ones(S * V, 1), beta, 0.0
     ).reshape(S, V)
     pi = torch.softmax(policy_logits.double() / temperature, dim=-1)
     return (pi * delta.double()).sum(dim=-1), exact_kl
@@ -663,29 +604,3 @@ def test_token_signal_has_zero_mean_under_pi_with_exact_kl(tiny_state_logits, te
     # ...but per token, k3 is not the constant KL of the state.
     k3_tokens = token_kl_estimate(log_p[0].float(), log_q[0].float(), "k3")
     assert (k3_tokens.max() - k3_tokens.min()).item() > 1e-3
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("head_dtype", [torch.float32, torch.bfloat16])
-def test_head_log_softmax_overwrites_only_the_heads_own_output(temperature, head_dtype):
-    torch.manual_seed(43)
-    head = nn.Linear(8, 131, bias=False).to(head_dtype)
-    hidden = torch.randn(5, 8).to(head_dtype)
-    outputs = []
-
-    def recording_head(states):
-        outputs.append(head(states))
-        return outputs[-1]
-
-    log_probs = _head_log_softmax(recording_head, hidden, temperature)
-    with torch.no_grad():
-        expected = torch.log_softmax(head(hidden).float() / temperature, dim=-1)
-    assert torch.equal(log_probs, expected)  # bitwise: writing over the input changes nothing
-    # A float32 head output at temperature 1 is the buffer written over (no second (n, V) tensor).
-    written_over = head_dtype == torch.float32 and temperature == 1.0
-    assert (log_probs.data_ptr() == outputs[0].data_ptr()) == written_over
-    # An identity head's output is the caller's tensor: never written over.
-    logits = torch.randn(5, 131)
-    before = logits.clone()
-    assert torch.equal(_head_log_softmax(_identity, logits, 1.0), torch.log_softmax(before, dim=-1))
-    assert torch.equal(logits, before)

@@ -1,11 +1,11 @@
 """Peak memory of VIMPO's exact-KL step (SPEC section 4): chunking must keep it well under a naive materialisation.
 
 Runs ``benchmarks/vimpo_kl_memory.py``'s measurement at a vocabulary of 32k and 512 tokens: the naive reference
-keeps the full (N, V) logits of both models, both float32 log-softmaxes and their difference; the chunked
-``chunked_token_statistics`` runs 4 chunks of 128 tokens. Each variant runs in a fresh process and reports its peak
+keeps the full (N, V) logits of both models, both float32 log-softmaxes and their difference; VIMPOTrainer's path
+(``gnivo_trl.scoring.exact_token_kl``: TRL's divergence kernel) runs the KL in 4 chunks of 128 tokens. Each variant runs in a fresh process and reports its peak
 resident-set growth (see the benchmark's docstring for the method); the two run side by side to save wall time.
 This is a property of the chunking (a few ``(chunk, V)`` float32 tensors instead of several ``(N, V)``), not a
-timing, so the bound is loose: the expected ratio is about 0.11.
+timing, so the bound is loose.
 """
 
 from __future__ import annotations
