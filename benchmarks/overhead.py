@@ -9,8 +9,9 @@ generation is out of the timing) and is measured on the same model weights:
 * ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``: ``VIMPOTrainer`` with each KL estimator.
 
 One *step* = scoring (``_generate_and_score_completions`` with the stub: every no-grad forward a method runs per
-generation batch, e.g. GRPO's reference forward or VIMPO's scoring pass) + the loss step (``compute_loss``, forward,
-loss, backward; in the ``aligned`` scenario VIMPO's KL and advantages are computed here, from the loss-time forward). Both phases are timed separately and summed. Methods are interleaved inside each repetition (a warm-up
+generation batch, e.g. GRPO's reference forward; VIMPO runs none there) + the loss step (``compute_loss``: forward,
+loss, backward; VIMPO's reference forward, KL and advantages are computed here). Both phases are timed separately
+and summed. Methods are interleaved inside each repetition (a warm-up
 step first), and every figure is the median over repetitions of the ratio to GRPO taken within the same repetition,
 because these machines are noisy.
 
@@ -23,11 +24,10 @@ timing pass runs with glibc's defaults, because the low threshold adds system ti
 Scenarios (the no-grad forwards TRL itself runs at scoring time differ between them):
 
 * ``aligned``: one optimizer step per generation batch in one micro-batch, transformers generation (TRL's defaults
-  without vLLM): GRPO computes no old log-probs; VIMPO scores only the reference at generation time and takes the
-  policy's side of its KL and advantages from the loss-time forward, so it runs no policy forward GRPO does not run.
+  without vLLM): GRPO computes no old log-probs. VIMPO scores at loss time only: the reference's forward, the
+  policy's forward and backward, and the exact KL from both models' hidden states (TRL's kernels).
 * ``old-logps``: ``num_iterations=2``, so TRL computes the policy's old log-probs at scoring time, the same no-grad
-  forward it runs with vLLM's importance-sampling correction (TRL's default with vLLM). VIMPO answers that forward
-  with its own scoring pass, so here it adds only the reference and the KL, like GRPO+ref.
+  forward it runs with vLLM's importance-sampling correction (TRL's default with vLLM), for every method alike.
 
 Configurations:
 
@@ -145,13 +145,15 @@ def build_model_dir(directory: Path, device: str, seed: int = 0, shape_name: str
     return str(directory)
 
 
-def fixed_completions(length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """``NUM_COMPLETIONS`` random completions of exactly ``length`` tokens, a step delimiter every STEP_EVERY, EOS last."""
+def fixed_completions(
+    length: int, vocab_size: int, seed: int = 0, num_completions: int = NUM_COMPLETIONS
+) -> list[list[int]]:
+    """``num_completions`` random completions of exactly ``length`` tokens, a step delimiter every STEP_EVERY, EOS last."""
     import torch
 
     generator = torch.Generator().manual_seed(seed + length)
     completions = []
-    for _ in range(NUM_COMPLETIONS):
+    for _ in range(num_completions):
         ids = torch.randint(4, vocab_size, (length,), generator=generator)
         ids[STEP_EVERY - 1 :: STEP_EVERY] = 3
         ids[-1] = 2
@@ -167,7 +169,16 @@ def build_trainer(
     output_dir: str,
     scenario: str = "aligned",
     shape_name: str | None = None,
+    num_completions: int = NUM_COMPLETIONS,
+    model_dtype: str | None = None,
 ):
+    """A trainer of ``method`` whose generation returns fixed completions of ``length`` tokens, and its input rows.
+
+    ``num_completions`` completions form one group (``num_generations``) in one micro-batch (benchmarks/gpu_check.py
+    measures B = 2 and 8). ``model_dtype`` (e.g. ``"bfloat16"``) is the dtype TRL loads the policy and reference in;
+    None means bfloat16 on CUDA (the anchor's setting) and TRL's default elsewhere, which is float32 whatever dtype
+    the checkpoint was saved in.
+    """
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
@@ -179,8 +190,8 @@ def build_trainer(
         use_cpu=device == "cpu",
         bf16=device == "cuda",
         gradient_checkpointing=True,
-        num_generations=NUM_COMPLETIONS,
-        per_device_train_batch_size=NUM_COMPLETIONS,
+        num_generations=num_completions,
+        per_device_train_batch_size=num_completions,
         max_completion_length=length,
         max_steps=1,
         report_to="none",
@@ -190,6 +201,10 @@ def build_trainer(
         seed=0,
         **SCENARIOS[scenario],
     )
+    if model_dtype is None and device == "cuda":
+        model_dtype = "bfloat16"  # TRL would load the bf16 checkpoint in float32
+    if model_dtype is not None:
+        common["model_init_kwargs"] = {"dtype": model_dtype}
     family, _, variant = method.partition("/")
     if family.startswith("grpo"):
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
@@ -202,9 +217,9 @@ def build_trainer(
         common["vimpo_kl_estimator"] = variant
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer would pick Qwen2's BPE class
     prompt = " ".join(f"w{4 + i}" for i in range(PROMPT_LENGTH))
-    dataset = Dataset.from_dict({"prompt": [prompt] * 4})
+    dataset = Dataset.from_dict({"prompt": [prompt] * max(4, num_completions)})
     vocab_size = model_shape(device, shape_name)["vocab_size"]
-    completions = fixed_completions(length, vocab_size)
+    completions = fixed_completions(length, vocab_size, num_completions=num_completions)
 
     def reward(completions, **kwargs):
         return [float(i % 2) for i in range(len(completions))]  # distinct rewards within the group
@@ -218,14 +233,14 @@ def build_trainer(
     )
 
     def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        return [list(completions[i % NUM_COMPLETIONS]) for i in range(len(prompt_ids))], None
+        return [list(completions[i % num_completions]) for i in range(len(prompt_ids))], None
 
     trainer._generate_single_turn = generate
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss is called directly here
     if device == "cuda":
         trainer.model.to("cuda")
-    return trainer, [dict(row) for row in dataset.select(range(NUM_COMPLETIONS))]
+    return trainer, [dict(row) for row in dataset.select(range(num_completions))]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,10 +412,10 @@ def kl_memory_section(tokens: int, device: str, command: str, shape_name: str | 
         f"(`benchmarks/vimpo_kl_memory.py`: float32 heads of the configuration's shape, V={vocab:,}, H={hidden}, "
         f"{tokens} tokens, glibc mmap threshold pinned low). The naive variant holds both models' (N, V) logits, their "
         "float32 log-softmaxes and the difference, as the VIMPO port of the anchor measurements does; VIMPO "
-        f"(`chunked_token_statistics`, default `vimpo_kl_chunk_size` {chunked.chunk_size}) holds a few "
-        f"(chunk, V) float32 tensors. One (N, V) float32 tensor is {one_tensor:,.0f} MiB.",
+        f"(TRL's divergence kernel on chunks of `vimpo_kl_chunk_size` = {chunked.chunk_size} tokens) holds two "
+        f"(chunk, 32768) float32 tiles. One (N, V) float32 tensor is {one_tensor:,.0f} MiB.",
         "",
-        "| variant | peak MiB | ratio to naive | max abs difference of KL and log-probs |",
+        "| variant | peak MiB | ratio to naive | max abs difference of the KL |",
         "|---|---|---|---|",
         f"| naive | {naive.peak_mib:,.0f} | 1.000 | - |",
         f"| VIMPO chunked | {chunked.peak_mib:,.0f} | {chunked.peak_mib / naive.peak_mib:.3f} | {difference:.1e} |",

@@ -1,15 +1,15 @@
-"""Where the scoring phase's time goes: torch profiler tables of GRPO+ref's and VIMPO's no-grad scoring forwards.
+"""Where a step's time goes: torch profiler tables of one phase of GRPO+ref's and VIMPO's steps.
 
-The overhead benchmark (``overhead.py``) showed VIMPO's scoring phase (``_generate_and_score_completions`` with the
-fixed-output generation stub: the reference forward, and for VIMPO the policy forward, both LM heads and the KL) as
-the part of its step that GRPO with a reference model does not pay. This script profiles that phase for the given
-methods on the overhead benchmark's CPU configuration and appends, under ``--label``, a table of the operators that
-take the most self CPU time, with the phase's wall time and the loss step's for scale.
+The overhead benchmark (``overhead.py``) times two phases per step: scoring (``_generate_and_score_completions``
+with the fixed-output generation stub: GRPO+ref's reference forward) and the loss step (``compute_loss`` and
+``backward``). This script profiles one of them (``--phase``) for the given methods on the overhead benchmark's CPU
+configuration and appends, under ``--label``, a table of the operators that take the most self CPU time, with both
+phases' wall times for scale.
 
-The results in ``results/scoring_profile.md`` predate the change that moved VIMPO's policy side, KL and advantages
-into the loss step where one micro-batch holds the generation batch: in the ``aligned`` scenario (the default here)
-VIMPO's scoring phase now runs only the reference's backbone. ``--scenario old-logps`` profiles the scoring pass
-VIMPO still runs (policy and reference forwards, both heads, the KL) where TRL computes old log-probs.
+VIMPO scores at loss time only (the reference's forward, the policy's forward and backward, the exact KL from both
+models' hidden states on TRL's kernels), so ``--phase loss`` (the default) is where its cost is. The sections of
+``results/scoring_profile.md`` labelled before that change profiled the scoring phase, where VIMPO then ran a
+scoring pass of its own.
 
 To compare two versions of the package, run the script from a checkout of each (it imports the package and
 ``overhead.py`` from the checkout it lives in) with the same ``--output``::
@@ -55,7 +55,13 @@ def _package_revision() -> str:
 
 
 def profile_method(
-    method: str, length: int, repeats: int, top: int, workdir: Path, scenario: str = "aligned"
+    method: str,
+    length: int,
+    repeats: int,
+    top: int,
+    workdir: Path,
+    scenario: str = "aligned",
+    phase: str = "loss",
 ) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -64,18 +70,24 @@ def profile_method(
     trainer, rows = overhead.build_trainer(method, model_dir, "cpu", length, str(workdir / "out"), scenario)
     overhead.one_step(trainer, rows, "cpu")  # warm-up
     steps = [overhead.one_step(trainer, rows, "cpu") for _ in range(repeats)]
-    with profile(activities=[ProfilerActivity.CPU]) as profiler, torch.no_grad():
+    batch = trainer._generate_and_score_completions(rows) if phase == "loss" else None
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
         start = time.perf_counter()
-        trainer._generate_and_score_completions(rows)
+        if phase == "loss":
+            trainer.compute_loss(trainer.model, batch).backward()
+        else:
+            with torch.no_grad():
+                trainer._generate_and_score_completions(rows)
         profiled_s = time.perf_counter() - start
+    trainer.model.zero_grad(set_to_none=True)
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
     total_ms = sum(event.self_cpu_time_total for event in events) / 1e3
     lines = [
-        f"#### `{method}`, T={length}" + ("" if scenario == "aligned" else f", scenario `{scenario}`"),
+        f"#### `{method}`, T={length}, {phase} phase" + ("" if scenario == "aligned" else f", scenario `{scenario}`"),
         "",
         f"Scoring phase {statistics.median(s['score_s'] for s in steps):.3f} s, loss step "
         f"{statistics.median(s['loss_s'] for s in steps):.3f} s (medians of {repeats} unprofiled steps); profiled "
-        f"scoring call {profiled_s:.3f} s, {total_ms / 1e3:.3f} s of operator self time.",
+        f"{phase} call {profiled_s:.3f} s, {total_ms / 1e3:.3f} s of operator self time.",
         "",
         "| operator | calls | self CPU ms | share of self time |",
         "|---|---|---|---|",
@@ -91,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["grpo+ref", "vimpo/exact", "vimpo/k3"])
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--scenario", choices=sorted(overhead.SCENARIOS), default="aligned")
+    parser.add_argument("--phase", choices=["loss", "scoring"], default="loss", help="the phase profiled")
     parser.add_argument("--repeats", type=int, default=3, help="unprofiled steps whose phase times are reported")
     parser.add_argument("--top", type=int, default=12, help="operators listed per method")
     parser.add_argument("--label", required=True, help="heading of this run's section, e.g. 'before' or 'after'")
@@ -111,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for method in args.methods:
         with tempfile.TemporaryDirectory() as workdir:
-            section += profile_method(method, args.length, args.repeats, args.top, Path(workdir), args.scenario)
+            section += profile_method(
+                method, args.length, args.repeats, args.top, Path(workdir), args.scenario, args.phase
+            )
     if not args.output.exists():
         args.output.write_text(
-            "# Scoring phase profile (CPU, torch profiler)\n\n"
+            "# Step phase profile (CPU, torch profiler)\n\n"
             "Written by `benchmarks/profile_scoring.py`: the overhead benchmark's CPU configuration (tiny Qwen2, "
             "hidden 64, 2 layers, vocabulary 32,000, float32, B=2 after a 128-token prompt), the operators with the "
-            "most self CPU time in one scoring call (`_generate_and_score_completions` with the generation stub).\n\n"
+            "most self CPU time in one call of the profiled phase (the scoring call, "
+            "`_generate_and_score_completions` with the generation stub, or the loss step, `compute_loss` and "
+            "`backward`).\n\n"
         )
     with args.output.open("a") as output:
         output.write("\n".join(section) + "\n")

@@ -17,7 +17,7 @@ def test_overhead_benchmark_writes_both_scenarios(tmp_path):
     output = tmp_path / "overhead.md"
     methods = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact"]
     argv = ["--lengths", "16", "--repeats", "1", "--methods", *methods, "--old-logps-methods", *methods]
-    argv += ["--kl-memory-tokens", "256"]
+    argv += ["--kl-memory-tokens", "2048"]  # more than one chunk of the default vimpo_kl_chunk_size (1024)
     assert overhead.main([*argv, "--output", str(output)]) == 0
     report = output.read_text()
     assert "## Scenario `aligned`" in report and "## Scenario `old-logps`" in report
