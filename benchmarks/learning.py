@@ -78,10 +78,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "gnivo-token": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="token")),
     "gnivo-step": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="step", gnivo_step_delimiter="\n\n")),
     "gnivo-sequence": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="sequence")),
-    "vimpo-b5e-4-c0": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coef=0.0)),
-    "vimpo-b5e-4-c5e-3": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coef=5e-3)),
-    "vimpo-b5e-2-c0": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coef=0.0)),
-    "vimpo-b5e-2-c5e-3": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coef=5e-3)),
+    "vimpo-b5e-4-c0": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coeff=0.0)),
+    "vimpo-b5e-4-c5e-3": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coeff=5e-3)),
+    "vimpo-b5e-2-c0": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=0.0)),
+    "vimpo-b5e-2-c5e-3": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=5e-3)),
 }
 
 PRESETS = {

@@ -6,7 +6,7 @@ generation is out of the timing) and is measured on the same model weights:
 * ``grpo``, ``grpo+ref``: TRL's own ``GRPOTrainer`` with ``beta=0`` and with ``beta=0.04`` (which adds the reference
   forward at scoring time);
 * ``gnivo/token``, ``gnivo/step``, ``gnivo/sequence``: ``GNIVOTrainer`` in each prefix unit;
-* ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``: ``VIMPOTrainer`` with each KL estimator.
+* ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``, ``vimpo/candidate_set``: ``VIMPOTrainer`` with each KL estimator.
 
 One *step* = scoring (``_generate_and_score_completions`` with the stub: every no-grad forward a method runs per
 generation batch, e.g. GRPO's reference forward; VIMPO runs none there) + the loss step (``compute_loss``: forward,
@@ -68,7 +68,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # vimpo_kl_memory, for the exact-KL memory section
 
-METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "gnivo/sequence", "vimpo/exact", "vimpo/k2", "vimpo/k3"]
+METHODS = [
+    "grpo",
+    "grpo+ref",
+    "gnivo/token",
+    "gnivo/step",
+    "gnivo/sequence",
+    "vimpo/exact",
+    "vimpo/k2",
+    "vimpo/k3",
+    "vimpo/candidate_set",
+]
 OLD_LOGPS_METHODS = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact", "vimpo/k3"]
 SCENARIOS = {"aligned": dict(num_iterations=1), "old-logps": dict(num_iterations=2)}
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]

@@ -10,6 +10,9 @@ vocabulary tiles:
 * ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``, the kernel of TRL's ``DistillationTrainer``: with
   ``beta=1.0`` the reverse KL ``KL(student || teacher)``, here ``KL(pi_theta || pi_ref)`` with the policy as student.
 
+The official code's candidate-set KL (a top-k over the whole vocabulary) has no TRL kernel: it is computed here in
+chunks of tokens from both heads' full logits, transformed exactly as TRL's fused head transforms them.
+
 This module feeds them the way TRL does: the backbone's final hidden states (read from the backbone TRL's fused head
 uses, every multimodal or MoE input passed through), the head's weight and bias gathered under DeepSpeed ZeRO-3 once
 per call and entered by every rank (never once per chunk), and the logit transform (scale, soft-cap, temperature,
@@ -29,10 +32,15 @@ from typing import Any, NamedTuple
 import torch
 from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.kernels.chunked_divergence import _compute_dtype as _divergence_compute_dtype
+from trl.kernels.chunked_divergence import _project as _divergence_project
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .losses import candidate_set_kl_from_log_probs
 
 __all__ = [
     "FusedHeadSettings",
+    "candidate_set_token_kl",
     "completion_positions",
     "exact_token_kl",
     "fused_head_settings",
@@ -211,4 +219,74 @@ def exact_token_kl(
                 ref_settings.logit_scale,
                 ref_settings.final_logit_softcapping,
             )
+    return kl
+
+
+def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, settings: FusedHeadSettings):
+    """Float32 ``(n, V)`` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
+    ``ChunkedDivergenceFunction`` projection (hidden states and head rounded to the compute dtype, float32 logits,
+    vocabulary tiles of ``_VOCAB_TILE``), then its logit transform in float32 (``_torch_transform``: ``*
+    logit_scale``, soft-cap ``cap * tanh(z / cap)``, ``* (1 / temperature)``), in place on one buffer."""
+    dtype = _divergence_compute_dtype(hidden)
+    hidden = hidden.to(dtype)
+    vocab = weight.size(0)
+    logits = torch.empty((hidden.size(0), vocab), device=hidden.device, dtype=torch.float32)
+    for start in range(0, vocab, _VOCAB_TILE):
+        end = min(start + _VOCAB_TILE, vocab)
+        _divergence_project(logits[:, start:end], hidden, weight, bias, start, end, dtype)
+    logits.mul_(settings.logit_scale)
+    if settings.final_logit_softcapping is not None:
+        logits.div_(settings.final_logit_softcapping).tanh_().mul_(settings.final_logit_softcapping)
+    logits.mul_(1 / settings.temperature)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def candidate_set_token_kl(
+    policy_hidden: torch.Tensor,
+    policy_lm: torch.nn.Module,
+    policy_settings: FusedHeadSettings,
+    ref_hidden: torch.Tensor,
+    ref_lm: torch.nn.Module,
+    ref_settings: FusedHeadSettings,
+    topk: int,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """The official candidate-set approximation of per-token ``KL(pi_theta || pi_ref)``, no gradient.
+
+    Per token, :func:`gnivo_trl.losses.candidate_set_kl_from_log_probs`: ``sum_{v in C} p(v) (log p(v) - log q(v))``
+    over the ``topk`` tokens ``C`` of largest policy probability, ``p`` and ``q`` normalised over the full
+    vocabulary at the sampling temperature (both heads' logits transformed as TRL's fused head does). Computed on
+    chunks of ``chunk_size`` tokens; each chunk holds three float32 ``(chunk_size, V)`` buffers (the two models'
+    log-probabilities and a logsumexp temporary). The logits are projected as the exact KL's kernel projects them,
+    so that over the whole vocabulary (``topk >= V``) this is :func:`exact_token_kl` to float32 rounding.
+    Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives however
+    many tokens it holds.
+
+    Args:
+        policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
+        policy_lm, ref_lm: the models whose output embeddings are the heads (the same model for a PEFT reference).
+        policy_settings, ref_settings: their :func:`fused_head_settings`.
+        topk: candidate-set size (``vimpo_candidate_kl_topk``); the whole vocabulary when larger.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        float32 ``(N,)``, in nats (a truncated sum: can be slightly negative).
+    """
+    policy_weight, policy_bias = _head_parameters(policy_lm)
+    ref_weight, ref_bias = _head_parameters(ref_lm)
+    policy_hidden, precision = _head_context(policy_settings, policy_hidden)
+    ref_hidden, _ = _head_context(ref_settings, ref_hidden)
+    kl = torch.zeros(policy_hidden.size(0), device=policy_hidden.device, dtype=torch.float32)
+    with (
+        precision,
+        maybe_gather_lm_head_ctx(policy_weight, policy_bias),
+        maybe_gather_lm_head_ctx(ref_weight, ref_bias),
+    ):
+        for start in range(0, policy_hidden.size(0), chunk_size):
+            stop = start + chunk_size
+            policy_log_probs = _log_probs(policy_hidden[start:stop], policy_weight, policy_bias, policy_settings)
+            ref_log_probs = _log_probs(ref_hidden[start:stop], ref_weight, ref_bias, ref_settings)
+            kl[start:stop] = candidate_set_kl_from_log_probs(policy_log_probs, ref_log_probs, topk)
+            del policy_log_probs, ref_log_probs  # free both (chunk, V) buffers before the next chunk allocates
     return kl

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from ._config_checks import check_common_grpo_options, check_field_names, fail
 
-KL_ESTIMATORS = ("exact", "k2", "k3")
+KL_ESTIMATORS = ("exact", "candidate_set", "k2", "k3")
+VALUE_LOSS_TYPES = ("squared_error", "huber")
+_DEFAULT_ACTOR_COEFF = 5e-3
 
 
 @dataclass
@@ -29,15 +33,58 @@ class VIMPOConfig(GRPOConfig):
     Parameters:
         vimpo_beta (`float`, *optional*, defaults to `5e-4`):
             KL coefficient beta of the policy-implied value `beta * (log pi_theta / pi_ref - KL)`.
-        vimpo_actor_coef (`float`, *optional*, defaults to `5e-3`):
-            Weight c_A of the actor loss in `L = L_V + c_A * L_A`; 0 gives the "value-only" variant.
+        vimpo_actor_coeff (`float`, *optional*, defaults to `5e-3`):
+            Weight c_A of the actor loss in `L = L_V + c_A * L_A`; 0 gives the "value-only" variant (the official
+            `vimpo_actor_coeff`).
+        vimpo_actor_coef (`float` or `None`, *optional*, defaults to `None`):
+            Deprecated alias of `vimpo_actor_coeff`, removed in the next release: when set, it warns (FutureWarning)
+            and is copied into `vimpo_actor_coeff`; setting both to different values is refused.
         vimpo_gae_lambda (`float`, *optional*, defaults to `1.0`):
             lambda of the reverse accumulation of `rho - kappa` into the actor advantage, in [0, 1].
         vimpo_kl_estimator (`str`, *optional*, defaults to `"exact"`):
             Per-token KL(pi_theta || pi_ref): `"exact"` (full vocabulary at the sampling temperature, computed in
-            chunks), or the sampled estimators `"k2"` / `"k3"`. `"k1"` is refused (it makes `rho - kappa` zero).
+            chunks), `"candidate_set"` (the official approximation: the sum of `p (log p - log q)` over the
+            `vimpo_candidate_kl_topk` tokens of largest policy probability, both distributions normalised over the
+            full vocabulary; it can be slightly negative and equals the exact KL once the set covers the
+            vocabulary), or the sampled estimators `"k2"` / `"k3"`. `"k1"` is refused (it makes `rho - kappa` zero).
+        vimpo_candidate_kl_topk (`int`, *optional*, defaults to `32`):
+            Size of the candidate set of `vimpo_kl_estimator="candidate_set"` (the official `candidate_kl_topk`).
+            32 is the value of the authors' run script (`run_vimpo.sh`), which passes it explicitly, so the yaml's
+            128 never took effect on their path; a larger set is closer to the exact KL at about the same cost.
         vimpo_kl_chunk_size (`int`, *optional*, defaults to `1024`):
-            Completion tokens whose full-vocabulary log-probabilities are held at once by the exact KL.
+            Completion tokens whose full-vocabulary log-probabilities are held at once by the exact and the
+            candidate-set KL (the candidate set holds three float32 `(chunk, vocabulary)` buffers per chunk).
+        vimpo_value_loss_type (`str`, *optional*, defaults to `"squared_error"`):
+            Per-completion value loss of the terminal residual `r`: `"squared_error"` (`0.5 r^2`) or `"huber"`
+            (`0.5 r^2` for `|r| <= delta`, else `delta (|r| - delta / 2)`; PyTorch's `huber_loss`, gradient
+            `clamp(r, -delta, delta)`), as the official `vimpo_value_loss_type`.
+        vimpo_value_huber_delta (`float`, *optional*, defaults to `0.005`):
+            Huber threshold `delta` (> 0, checked whatever the loss type, as the official code does). 0.005 is the
+            value of the authors' run script, the only one they ran with (yaml 0.5, code fallback 1.0). The residual
+            is in reward units and starts at `-(R - mean_g R)`, so for 0/1 rewards 0.005 makes the value loss
+            essentially an L1 loss (per-row gradient `0.005 * sign(r)`), while 0.5 or 1.0 would be nearly the
+            squared error.
+        vimpo_value_type (`str`, *optional*, defaults to `"raw"`):
+            `"raw"`: the policy-implied value `sum_t (rho - kappa)` regressed onto `R - V0`. The official `"soft"`
+            value (prediction `beta * sum_t log pi_theta / pi_ref` onto `R - V0_soft`, with `V0_soft` the group mean
+            of `R - beta * sum_t KL(pi_old || pi_ref)` measured at generation time) is refused: it needs a
+            generation-time pass of both models over the whole generation batch (the KL sums of every row of a
+            group before any loss step), which this trainer's single loss-time scoring path does not run, and the
+            official code allows it only for the value-only variant. The pure functions
+            `gnivo_trl.losses.soft_value_baselines` / `soft_vimpo_value_loss` implement its math.
+        vimpo_cap_v0 (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound on the per-prompt baseline: the value target is `R - min(mean_g R, vimpo_cap_v0)` (the
+            official `vimpo_cap_v0`); None does not cap.
+        vimpo_update_ref_freq (`int`, *optional*, defaults to `0`):
+            Replace the reference by a hard copy of the policy after every `vimpo_update_ref_freq` generation
+            batches (the official training steps: the first copy follows the update of batch N); 0 never does. Runs
+            TRL's `SyncRefModelCallback` with `ref_model_mixup_alpha=1.0` and `ref_model_sync_steps` set to N times
+            the optimizer steps per generation batch (`steps_per_generation * num_iterations /
+            gradient_accumulation_steps`, which must come out whole); those two fields are derived from this one.
+            TRL's own `sync_ref_model=True` (a TR-DPO mixture of policy and reference) stays refused: it is not
+            VIMPO's semantics. Refused with PEFT (the reference is the policy with its adapter disabled; a refresh
+            would have to merge the adapter) as by the official code. The reference is not checkpointed: after a
+            resume it is the initial model until the next refresh (as in the official code).
         vimpo_dual_clip (`float`, *optional*, defaults to `10.0`):
             Dual-clip constant c (> 1) bounding the actor loss of tokens with negative advantage.
     """
@@ -58,9 +105,16 @@ class VIMPOConfig(GRPOConfig):
         default=5e-4,
         metadata={"help": "KL coefficient beta of the policy-implied value beta * (log pi/pi_ref - KL). Must be > 0."},
     )
-    vimpo_actor_coef: float = field(
-        default=5e-3,
+    vimpo_actor_coeff: float = field(
+        default=_DEFAULT_ACTOR_COEFF,
         metadata={"help": "Weight c_A of the actor loss in L = L_V + c_A * L_A; 0 gives the value-only variant."},
+    )
+    vimpo_actor_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of vimpo_actor_coeff (removed in the next release): when set it warns and is "
+            "copied into vimpo_actor_coeff; both set to different values is refused."
+        },
     )
     vimpo_gae_lambda: float = field(
         default=1.0,
@@ -69,14 +123,67 @@ class VIMPOConfig(GRPOConfig):
     vimpo_kl_estimator: str = field(
         default="exact",
         metadata={
-            "help": "Per-token KL(pi_theta || pi_ref): 'exact' (full vocabulary, chunked), or the sampled estimators "
-            "'k2' / 'k3'. 'k1' is refused: it makes rho - kappa identically zero.",
+            "help": "Per-token KL(pi_theta || pi_ref): 'exact' (full vocabulary, chunked), 'candidate_set' (the "
+            "official approximation: sum of p (log p - log q) over the vimpo_candidate_kl_topk tokens of largest "
+            "policy probability, p and q normalised over the full vocabulary), or the sampled estimators 'k2' / "
+            "'k3'. 'k1' is refused: it makes rho - kappa identically zero.",
             "choices": list(KL_ESTIMATORS),
+        },
+    )
+    vimpo_candidate_kl_topk: int = field(
+        default=32,
+        metadata={
+            "help": "Candidate-set size of vimpo_kl_estimator='candidate_set' (official candidate_kl_topk). 32 is "
+            "what the authors' run script passes (their yaml's 128 never took effect on that path); a larger set is "
+            "closer to the exact KL at about the same cost."
         },
     )
     vimpo_kl_chunk_size: int = field(
         default=1024,
-        metadata={"help": "Completion tokens whose full-vocabulary distributions the exact KL holds at once."},
+        metadata={
+            "help": "Completion tokens whose full-vocabulary distributions the exact or candidate-set KL holds at "
+            "once."
+        },
+    )
+    vimpo_value_loss_type: str = field(
+        default="squared_error",
+        metadata={
+            "help": "Per-completion value loss of the terminal residual r: 'squared_error' (0.5 r^2) or 'huber' "
+            "(0.5 r^2 for |r| <= delta, else delta (|r| - delta/2); gradient clamp(r, -delta, delta)).",
+            "choices": list(VALUE_LOSS_TYPES),
+        },
+    )
+    vimpo_value_huber_delta: float = field(
+        default=0.005,
+        metadata={
+            "help": "Huber threshold delta (> 0) of vimpo_value_loss_type='huber'. 0.005 is the authors' run script "
+            "value, the only one they ran (yaml 0.5, code fallback 1.0); residuals are in reward units and start at "
+            "-(R - mean_g R), so with 0/1 rewards 0.005 is essentially an L1 loss (per-row gradient 0.005 sign(r)) "
+            "while 0.5 or 1.0 are nearly the squared error."
+        },
+    )
+    vimpo_value_type: str = field(
+        default="raw",
+        metadata={
+            "help": "'raw' (the policy-implied value sum_t (rho - kappa)). The official 'soft' value is refused: its "
+            "baseline needs every row's KL(pi_old || pi_ref) sum at generation time, a second scoring pass this "
+            "trainer does not run (pure math: gnivo_trl.losses.soft_vimpo_value_loss)."
+        },
+    )
+    vimpo_cap_v0: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper bound on the per-prompt baseline: the value target is R - min(mean_g R, vimpo_cap_v0). "
+            "None (default) does not cap."
+        },
+    )
+    vimpo_update_ref_freq: int = field(
+        default=0,
+        metadata={
+            "help": "Hard-copy the policy into the reference after every N generation batches (official training "
+            "steps); 0 (default) never. Sets TRL's SyncRefModelCallback to ref_model_mixup_alpha=1.0 and "
+            "ref_model_sync_steps=N x optimizer steps per generation batch. Refused with PEFT."
+        },
     )
     vimpo_dual_clip: float = field(
         default=10.0,
@@ -93,8 +200,9 @@ class VIMPOConfig(GRPOConfig):
             )
         if not self.vimpo_beta > 0:
             fail("vimpo_beta", self.vimpo_beta, "the value's KL coefficient must be > 0 (the paper uses 5e-4).")
-        if not self.vimpo_actor_coef >= 0:
-            fail("vimpo_actor_coef", self.vimpo_actor_coef, "use a weight >= 0 (0 is the value-only variant).")
+        self._apply_deprecated_actor_coef()
+        if not self.vimpo_actor_coeff >= 0:
+            fail("vimpo_actor_coeff", self.vimpo_actor_coeff, "use a weight >= 0 (0 is the value-only variant).")
         if not 0.0 <= self.vimpo_gae_lambda <= 1.0:
             fail("vimpo_gae_lambda", self.vimpo_gae_lambda, "lambda must lie in [0, 1] (the paper uses 1.0).")
         if self.vimpo_kl_estimator == "k1":
@@ -102,18 +210,52 @@ class VIMPOConfig(GRPOConfig):
                 "vimpo_kl_estimator",
                 "k1",
                 "the k1 estimate log pi/pi_ref makes rho - kappa identically zero, so VIMPO would learn nothing. "
-                "Use 'exact' (default), 'k2' or 'k3'.",
+                "Use 'exact' (default), 'candidate_set', 'k2' or 'k3'.",
             )
         if self.vimpo_kl_estimator not in KL_ESTIMATORS:
             fail("vimpo_kl_estimator", self.vimpo_kl_estimator, f"choose one of {', '.join(KL_ESTIMATORS)}.")
         if not isinstance(self.vimpo_kl_chunk_size, int) or self.vimpo_kl_chunk_size < 1:
             fail("vimpo_kl_chunk_size", self.vimpo_kl_chunk_size, "use a positive number of tokens, e.g. 1024.")
+        if not isinstance(self.vimpo_candidate_kl_topk, int) or self.vimpo_candidate_kl_topk < 1:
+            fail(
+                "vimpo_candidate_kl_topk",
+                self.vimpo_candidate_kl_topk,
+                "use a positive number of candidate tokens (the authors ran 32).",
+            )
+        if self.vimpo_value_loss_type not in VALUE_LOSS_TYPES:
+            fail("vimpo_value_loss_type", self.vimpo_value_loss_type, f"choose one of {', '.join(VALUE_LOSS_TYPES)}.")
+        # Checked whatever the loss type, as the official code does, so a bad delta never waits for a later switch.
+        if not (
+            isinstance(self.vimpo_value_huber_delta, (int, float)) and 0 < self.vimpo_value_huber_delta < math.inf
+        ):
+            fail(
+                "vimpo_value_huber_delta",
+                self.vimpo_value_huber_delta,
+                "use a finite delta > 0 (the authors ran 0.005).",
+            )
+        if self.vimpo_value_type != "raw":
+            fix = _SOFT_VALUE_FIX if self.vimpo_value_type == "soft" else "use 'raw' (the official default)."
+            fail("vimpo_value_type", self.vimpo_value_type, fix)
+        if self.vimpo_cap_v0 is not None and not math.isfinite(self.vimpo_cap_v0):
+            fail("vimpo_cap_v0", self.vimpo_cap_v0, "use a finite upper bound on the group-mean reward, or None.")
+        if not isinstance(self.vimpo_update_ref_freq, int) or self.vimpo_update_ref_freq < 0:
+            fail(
+                "vimpo_update_ref_freq",
+                self.vimpo_update_ref_freq,
+                "use a number of generation batches >= 1 between reference refreshes, or 0 (never).",
+            )
         if not self.vimpo_dual_clip > 1.0:
             fail("vimpo_dual_clip", self.vimpo_dual_clip, "the dual-clip constant must be > 1 (the paper uses 10).")
         if self.num_generations is None or self.num_generations < 2:
             fail("num_generations", self.num_generations, "VIMPO centres rewards within a group; use K >= 2.")
         if self.sync_ref_model:
-            fail("sync_ref_model", True, "VIMPO's reference is the frozen initial model. Leave sync_ref_model=False.")
+            fail(
+                "sync_ref_model",
+                True,
+                "VIMPO's reference is the frozen initial model, or a hard copy of the policy every N generation "
+                "batches with vimpo_update_ref_freq=N (the official option); TRL's mixture of policy and reference "
+                "is not VIMPO's. Leave sync_ref_model=False.",
+            )
         if self.loss_type != "dapo":
             fail(
                 "loss_type",
@@ -143,6 +285,8 @@ class VIMPOConfig(GRPOConfig):
                 "default).",
             )
         super().__post_init__()
+        if self.vimpo_update_ref_freq:
+            self._derive_reference_refresh()
         if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
             fail("fsdp", self.fsdp or "accelerate FSDP config", _FSDP_FIX)
         check_common_grpo_options(self, "VIMPO")
@@ -158,6 +302,49 @@ class VIMPOConfig(GRPOConfig):
                 "'sequence_mask' (default) or 'sequence_truncate', or set vllm_importance_sampling_correction=False.",
             )
 
+    def _apply_deprecated_actor_coef(self) -> None:
+        """Copy the deprecated ``vimpo_actor_coef`` into ``vimpo_actor_coeff`` (with a FutureWarning)."""
+        if self.vimpo_actor_coef is None:
+            return
+        warnings.warn(
+            "vimpo_actor_coef is deprecated and will be removed in the next release; use vimpo_actor_coeff (the "
+            "name of the official VIMPO code and of TRL).",
+            FutureWarning,
+            stacklevel=4,  # the caller of VIMPOConfig(...): through the dataclass __init__ and __post_init__
+        )
+        if self.vimpo_actor_coeff not in (_DEFAULT_ACTOR_COEFF, self.vimpo_actor_coef):
+            fail(
+                "vimpo_actor_coef",
+                self.vimpo_actor_coef,
+                f"it is the deprecated alias of vimpo_actor_coeff, which is set to {self.vimpo_actor_coeff!r}. Set "
+                "only vimpo_actor_coeff.",
+            )
+        self.vimpo_actor_coeff = self.vimpo_actor_coef
+
+    def _derive_reference_refresh(self) -> None:
+        """TRL's ``SyncRefModelCallback`` settings of ``vimpo_update_ref_freq``: a hard copy (alpha 1) every N
+        generation batches, counted in the optimizer steps the callback sees (``TrainerState.global_step``)."""
+        micro_steps = self.vimpo_update_ref_freq * self.steps_per_generation * self.num_iterations
+        if micro_steps % self.gradient_accumulation_steps:
+            fail(
+                "vimpo_update_ref_freq",
+                self.vimpo_update_ref_freq,
+                f"{self.vimpo_update_ref_freq} generation batches ({micro_steps} micro-steps: steps_per_generation="
+                f"{self.steps_per_generation} x num_iterations={self.num_iterations}) do not end on an optimizer "
+                f"step (gradient_accumulation_steps={self.gradient_accumulation_steps}), where the reference is "
+                "refreshed. Use a multiple of gradient_accumulation_steps / (steps_per_generation x num_iterations).",
+            )
+        self.ref_model_mixup_alpha = 1.0
+        self.ref_model_sync_steps = micro_steps // self.gradient_accumulation_steps
+
+
+_SOFT_VALUE_FIX = (
+    "the soft value's baseline is the group mean of R - beta * sum_t KL(pi_old || pi_ref), measured at generation "
+    "time for every row of a group before any loss step; VIMPOTrainer scores both models only at loss time, per "
+    "micro-batch, so it would need a second, generation-time pass of both models (and the official code allows "
+    "'soft' only without the actor term). Use vimpo_value_type='raw' (the official default); the soft math is in "
+    "gnivo_trl.losses.soft_value_baselines / soft_vimpo_value_loss."
+)
 
 _FSDP_FIX = (
     "VIMPO's scoring reads both LM heads directly and has not been tested under FSDP's sharded (DTensor) "

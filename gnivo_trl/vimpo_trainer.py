@@ -10,17 +10,20 @@ import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
 from trl.models.utils import _ForwardRedirection
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from . import scoring
+from ._config_checks import fail
 from .group_bookkeeping import GroupBookkeepingMixin, loss_mask, prompt_completion_sequences
 from .losses import (
     dual_clip_ppo_loss,
-    group_centered_rewards,
     masked_mean_std,
     token_kl_estimate,
     vimpo_advantages,
+    vimpo_reward_baselines,
     vimpo_terminal_residuals,
+    vimpo_value_loss_from_residuals,
     whiten,
 )
 from .vimpo_config import _FSDP_FIX, VIMPOConfig
@@ -53,8 +56,8 @@ class TokenScores(NamedTuple):
         logp: log pi_theta of the sampled tokens, float32, differentiable (the loss's only gradient path).
         entropy: entropy of pi_theta at each position, float32, detached.
         ref_logp: log pi_ref of the sampled tokens, float32, no gradient.
-        token_kl: per-token KL(pi_theta || pi_ref) in nats, float32, no gradient: exact (full vocabulary) or the
-            k2/k3 estimate, as ``vimpo_kl_estimator`` says.
+        token_kl: per-token KL(pi_theta || pi_ref) in nats, float32, no gradient: exact (full vocabulary), the
+            official candidate-set approximation, or the k2/k3 estimate, as ``vimpo_kl_estimator`` says.
         aux_loss: the MoE load-balancing loss of the policy forward (0-d, differentiable), or None.
     """
 
@@ -72,7 +75,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     pi_ref)`` and ``kappa = beta * KL(pi_theta || pi_ref)``; the policy-implied terminal value
     ``sum_t (rho - sg[kappa])`` is regressed onto the group-centred reward ``R - mean_group(R)`` (value loss), and a
     PPO-clipped actor (dual clip) follows the reward-free advantage ``A_t = sum_l lambda^l (rho - kappa)_{t+l}``,
-    whitened over the micro-batch. Total loss ``L_V + vimpo_actor_coef * L_A`` (SPEC section 4).
+    whitened over the micro-batch. Total loss ``L_V + vimpo_actor_coeff * L_A`` (SPEC section 4).
 
     One scoring path, at loss time, on TRL's kernels (:mod:`gnivo_trl.scoring`):
 
@@ -82,7 +85,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     * Both models' sampled-token log-probabilities come from TRL's fused-head kernel (``ChunkedLogProbFunction``) on
       those hidden states with the logit transform TRL installed on each model, so ``rho`` and the KL are exactly 0
       while the policy equals the reference; the exact KL is TRL's ``ChunkedDivergenceFunction`` (reverse KL) in
-      chunks of ``vimpo_kl_chunk_size`` tokens, without gradient. No ``(B, T, V)`` tensor exists.
+      chunks of ``vimpo_kl_chunk_size`` tokens, without gradient (or the official candidate-set approximation,
+      :func:`gnivo_trl.scoring.candidate_set_token_kl`, in the same chunks). No ``(B, T, V)`` tensor exists.
     * ``rho``, ``kappa``, the advantage and its whitening come from that forward, per micro-batch, whitened over the
       micro-batch's valid tokens on every process, as the official code does. In TRL's default layout (one micro-batch
       holds the process's generation batch) this is whitening over the whole generation batch. Only the value
@@ -97,7 +101,11 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
       (``"sequence_truncate"``) weights the row's value term and the actor's tokens; token-level modes are refused by
       :class:`VIMPOConfig`.
     * The actor loss is a token mean over the generation batch (TRL's ``num_items_in_batch``), the value loss a mean
-      over rows, both scaled for accumulation; MoE models add their router's load-balancing loss as GRPO does.
+      over rows (``0.5 r^2`` or Huber per row, ``vimpo_value_loss_type``), both scaled for accumulation; MoE models
+      add their router's load-balancing loss as GRPO does.
+    * Options of the official code: ``vimpo_cap_v0`` caps the group-mean baseline of the value target;
+      ``vimpo_update_ref_freq=N`` hard-copies the policy into the reference after every N generation batches, with
+      TRL's ``SyncRefModelCallback`` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT).
 
     Logged metrics (reduced over processes): ``vimpo/value_loss``, ``vimpo/actor_loss``, ``vimpo/residual_mean`` and
     ``vimpo/residual_std`` (terminal-value residual ``sum_t (rho - kappa) - (R - mean_g R)`` over the rows of a
@@ -145,6 +153,23 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 "own forward."
             )
         self._forward_redirection = _ForwardRedirection()
+        if self.args.vimpo_update_ref_freq:
+            self._add_reference_refresh()
+
+    def _add_reference_refresh(self) -> None:
+        """``vimpo_update_ref_freq``: TRL's ``SyncRefModelCallback``, as ``GRPOTrainer`` adds it for
+        ``sync_ref_model``, with the hard-copy settings :class:`VIMPOConfig` derived (``ref_model_mixup_alpha=1``,
+        ``ref_model_sync_steps`` = N generation batches in optimizer steps)."""
+        if self.ref_model is None:  # PEFT: the reference is the policy with its adapter disabled (or a "ref" adapter)
+            fail(
+                "vimpo_update_ref_freq",
+                self.args.vimpo_update_ref_freq,
+                "with PEFT the reference is the base model under the adapter (or a frozen 'ref' adapter), not a "
+                "separate model that a copy of the policy could replace; a refresh would have to merge the adapter "
+                "into the base weights (the official code refuses LoRA here too). Use vimpo_update_ref_freq=0 with "
+                "PEFT, or train all the weights.",
+            )
+        self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation time: the value targets, on whole groups
@@ -157,7 +182,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             # reward: out of the group mean, both losses and the whitening statistics (as in GN-IVO).
             global_ratio = self._gather_rows(ratio.reshape(-1).float())
             global_rewards = global_rewards.masked_fill(global_ratio == 0, float("nan"))
-        output["vimpo_value_target"] = group_centered_rewards(global_rewards, group_size)[local]
+        # R - min(mean_g R, vimpo_cap_v0): the plain group-centred reward when the cap is None (the default).
+        baselines = vimpo_reward_baselines(global_rewards, group_size, self.args.vimpo_cap_v0)
+        output["vimpo_value_target"] = (global_rewards.float() - baselines)[local]
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss time: both models' scores from the current forward
@@ -205,6 +232,17 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                     ref_hidden,
                     ref_lm,
                     scoring.fused_head_settings(ref_lm),
+                    self.args.vimpo_kl_chunk_size,
+                )
+            elif self.args.vimpo_kl_estimator == "candidate_set":
+                token_kl = scoring.candidate_set_token_kl(
+                    hidden.detach(),
+                    causal_lm,
+                    settings,
+                    ref_hidden,
+                    ref_lm,
+                    scoring.fused_head_settings(ref_lm),
+                    self.args.vimpo_candidate_kl_topk,
                     self.args.vimpo_kl_chunk_size,
                 )
             else:
@@ -301,8 +339,11 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             self.args.vimpo_beta,
         )
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        per_row = vimpo_value_loss_from_residuals(
+            residuals, self.args.vimpo_value_loss_type, self.args.vimpo_value_huber_delta
+        )
         # Mean over the rows of the optimizer step's batch: this micro-batch's share, summed over accumulation.
-        value_loss = (row_weight * 0.5 * residuals.square()).sum() / logp.size(0)
+        value_loss = (row_weight * per_row).sum() / logp.size(0)
 
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
@@ -312,7 +353,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         if is_ratio is not None:
             per_token = per_token * is_ratio
         actor_loss = (per_token * mask).sum() / self._token_mean_normalizer(inputs, mode)
-        loss = value_loss / accumulation + self.args.vimpo_actor_coef * actor_loss
+        loss = value_loss / accumulation + self.args.vimpo_actor_coeff * actor_loss
         loss = self._add_aux_loss(loss, scores.aux_loss, mode)
 
         self._log_metrics(

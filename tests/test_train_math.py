@@ -75,7 +75,7 @@ def test_paper_numbers_in_recipes():
     vimpo = yaml.safe_load((ROOT / "examples/recipes/vimpo_qwen3-4b-base.yaml").read_text())
     grpo = yaml.safe_load((ROOT / "examples/recipes/grpo_qwen3-4b-base.yaml").read_text())
     assert vimpo["model_name_or_path"] == "Qwen/Qwen3-4B-Base" and vimpo["dataset_name"] == "guru_math"
-    assert (vimpo["num_generations"], vimpo["vimpo_beta"], vimpo["vimpo_actor_coef"]) == (8, 5e-4, 5e-3)
+    assert (vimpo["num_generations"], vimpo["vimpo_beta"], vimpo["vimpo_actor_coeff"]) == (8, 5e-4, 5e-3)
     assert (vimpo["learning_rate"], vimpo["warmup_steps"], vimpo["weight_decay"]) == (1e-6, 10, 0.1)
     assert (vimpo["epsilon"], vimpo["epsilon_high"], vimpo["max_grad_norm"]) == (0.2, 0.28, 1.0)
     assert vimpo["max_completion_length"] == 4096

@@ -52,7 +52,7 @@ def reference_update(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("layout", list(SINGLE_PROCESS_LAYOUTS))
 def test_value_only_update_does_not_depend_on_layout(layout, tiny_model_dir, tmp_path, reference_update):
-    extra = dict(max_steps=2, vimpo_actor_coef=0.0)
+    extra = dict(max_steps=2, vimpo_actor_coeff=0.0)
     trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), **SINGLE_PROCESS_LAYOUTS[layout], **extra)
     assert_same_update(parameter_update(trainer), reference_update(**extra))
 
@@ -95,9 +95,9 @@ def test_two_processes_match_one_process_in_the_default_layout(
 
 @pytest.mark.distributed
 def test_two_processes_value_loss_with_accumulation(tiny_model_dir, tmp_path, reference_update):
-    layout = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, vimpo_actor_coef=0.0, max_steps=2)
+    layout = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, vimpo_actor_coeff=0.0, max_steps=2)
     saved = run_two_processes("vimpo", tiny_model_dir, tmp_path, json.dumps(layout))
-    assert_same_update(saved["update"], reference_update(max_steps=2, vimpo_actor_coef=0.0))
+    assert_same_update(saved["update"], reference_update(max_steps=2, vimpo_actor_coeff=0.0))
 
 
 def test_reference_is_the_frozen_initial_model_and_grpo_kl_stays_off(tiny_model_dir, tmp_path):
@@ -324,7 +324,7 @@ def test_trains_end_to_end(estimator, actor_coef, tiny_model_dir, tmp_path):
         tiny_model_dir,
         str(tmp_path),
         vimpo_kl_estimator=estimator,
-        vimpo_actor_coef=actor_coef,
+        vimpo_actor_coeff=actor_coef,
         vimpo_beta=5e-4,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
@@ -358,7 +358,7 @@ def test_clip_ratios_are_logged_like_grpo(tiny_model_dir, tmp_path):
 
 def test_actor_coefficient_changes_the_update(tiny_model_dir, tmp_path, reference_update):
     # Value-only (c_A = 0) and the default mix differ once the advantages are non-zero (step 2).
-    value_only = build_trainer("vimpo", tiny_model_dir, str(tmp_path), max_steps=2, vimpo_actor_coef=0.0)
+    value_only = build_trainer("vimpo", tiny_model_dir, str(tmp_path), max_steps=2, vimpo_actor_coeff=0.0)
     assert max_difference(parameter_update(value_only), reference_update(max_steps=2)) > 1e-4
 
 
@@ -434,7 +434,7 @@ CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
         (dict(beta=0.04), "beta"),
         (dict(vimpo_beta=0.0), "vimpo_beta"),
         (dict(vimpo_beta=-1e-3), "vimpo_beta"),
-        (dict(vimpo_actor_coef=-0.1), "vimpo_actor_coef"),
+        (dict(vimpo_actor_coeff=-0.1), "vimpo_actor_coeff"),
         (dict(vimpo_gae_lambda=1.5), "vimpo_gae_lambda"),
         (dict(vimpo_gae_lambda=-0.1), "vimpo_gae_lambda"),
         (dict(vimpo_kl_estimator="k1"), "vimpo_kl_estimator"),
@@ -496,7 +496,7 @@ def test_grpo_config_is_refused(tiny_model_dir):
 
 def test_defaults_follow_the_official_implementation():
     config = VIMPOConfig(**CONFIG)
-    assert (config.vimpo_beta, config.vimpo_actor_coef, config.vimpo_gae_lambda) == (5e-4, 5e-3, 1.0)
+    assert (config.vimpo_beta, config.vimpo_actor_coeff, config.vimpo_gae_lambda) == (5e-4, 5e-3, 1.0)
     assert (config.vimpo_kl_estimator, config.num_generations, config.beta) == ("exact", 8, 0.0)
     assert (config.epsilon, config.epsilon_high, config.vimpo_dual_clip) == (0.2, 0.28, 10.0)
     assert (config.loss_type, config.use_bias_correction_kl) == ("dapo", False)

@@ -173,7 +173,7 @@ def build_trainer(
     )
     if algorithm == "vimpo":
         settings["vimpo_beta"] = 0.05  # large enough that the value and actor terms both move the parameters
-        settings["vimpo_actor_coef"] = 1.0
+        settings["vimpo_actor_coeff"] = 1.0
     settings.update(overrides)
     args = config_cls(**settings)
     from transformers import AutoTokenizer
