@@ -418,22 +418,27 @@ def vimpo_value_loss(
 
 
 def reverse_discounted_cumsum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
-    """``a[s] = mask[s] * (values[s] + discount * a[s+1])`` with ``a[T] = 0``, for every row, float32 ``(B, T)``.
+    """``A[s] = sum_{l>=0} discount^l values[s_l]`` over the unmasked positions ``s = s_0 < s_1 < ...`` of each row,
+    0 at masked positions; float32 ``(B, T)``.
 
-    A masked position resets the accumulation. Computed by recursive doubling (``ceil(log2 T)`` vector steps, no
-    loop over positions): after step ``k``, ``a[s] = X[s] + G[s] * a[s + 2^k]``. Only products of factors in
-    ``[0, 1]`` appear, so nothing overflows for long sequences (unlike rescaling by ``discount**-s``).
+    Masked positions inside a row (tool output in a multi-turn rollout) are passed through, not a reset: the
+    accumulation carries across them unchanged, so a token before a hole is credited with what follows it (SPEC
+    section 4, as the official implementation carries values and GAE through masked positions). Computed by
+    recursive doubling (``ceil(log2 T)`` vector steps, no loop over positions) of ``a[s] = x[s] + g[s] a[s+1]`` with
+    ``x = values, g = discount`` at unmasked and ``x = 0, g = 1`` at masked positions: after step ``k``,
+    ``a[s] = X[s] + G[s] * a[s + 2^k]``. Only products of factors in ``[0, 1]`` appear, so nothing overflows for long
+    sequences (unlike rescaling by ``discount**-s``).
     """
     valid = mask.bool()
     accumulated = torch.where(valid, values.float(), 0.0)
-    carry = torch.where(valid, torch.full_like(accumulated, float(discount)), 0.0)
+    carry = torch.where(valid, torch.full_like(accumulated, float(discount)), 1.0)
     T = values.size(1)
     shift = 1
     while shift < T:
         accumulated = accumulated + carry * F.pad(accumulated[:, shift:], (0, shift))
         carry = carry * F.pad(carry[:, shift:], (0, shift))
         shift *= 2
-    return accumulated
+    return torch.where(valid, accumulated, 0.0)
 
 
 @torch.no_grad()
@@ -447,8 +452,9 @@ def vimpo_advantages(
 ) -> torch.Tensor:
     """VIMPO's reward-free actor advantage before whitening (SPEC section 4), detached float32 ``(B, T)``.
 
-    ``delta = beta * (logp - ref_logp - token_kl)`` and ``A[s] = sum_{l>=0} lambda^l delta[s+l]`` over the
-    contiguous unmasked run that contains ``s`` (0 at masked positions).
+    ``delta = beta * (logp - ref_logp - token_kl)`` and ``A[s] = sum_{l>=0} lambda^l delta[s_l]`` over the unmasked
+    positions ``s = s_0 < s_1 < ...`` of the row: holes in the mask (tool output) are passed through, so a token before
+    a tool call is credited with the model tokens after the tool's answer (0 at masked positions).
     """
     _check_same_shape(logp=logp, ref_logp=ref_logp, token_kl=token_kl, mask=mask)
     delta = beta * (logp.float() - ref_logp.float() - token_kl.float())

@@ -65,20 +65,18 @@ def naive_value_loss(logp64, ref_logp, token_kl, mask, rewards, K, beta):
 
 
 def naive_advantages(logp, ref_logp, token_kl, mask, beta, gae_lambda):
-    """``a[T] = 0``, ``a[s] = (delta[s] + lambda * a[s+1]) * mask[s]`` with ``delta = beta*(logp - ref - KL)``."""
+    """``A[s] = sum_l lambda^l delta[s_l]`` over the unmasked positions ``s_0 = s < s_1 < ...`` of the row (holes in the
+    mask are skipped, not a reset), with ``delta = beta*(logp - ref - KL)``; 0 at masked positions."""
     B, T = mask.shape
     lp, ref, kl, m = logp.tolist(), ref_logp.tolist(), token_kl.tolist(), mask.tolist()
     out = [[0.0] * T for _ in range(B)]
     for i in range(B):
-        a_next = 0.0
-        for s in reversed(range(T)):
-            if m[i][s]:
-                delta = beta * (lp[i][s] - ref[i][s] - kl[i][s])
-                a = delta + gae_lambda * a_next
-            else:
-                a = 0.0
-            out[i][s] = a
-            a_next = a
+        model_tokens = [s for s in range(T) if m[i][s]]
+        for rank, s in enumerate(model_tokens):
+            out[i][s] = sum(
+                gae_lambda**step * beta * (lp[i][later] - ref[i][later] - kl[i][later])
+                for step, later in enumerate(model_tokens[rank:])
+            )
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -293,6 +291,18 @@ def test_advantages_match_naive_recursion(seed, gae_lambda, holes):
     assert advantages.grad_fn is None and not advantages.requires_grad
     torch.testing.assert_close(advantages.double(), expected, rtol=1e-5, atol=1e-7)
     assert torch.all(advantages[mask == 0] == 0)
+
+
+def test_advantages_pass_through_tool_output():
+    """A model token before a tool response is credited with the model tokens after it (SPEC section 4): with
+    lambda = 1 the advantage at every model token is the sum of delta over the row's later model tokens."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])  # two model tokens, two tool tokens, two model tokens
+    logp = torch.tensor([[1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 9.0]])
+    zeros = torch.zeros_like(logp)
+    advantages = vimpo_advantages(logp, zeros, zeros, mask, beta=1.0)
+    assert advantages.tolist() == [[10.0, 9.0, 0.0, 0.0, 7.0, 4.0, 0.0]]
+    half = vimpo_advantages(logp, zeros, zeros, mask, beta=1.0, gae_lambda=0.5)
+    torch.testing.assert_close(half, torch.tensor([[1 + 1 + 0.75 + 0.5, 2 + 1.5 + 1.0, 0, 0, 3 + 2.0, 4.0, 0]]))
 
 
 def test_advantages_default_lambda_is_one_and_equals_reverse_cumsum():
