@@ -8,7 +8,7 @@ from trl import GRPOConfig
 
 from ._config_checks import check_common_grpo_options, check_field_names, fail, policy_moves_within_generation_batch
 
-PREFIX_UNITS = ("token", "step", "sequence")
+PREFIX_UNITS = ("token", "step", "turn", "sequence")
 WEIGHT_NORMALIZATIONS = ("softmax", "none")
 
 
@@ -30,8 +30,10 @@ class GNIVOConfig(GRPOConfig):
             Reward temperature alpha of the target pi_old * exp(R / alpha) / Z. Must be > 0.
         gnivo_prefix_unit (`str`, *optional*, defaults to `"token"`):
             What closes a prefix: `"token"` (every completion token), `"step"` (a token whose decoded text ends an
-            occurrence of `gnivo_step_delimiter`; the paper's reasoning steps), or `"sequence"` (only the last token;
-            the paper's one-step variant).
+            occurrence of `gnivo_step_delimiter`; the paper's reasoning steps), `"turn"` (the last model token of each
+            assistant turn of a multi-turn rollout with `tools=` or `environment_factory=`: the last token before each
+            tool response, and the completion's last token; without tool output this is the same as `"sequence"`), or
+            `"sequence"` (only the last token; the paper's one-step variant). Tool output never takes part in the loss.
         gnivo_step_delimiter (`str`, *optional*, defaults to `"\n\n"`):
             Text that separates reasoning steps when `gnivo_prefix_unit="step"`.
         gnivo_weight_normalization (`str`, *optional*, defaults to `"softmax"`):
@@ -51,7 +53,9 @@ class GNIVOConfig(GRPOConfig):
         default="token",
         metadata={
             "help": "What closes a prefix: 'token' (every token), 'step' (a token that ends an occurrence of "
-            "gnivo_step_delimiter) or 'sequence' (only the last token; the paper's one-step variant).",
+            "gnivo_step_delimiter), 'turn' (the last model token of each assistant turn of a multi-turn rollout with "
+            "tools or an environment: the last token before each tool response, and the last token; the same as "
+            "'sequence' without tool output) or 'sequence' (only the last token; the paper's one-step variant).",
             "choices": list(PREFIX_UNITS),
         },
     )

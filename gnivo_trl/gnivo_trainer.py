@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from typing import Any
 
@@ -20,9 +21,11 @@ from .losses import (
     prefix_log_ratios,
     unit_boundaries,
 )
-from .steps import TokenTextCache, step_unit_ends
+from .steps import TokenTextCache, step_unit_ends, turn_unit_ends
 
 __all__ = ["GNIVOTrainer"]
+
+logger = logging.getLogger(__name__)
 
 _GROUP_FIELDS = ("gnivo_weights", "gnivo_member", "gnivo_weight_sum", "gnivo_group_size")
 
@@ -52,6 +55,10 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     batch. Rows with a NaN reward (every reward function returned None) and rows masked by vLLM's sequence-level
     importance-sampling correction leave their group; with ``"sequence_truncate"`` the ratio multiplies the row's
     target weight. Token-level importance-sampling modes are refused by :class:`GNIVOConfig`.
+
+    Multi-turn rollouts (TRL's ``tools=`` or ``environment_factory=``): tool output appended between assistant turns
+    (``tool_mask`` 0) takes no part in the loss, its prefix sums or its units; ``gnivo_prefix_unit="turn"`` closes a
+    unit at the last model token of each assistant turn (:func:`gnivo_trl.steps.turn_unit_ends`).
 
     Logged metrics (all reduced over processes): ``gnivo/loss``, ``gnivo/weight_entropy`` (entropy of the normalised
     target weights, averaged over groups; ``log K`` means no preference), ``gnivo/prefix_horizon`` (mean ``T_g``),
@@ -84,6 +91,13 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 "every GRPOConfig field plus the gnivo_* fields."
             )
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if args.gnivo_prefix_unit == "turn" and not self.tools and self.rollout_func is None:
+            # Turns are separated by tool output; without tools, an environment or a rollout_func's env_mask there is
+            # none, and every completion is a single turn.
+            logger.warning(
+                "gnivo_prefix_unit='turn' without tools, environment_factory or rollout_func: every completion is one "
+                "turn, so the loss is that of gnivo_prefix_unit='sequence'."
+            )
         self._token_texts = None
         if args.gnivo_prefix_unit == "step":
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -94,12 +108,17 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _unit_ends(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor | None:
-        """Unit boundaries as the loss expects them: None for tokens, all-False for whole sequences."""
+        """Unit boundaries ``(B, T)`` bool as the loss expects them, for the rows of ``mask`` (the ``(B, T)`` loss
+        mask, tool output 0): None for tokens, all-False for whole sequences (the loss adds each row's last token),
+        the last model token before each tool response for turns, the decoded delimiters for steps."""
         unit = self.args.gnivo_prefix_unit
         if unit == "token":
             return None
         if unit == "sequence":
             return torch.zeros_like(mask, dtype=torch.bool)
+        if unit == "turn":
+            # Read off the mask itself, so it is recomputed for whatever rows (and order) the caller holds.
+            return turn_unit_ends(mask)
         return inputs["gnivo_unit_ends"]
 
     def _add_group_statistics(self, output, global_rewards, local, group_size, mode) -> None:

@@ -12,7 +12,7 @@ processes. This mixin
 * when ``per_device_train_batch_size`` is a multiple of the group size, shuffles whole groups instead of rows, so
   that every micro-batch holds complete groups;
 * turns bad input into clear errors or documented behaviour: a dataset without a ``prompt`` column is refused at
-  construction, an exception in a reward function is re-raised as :class:`RewardFunctionError` naming the function,
+  construction (unless an ``environment_factory`` supplies the prompts, as TRL allows), an exception in a reward function is re-raised as :class:`RewardFunctionError` naming the function,
   and a row whose weighted reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning
   for infinities.
 
@@ -108,9 +108,13 @@ def _is_scalar(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 0
 
 
-def _check_prompt_column(dataset, argument: str) -> None:
-    """Refuse a dataset (or a dict of datasets) whose known columns do not include ``prompt``."""
-    if dataset is None:
+def _check_prompt_column(dataset, argument: str, has_environment: bool = False) -> None:
+    """Refuse a dataset (or a dict of datasets) whose known columns do not include ``prompt``.
+
+    With an ``environment_factory`` (``has_environment``) the column is optional, as in TRL: a row without it starts
+    from an empty user message and the environment's ``reset()`` supplies the prompt, so any columns are accepted.
+    """
+    if dataset is None or has_environment:
         return
     if isinstance(dataset, dict):
         for name, split in dataset.items():
@@ -121,7 +125,8 @@ def _check_prompt_column(dataset, argument: str) -> None:
         raise ValueError(
             f"{argument} has no 'prompt' column (its columns are {sorted(columns)}). The trainers, like TRL's "
             "GRPOTrainer, sample completions for the 'prompt' of each row: rename the column holding the prompts "
-            "(dataset.rename_column(old, 'prompt')) or map the rows to a 'prompt' field (chat messages or text)."
+            "(dataset.rename_column(old, 'prompt')) or map the rows to a 'prompt' field (chat messages or text). "
+            "Only with an environment_factory, whose reset() returns the prompt, may the column be absent."
         )
 
 
@@ -176,8 +181,9 @@ class GroupBookkeepingMixin:
 
     def __init__(self, *args, **kwargs):
         bound = _GRPO_INIT.bind(self, *args, **kwargs)
-        _check_prompt_column(bound.arguments.get("train_dataset"), "train_dataset")
-        _check_prompt_column(bound.arguments.get("eval_dataset"), "eval_dataset")
+        has_environment = bound.arguments.get("environment_factory") is not None
+        _check_prompt_column(bound.arguments.get("train_dataset"), "train_dataset", has_environment)
+        _check_prompt_column(bound.arguments.get("eval_dataset"), "eval_dataset", has_environment)
         with _reference_copied_from_instance(self, bound.arguments["model"]):
             super().__init__(*args, **kwargs)
 

@@ -1,4 +1,9 @@
-"""Reasoning-step boundaries from decoded completion tokens (GN-IVO ``gnivo_prefix_unit="step"``)."""
+"""Unit boundaries of GN-IVO's prefix units beyond single tokens.
+
+* ``gnivo_prefix_unit="step"``: reasoning-step boundaries from the decoded completion tokens (:func:`step_unit_ends`).
+* ``gnivo_prefix_unit="turn"``: assistant-turn boundaries from the loss mask of a multi-turn (tool-calling) rollout
+  (:func:`turn_unit_ends`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["TokenTextCache", "step_unit_ends"]
+__all__ = ["TokenTextCache", "step_unit_ends", "turn_unit_ends"]
 
 
 class TokenTextCache:
@@ -75,3 +80,27 @@ def step_unit_ends(
             ends[row, positions[np.searchsorted(piece_end, last_char, side="right")]] = True
             start = text.find(delimiter, start + len(delimiter))
     return torch.from_numpy(ends).to(completion_ids.device)
+
+
+def turn_unit_ends(mask: torch.Tensor) -> torch.Tensor:
+    """Mark the tokens that close an assistant turn of a multi-turn rollout.
+
+    In a completion built by TRL's tool loop (``tools=`` or ``environment_factory=``) the loss mask
+    (``completion_mask * tool_mask``) is 1 on the model's own tokens and 0 on the tool output that TRL appended
+    between two assistant turns. A turn closes at the last unmasked token before each run of masked tokens, which
+    is the last model token before a tool response; the trailing padding is such a run too, so the completion's last
+    unmasked token closes the final turn (:func:`gnivo_trl.losses.unit_boundaries` adds it in any case). A row
+    without tool output therefore has exactly one turn: turn units then equal ``"sequence"`` units.
+
+    Vectorised (one comparison of each position with the next), no loop over positions or rows.
+
+    Args:
+        mask: ``(B, T)`` 0/1 loss mask (any dtype): 1 on model tokens, 0 on tool output and padding.
+
+    Returns:
+        ``(B, T)`` bool tensor on the device of ``mask``, True where an unmasked token is followed by a masked
+        position or by the end of the row.
+    """
+    valid = mask.bool()
+    next_valid = torch.nn.functional.pad(valid[:, 1:], (0, 1), value=False)  # past the last column counts as masked
+    return valid & ~next_valid

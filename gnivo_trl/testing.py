@@ -3,7 +3,8 @@
 A tokenizer is trained in process (byte-level BPE, so any text round-trips) and given a ChatML chat template; a tiny
 Qwen2-architecture causal LM is built from a config with random weights. :func:`save_tiny_model` writes both to a
 directory, because TRL builds the reference model (``beta > 0``, VIMPO) and vLLM loads the policy from the model's
-``name_or_path``: pass that directory as ``model=`` to a trainer.
+``name_or_path``: pass that directory as ``model=`` to a trainer. :func:`save_tiny_tool_model` does the same with
+TRL's Qwen3 chat template, whose tool calls TRL can parse, for ``tools=`` and ``environment_factory=``.
 
 Example::
 
@@ -29,8 +30,10 @@ __all__ = [
     "CHAT_TEMPLATE",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "build_tiny_tool_tokenizer",
     "chatml_tokenizer",
     "save_tiny_model",
+    "save_tiny_tool_model",
     "tiny_prompt_dataset",
 ]
 
@@ -82,6 +85,45 @@ def chatml_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
         truncation_side="left",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _example_tool(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a + b
+
+
+def build_tiny_tool_tokenizer(vocab_size: int = 500) -> PreTrainedTokenizerFast:
+    """A tiny tokenizer with TRL's copy of the Qwen3 chat template, for multi-turn training with tools.
+
+    TRL's ``tools=`` / ``environment_factory=`` need a chat template it recognises: ``add_response_schema`` then sets
+    the Qwen3 response parser (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``), and, since that template
+    is not prefix-preserving, TRL renders prompts and tool responses with its Qwen3 training template. The BPE is
+    trained on a rendered tool-calling conversation as well as the default corpus, so that the tool boilerplate of
+    the system prompt takes about 250 tokens instead of 500.
+    """
+    from trl.chat_template_utils import qwen3_chat_template
+
+    conversation = [
+        {"role": "user", "content": "What is 3 + 4?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}}],
+        },
+        {"role": "tool", "name": "add", "content": "7"},
+        {"role": "assistant", "content": "The answer is 7."},
+    ]
+    renderer = build_tiny_tokenizer()
+    renderer.chat_template = qwen3_chat_template
+    rendered = renderer.apply_chat_template(conversation, tools=[_example_tool], tokenize=False)
+    tokenizer = build_tiny_tokenizer([*_DEFAULT_CORPUS, rendered], vocab_size=vocab_size)
+    tokenizer.chat_template = qwen3_chat_template
     return tokenizer
 
 
@@ -138,3 +180,17 @@ def tiny_prompt_dataset(num_prompts: int = 16, conversational: bool = True):
     solutions = [str(i + i % 5) for i in range(num_prompts)]
     prompts = [[{"role": "user", "content": q}] for q in questions] if conversational else questions
     return Dataset.from_dict({"prompt": prompts, "solution": solutions})
+
+
+def save_tiny_tool_model(
+    directory: str | os.PathLike, seed: int = 0, max_position_embeddings: int = 1024, **model_kwargs
+) -> str:
+    """:func:`save_tiny_model` with :func:`build_tiny_tool_tokenizer` (TRL's Qwen3 chat template, for ``tools=`` and
+    ``environment_factory=``) and room for the tool schema in the prompt; returns the directory as a string."""
+    tokenizer = build_tiny_tool_tokenizer()
+    model = build_tiny_model(tokenizer, seed=seed, max_position_embeddings=max_position_embeddings, **model_kwargs)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

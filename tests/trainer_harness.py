@@ -9,6 +9,7 @@ same rows; with plain SGD and no gradient clipping, the parameter update of one 
 from __future__ import annotations  # noqa: I001
 
 import gnivo_trl.testing  # noqa: F401  (sets the offline environment variables first)
+import re
 import torch
 from datasets import Dataset
 
@@ -301,3 +302,114 @@ def save_tiny_family_model(directory, family: str) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-turn rollouts with tools (TRL's tools= / environment_factory=), for gnivo_trl.testing.save_tiny_tool_model
+# ---------------------------------------------------------------------------------------------------------------------
+
+TOOL_NAME = "add_numbers"
+# Final answers after the tool calls; {result} is the last tool response.
+ANSWER_TEMPLATES = ["The answer is {result}.", "{result}", "I think {result} 7.", "Done: 7 7 {result}"]
+_TOOL_CALL_ARGUMENTS = re.compile(r'"arguments": \{"a": (\d+), "b": (\d+)\}')
+_TOOL_RESPONSE = re.compile(r"<tool_response>\n(.*?)\n</tool_response>", re.DOTALL)
+
+
+def add_numbers(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a + b
+
+
+def tool_call_text(a: int, b: int) -> str:
+    """A well-formed Qwen3 tool call of :func:`add_numbers` (what TRL's Qwen3 response parser reads)."""
+    return f'<tool_call>\n{{"name": "{TOOL_NAME}", "arguments": {{"a": {a}, "b": {b}}}}}\n</tool_call>'
+
+
+def reward_tool_use(completions, **kwargs) -> list[float]:
+    """A deterministic reward of a multi-turn completion (a list of messages): sevens in the assistant turns plus
+    the number of tool calls, so that rows of a group differ."""
+    rewards = []
+    for messages in completions:
+        assistant = [m for m in messages if m["role"] == "assistant"]
+        sevens = sum(str(m.get("content") or "").count("7") for m in assistant)
+        calls = sum(len(m.get("tool_calls") or []) for m in assistant)
+        rewards.append(min(sevens, 3) / 3 + 0.5 * calls)
+    return rewards
+
+
+def stub_tool_generation(trainer) -> None:
+    """Replace generation by a deterministic multi-turn policy that writes Qwen3 tool calls of :func:`add_numbers`.
+
+    First turn (``num_generations`` = K rows per prompt): the row with index ``m`` in its group answers at once when
+    ``key % 4 == 0`` (``key`` a function of the prompt and ``m``), and otherwise calls ``add_numbers(a, b)`` with
+    ``b`` (1 or 2) the number of calls it will make. Later turns (TRL's tool loop calls with ``num_generations=1`` on
+    the conversation so far, tool responses included): another call while fewer than ``b`` tool responses are in the
+    conversation, then an answer holding the last tool result. Every turn ends with EOS except some final answers.
+    Each turn is a function of the token sequence so far, so every batch layout sees exactly the same rows.
+    """
+    tokenizer = trainer.processing_class
+    eos = tokenizer.eos_token_id
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        first_global_row = trainer.accelerator.process_index * len(prompt_ids)
+        completions = []
+        for offset, ids in enumerate(prompt_ids):
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            calls = _TOOL_CALL_ARGUMENTS.findall(text)
+            if num_generations > 1:  # first turn: a function of (prompt, index of the row in its group)
+                member = (first_global_row + offset) % num_generations
+                key = sum(int(t) for t in ids) * 7 + member * 3
+                reply = None if key % 4 == 0 else tool_call_text(key % 7, 1 + key % 2)
+            else:  # a turn after tool output: a function of the conversation so far
+                key = sum(int(t) for t in ids)
+                responses = _TOOL_RESPONSE.findall(text)
+                wanted = int(calls[0][1]) if calls else 0
+                reply = tool_call_text(int(responses[-1]), wanted) if len(responses) < wanted else None
+            if reply is None:
+                result = _TOOL_RESPONSE.findall(text)[-1] if num_generations == 1 else str(key % 10)
+                reply = ANSWER_TEMPLATES[key % len(ANSWER_TEMPLATES)].format(result=result)
+                with_eos = key % 3 != 0
+            else:
+                with_eos = True
+            completion = tokenizer(reply, add_special_tokens=False)["input_ids"] + ([eos] if with_eos else [])
+            completions.append(completion[: trainer.args.max_completion_length])
+        return completions, None
+
+    trainer._generate_single_turn = generate
+
+
+class AdditionEnvironment:
+    """A TRL environment (``environment_factory=AdditionEnvironment``): ``reset`` returns the task from the row's
+    ``target`` column (the dataset needs no ``prompt``), :meth:`add_numbers` is its tool, ``get_reward`` scores the
+    rollout from the environment's state."""
+
+    def __init__(self) -> None:
+        self.target = 0
+        self.last_result: int | None = None
+        self.calls = 0
+
+    def reset(self, **row) -> str:
+        self.target = int(row.get("target", 7))
+        self.last_result = None
+        self.calls = 0
+        return f"Reach {self.target} by adding numbers."
+
+    def add_numbers(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: The first integer.
+            b: The second integer.
+        """
+        self.calls += 1
+        self.last_result = a + b
+        return a + b
+
+    def get_reward(self) -> float:
+        distance = abs(self.target - self.last_result) if self.last_result is not None else 10
+        return 1.0 / (1 + distance) + 0.1 * self.calls
