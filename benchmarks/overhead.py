@@ -459,8 +459,8 @@ def write_report(
         f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
         f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
         "forwards of `_generate_and_score_completions`: old log-probs where TRL computes them, GRPO+ref's reference "
-        "forward, VIMPO's reference forward, plus its policy forward and KL where TRL computes old log-probs) + loss "
-        "step (forward, loss, backward; VIMPO's KL and advantages where TRL computes no old log-probs). Each figure is "
+        "forward; VIMPO runs none of its own) + loss step (forward, loss, backward; VIMPO's reference forward, exact "
+        "KL on TRL's kernels and advantages are computed here). Each figure is "
         f"the median over {repeats} repetitions of the ratio to the baseline measured in the same repetition (methods "
         "interleaved).",
     ]
