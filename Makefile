@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format demo learning-benchmark overhead-benchmark gpu-check clean
+.PHONY: venv test lint format demo learning-benchmark overhead-benchmark credit-benchmark gpu-check clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ learning-benchmark: $(STAMP)
 
 overhead-benchmark: $(STAMP)
 	$(PY) benchmarks/overhead.py --lengths 256 1024 4096 --repeats 5
+
+# Step-error localisation by implied credit (benchmarks/results/credit.md; resumable, cached under .cache/).
+credit-benchmark: $(STAMP)
+	$(PY) benchmarks/credit.py
 
 # One CUDA GPU, under 8 minutes (benchmarks/README.md, "GPU check"); runs .venv/bin/python if present, else python3.
 gpu-check:

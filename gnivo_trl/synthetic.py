@@ -73,6 +73,7 @@ __all__ = [
     "chain_reward",
     "completion_text",
     "default_cache_dir",
+    "earliest_wrong_step",
     "evaluate_accuracy",
     "final_answer",
     "generate_problems",
@@ -198,6 +199,33 @@ def verify(problem: str, completion: str, answer: str | None = None) -> bool:
     if answer is not None and str(answer).strip() != final_answer(problem):
         return False
     return completion.strip() == reference
+
+
+def earliest_wrong_step(problem: str, completion: str) -> int | None:
+    """Index of the first wrong step of ``completion`` (0-based), or None when :func:`verify` accepts it.
+
+    The label of ProcessBench ("where did it go wrong?") for this task. Steps are the pieces of ``completion`` split
+    at :data:`STEP_DELIMITER`, exactly the units of ``GNIVOConfig(gnivo_prefix_unit="step")``: piece ``k`` is unit
+    ``k`` (the delimiter closes the piece before it), and the boxed answer is the last step (index ``num_steps`` of a
+    complete solution). A piece is wrong when it differs from the reference solution's piece at the same index (a
+    wrong result, a wrong operand, or a piece beyond the reference's last); surrounding whitespace of the whole
+    completion is ignored, as :func:`verify` ignores it. Steps after the first wrong one are not judged: a slip is
+    carried into the next lines, which are then "wrong" only because of it. A completion that is a strict prefix of
+    the reference (it stopped early) went wrong at its last piece, where it stopped instead of going on.
+
+    Consistent with :func:`verify`: None exactly when ``verify(problem, completion)`` is True.
+    """
+    if verify(problem, completion):
+        return None
+    reference = solution_text(problem).split(STEP_DELIMITER)
+    pieces = completion.split(STEP_DELIMITER)
+    for index, piece in enumerate(pieces):
+        # Only the whole completion's surrounding whitespace is forgiven (verify strips it), not a piece's own.
+        text = piece.lstrip() if index == 0 else piece
+        text = text.rstrip() if index == len(pieces) - 1 else text
+        if index >= len(reference) or text != reference[index]:
+            return index
+    return len(pieces) - 1
 
 
 def chain_reward(

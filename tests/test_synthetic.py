@@ -11,6 +11,7 @@ from gnivo_trl.synthetic import (
     build_tokenizer,
     build_warm_start,
     chain_reward,
+    earliest_wrong_step,
     evaluate_accuracy,
     final_answer,
     generate_problems,
@@ -69,6 +70,36 @@ def test_an_error_undone_later_still_scores_zero():
     slipped = "1*5=0\n\n0*0=0\n\n\\boxed{0}"
     assert final_answer(problem) == "0" and solution_text(problem) != slipped
     assert chain_reward([slipped], problem=[problem], answer=["0"]) == [0.0]
+
+
+def test_earliest_wrong_step_labels_the_first_wrong_piece():
+    problem = "3+4*2-5"  # 3+4=7 | 7*2=4 | 4-5=9 | \\boxed{9}
+    reference = solution_text(problem)
+    assert earliest_wrong_step(problem, reference) is None
+    assert earliest_wrong_step(problem, "\n" + reference + "\n") is None  # verify ignores surrounding whitespace
+    lines = reference.split("\n\n")
+    for index in range(len(lines) - 1):
+        wrong = lines.copy()
+        wrong[index] = wrong[index][:-1] + str((int(wrong[index][-1]) + 1) % 10)
+        assert earliest_wrong_step(problem, "\n\n".join(wrong)) == index
+    # A slip carried into the following lines (as the warm start makes them) is labelled where it happened.
+    assert earliest_wrong_step(problem, solution_text(problem, error_steps=[1], rng=random.Random(0))) == 1
+    assert earliest_wrong_step(problem, reference.replace("{9}", "{8}")) == 3  # only the boxed answer
+    assert earliest_wrong_step(problem, reference.replace("7*2", "7+2", 1)) == 1  # wrong operation
+    assert earliest_wrong_step(problem, "\n\n".join(lines[:2] + lines[3:])) == 2  # a missing step
+    assert earliest_wrong_step(problem, reference + "\n\n1+1=2") == 4  # a piece after the answer
+    assert earliest_wrong_step(problem, "\n\n".join(lines[:2])) == 1  # stopped early: at its last piece
+    assert earliest_wrong_step(problem, reference.replace("\n\n", "\n")) == 0  # one piece, not the first step
+    assert earliest_wrong_step(problem, "3+4=7 \n\n" + "\n\n".join(lines[1:])) == 0  # a piece's own space
+    # None exactly when the verifier accepts, on the warm start's kind of noisy solutions.
+    rng = random.Random(1)
+    for problem in generate_problems(200, "test", num_steps=4, seed=5):
+        errors = [step for step in range(4) if rng.random() < 0.3]
+        text = solution_text(problem, errors, rng)
+        label = earliest_wrong_step(problem, text)
+        assert (label is None) == verify(problem, text)
+        # solution_text's injected error always changes the step's result (it adds 1-9 mod 10).
+        assert label == (min(errors) if errors else None)
 
 
 def test_splits_are_disjoint_deterministic_and_sized():
