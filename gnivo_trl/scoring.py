@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -167,6 +168,31 @@ def token_log_probs(
     return log_probs, (entropy.detach() if entropy is not None else None)
 
 
+def _per_chunk_with_gathered_heads(
+    policy_hidden: torch.Tensor,
+    policy_lm: torch.nn.Module,
+    policy_settings: FusedHeadSettings,
+    ref_hidden: torch.Tensor,
+    ref_lm: torch.nn.Module,
+    ref_settings: FusedHeadSettings,
+    chunk_size: int,
+    chunk_kl: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """``chunk_kl(policy_chunk, (weight, bias), ref_chunk, (weight, bias)) -> (n,)`` over chunks of ``chunk_size``
+    tokens, float32 ``(N,)``. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the
+    same collectives however many tokens it holds; the hidden states are in the precision TRL's fused head projects
+    in (float32 outside autocast with ``cast_lm_head_to_fp32``)."""
+    policy_head, ref_head = _head_parameters(policy_lm), _head_parameters(ref_lm)
+    policy_hidden, precision = _head_context(policy_settings, policy_hidden)
+    ref_hidden, _ = _head_context(ref_settings, ref_hidden)
+    kl = torch.zeros(policy_hidden.size(0), device=policy_hidden.device, dtype=torch.float32)
+    with precision, maybe_gather_lm_head_ctx(*policy_head), maybe_gather_lm_head_ctx(*ref_head):
+        for start in range(0, policy_hidden.size(0), chunk_size):
+            stop = start + chunk_size
+            kl[start:stop] = chunk_kl(policy_hidden[start:stop], policy_head, ref_hidden[start:stop], ref_head)
+    return kl
+
+
 @torch.no_grad()
 def exact_token_kl(
     policy_hidden: torch.Tensor,
@@ -193,33 +219,25 @@ def exact_token_kl(
     Returns:
         float32 ``(N,)``, in nats.
     """
-    policy_weight, policy_bias = _head_parameters(policy_lm)
-    ref_weight, ref_bias = _head_parameters(ref_lm)
-    policy_hidden, precision = _head_context(policy_settings, policy_hidden)
-    ref_hidden, _ = _head_context(ref_settings, ref_hidden)
-    kl = torch.zeros(policy_hidden.size(0), device=policy_hidden.device, dtype=torch.float32)
-    with (
-        precision,
-        maybe_gather_lm_head_ctx(policy_weight, policy_bias),
-        maybe_gather_lm_head_ctx(ref_weight, ref_bias),
-    ):
-        for start in range(0, policy_hidden.size(0), chunk_size):
-            stop = start + chunk_size
-            kl[start:stop], _ = ChunkedDivergenceFunction.apply(
-                policy_hidden[start:stop],
-                policy_weight,
-                policy_bias,
-                ref_hidden[start:stop],
-                ref_weight,
-                ref_bias,
-                1.0,  # beta = 1: the reverse KL, KL(student || teacher) = KL(pi_theta || pi_ref)
-                policy_settings.temperature,
-                policy_settings.logit_scale,
-                policy_settings.final_logit_softcapping,
-                ref_settings.logit_scale,
-                ref_settings.final_logit_softcapping,
-            )
-    return kl
+
+    def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
+        kl, _ = ChunkedDivergenceFunction.apply(
+            policy_chunk,
+            *policy_head,
+            ref_chunk,
+            *ref_head,
+            1.0,  # beta = 1: the reverse KL, KL(student || teacher) = KL(pi_theta || pi_ref)
+            policy_settings.temperature,
+            policy_settings.logit_scale,
+            policy_settings.final_logit_softcapping,
+            ref_settings.logit_scale,
+            ref_settings.final_logit_softcapping,
+        )
+        return kl
+
+    return _per_chunk_with_gathered_heads(
+        policy_hidden, policy_lm, policy_settings, ref_hidden, ref_lm, ref_settings, chunk_size, chunk_kl
+    )
 
 
 def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, settings: FusedHeadSettings):
@@ -273,20 +291,12 @@ def candidate_set_token_kl(
     Returns:
         float32 ``(N,)``, in nats (a truncated sum: can be slightly negative).
     """
-    policy_weight, policy_bias = _head_parameters(policy_lm)
-    ref_weight, ref_bias = _head_parameters(ref_lm)
-    policy_hidden, precision = _head_context(policy_settings, policy_hidden)
-    ref_hidden, _ = _head_context(ref_settings, ref_hidden)
-    kl = torch.zeros(policy_hidden.size(0), device=policy_hidden.device, dtype=torch.float32)
-    with (
-        precision,
-        maybe_gather_lm_head_ctx(policy_weight, policy_bias),
-        maybe_gather_lm_head_ctx(ref_weight, ref_bias),
-    ):
-        for start in range(0, policy_hidden.size(0), chunk_size):
-            stop = start + chunk_size
-            policy_log_probs = _log_probs(policy_hidden[start:stop], policy_weight, policy_bias, policy_settings)
-            ref_log_probs = _log_probs(ref_hidden[start:stop], ref_weight, ref_bias, ref_settings)
-            kl[start:stop] = candidate_set_kl_from_log_probs(policy_log_probs, ref_log_probs, topk)
-            del policy_log_probs, ref_log_probs  # free both (chunk, V) buffers before the next chunk allocates
-    return kl
+
+    def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
+        policy_log_probs = _log_probs(policy_chunk, *policy_head, policy_settings)
+        ref_log_probs = _log_probs(ref_chunk, *ref_head, ref_settings)
+        return candidate_set_kl_from_log_probs(policy_log_probs, ref_log_probs, topk)
+
+    return _per_chunk_with_gathered_heads(
+        policy_hidden, policy_lm, policy_settings, ref_hidden, ref_lm, ref_settings, chunk_size, chunk_kl
+    )

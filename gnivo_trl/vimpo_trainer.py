@@ -223,30 +223,25 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         labels = input_ids[:, -num_completion:][valid]
         logp, entropy = scoring.token_log_probs(hidden, causal_lm, settings, labels, with_entropy=True)
         ref_lm, ref_hidden, ref_logp = ref
+        estimator = self.args.vimpo_kl_estimator
         with torch.no_grad():
-            if self.args.vimpo_kl_estimator == "exact":
-                token_kl = scoring.exact_token_kl(
+            if estimator in ("exact", "candidate_set"):  # from both heads' full distributions
+                both_models = (
                     hidden.detach(),
                     causal_lm,
                     settings,
                     ref_hidden,
                     ref_lm,
                     scoring.fused_head_settings(ref_lm),
-                    self.args.vimpo_kl_chunk_size,
                 )
-            elif self.args.vimpo_kl_estimator == "candidate_set":
-                token_kl = scoring.candidate_set_token_kl(
-                    hidden.detach(),
-                    causal_lm,
-                    settings,
-                    ref_hidden,
-                    ref_lm,
-                    scoring.fused_head_settings(ref_lm),
-                    self.args.vimpo_candidate_kl_topk,
-                    self.args.vimpo_kl_chunk_size,
-                )
-            else:
-                token_kl = token_kl_estimate(logp.view(1, -1), ref_logp.view(1, -1), self.args.vimpo_kl_estimator)[0]
+                if estimator == "exact":
+                    token_kl = scoring.exact_token_kl(*both_models, self.args.vimpo_kl_chunk_size)
+                else:
+                    token_kl = scoring.candidate_set_token_kl(
+                        *both_models, self.args.vimpo_candidate_kl_topk, self.args.vimpo_kl_chunk_size
+                    )
+            else:  # k2 / k3, from the sampled tokens' log-probs
+                token_kl = token_kl_estimate(logp.view(1, -1), ref_logp.view(1, -1), estimator)[0]
         aux_loss = _load_balancing_loss(causal_lm, states, attention_mask) if self.aux_loss_enabled else None
         return logp, entropy, token_kl, aux_loss
 
