@@ -56,6 +56,15 @@ def max_magnitude(a: dict) -> float:
     return max(value.abs().max().item() for value in a.values())
 
 
+def assert_refused_with_field_and_fix(config_cls, field: str, **settings) -> None:
+    """Building ``config_cls(**settings)`` raises the package's error: ``<field>=<value> ...`` with why and the fix."""
+    with pytest.raises(ValueError) as error:
+        config_cls(**settings)
+    message = str(error.value)
+    assert message.startswith(f"{field}=")
+    assert len(message) > len(field) + 30  # says why and what to do
+
+
 LAYOUT_TOLERANCE = 1e-5  # relative to the largest parameter change
 
 

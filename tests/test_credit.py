@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_harness import build_trainer
+from trainer_harness import build_trainer, moved_policy_batch
 
 from gnivo_trl.credit import (
     CompletionCredit,
@@ -141,17 +141,6 @@ def test_step_boundaries_are_the_trainers_step_units_and_the_verifiers_pieces():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _moved_policy_batch(trainer, scale: float = 0.3):
-    """One generation batch of the stubbed trainer after moving the policy off the reference (KL and rho != 0)."""
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
-
-
 def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
@@ -159,7 +148,7 @@ def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 def test_scores_equal_vimpo_trainers_own_token_scores(tiny_model_dir, tmp_path):
     """The trainer's loss-time log-probs, reference log-probs and exact KL, from the same kernels."""
     trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), temperature=0.7, vimpo_kl_chunk_size=5)
-    batch = _moved_policy_batch(trainer)
+    batch = moved_policy_batch(trainer, seed=0)
     expected = trainer._token_scores(trainer.model, batch)
     completion_mask = batch["completion_mask"]
     assert (completion_mask == 0).any() and completion_mask.sum() > 0  # ragged completions

@@ -6,39 +6,24 @@ import math
 
 import pytest
 import torch
+from conftest import assert_refused_with_field_and_fix
 from peft import LoraConfig
-from trainer_harness import build_trainer, save_tiny_family_model
+from trainer_harness import build_trainer, full_softmax_log_probs, save_tiny_family_model, start_training
 
 from gnivo_trl import VIMPOConfig
 
 CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 
 
-def _start_training(trainer) -> None:
-    """What Trainer's loop sets before scoring and loss steps: training mode and the accumulation count."""
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-
-
 def _generation_batch(trainer, move_policy: float = 0.0) -> dict:
     """One training generation batch: 2 prompts x 4 completions, after moving the policy by ``move_policy`` noise."""
-    _start_training(trainer)
+    start_training(trainer)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(move_policy * torch.randn_like(p))
     prompts = trainer.train_dataset.select(range(2))
     return trainer._generate_and_score_completions([prompts[0]] * 4 + [prompts[1]] * 4)
-
-
-def _full_softmax_log_probs(model, batch, temperature: float) -> torch.Tensor:
-    """float64 ``(B, C, V)`` log-softmax of a model's own ``forward().logits`` at the completion positions."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    C = batch["completion_ids"].size(1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double()
-    return (logits / temperature).log_softmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,11 +75,7 @@ def test_deprecated_actor_coef_warns_and_sets_actor_coeff():
     ],
 )
 def test_bad_option_is_refused_with_field_and_fix(overrides, field):
-    with pytest.raises(ValueError) as error:
-        VIMPOConfig(**CONFIG, **overrides)
-    message = str(error.value)
-    assert message.startswith(f"{field}=")
-    assert len(message) > len(field) + 30  # says why and what to do
+    assert_refused_with_field_and_fix(VIMPOConfig, field, **CONFIG, **overrides)
 
 
 def test_soft_value_refusal_says_why():
@@ -145,8 +126,8 @@ def test_huber_value_loss_equals_a_naive_per_row_loop(tiny_model_dir, tmp_path):
 
     mask = batch["completion_mask"].double()
     index = batch["completion_ids"][..., None]
-    policy = _full_softmax_log_probs(trainer.model, batch, trainer.temperature)
-    ref = _full_softmax_log_probs(trainer.ref_model, batch, trainer.temperature)
+    policy = full_softmax_log_probs(trainer.model, batch, trainer.temperature)
+    ref = full_softmax_log_probs(trainer.ref_model, batch, trainer.temperature)
     logp, ref_logp = policy.gather(-1, index).squeeze(-1), ref.gather(-1, index).squeeze(-1)
     kl = (policy.exp() * (policy - ref)).sum(-1)
     values = (beta * (logp - ref_logp - kl) * mask).sum(-1)
@@ -172,8 +153,8 @@ def test_huber_value_loss_equals_a_naive_per_row_loop(tiny_model_dir, tmp_path):
 
 def _naive_candidate_set_kl(trainer, batch, topk: int) -> torch.Tensor:
     """float64 ``(B, C)``: per position, ``sum_{v in top-k of the policy} p (log p - log q)`` from full softmaxes."""
-    policy = _full_softmax_log_probs(trainer.model, batch, trainer.temperature)
-    ref = _full_softmax_log_probs(trainer.ref_model, batch, trainer.temperature)
+    policy = full_softmax_log_probs(trainer.model, batch, trainer.temperature)
+    ref = full_softmax_log_probs(trainer.ref_model, batch, trainer.temperature)
     kl = torch.zeros(policy.shape[:2], dtype=torch.float64)
     for row in range(policy.size(0)):
         for position in range(policy.size(1)):
@@ -205,8 +186,8 @@ def test_candidate_set_kl_equals_a_naive_top_k_sum(topk, chunk_size, tiny_model_
     torch.testing.assert_close(scores.token_kl.double(), expected, rtol=1e-4, atol=1e-6)
     assert not scores.token_kl.requires_grad and scores.logp.requires_grad
     if topk >= trainer.model.config.vocab_size:  # the whole vocabulary: the exact KL
-        policy = _full_softmax_log_probs(trainer.model, batch, 0.7)
-        exact = (policy.exp() * (policy - _full_softmax_log_probs(trainer.ref_model, batch, 0.7))).sum(-1)
+        policy = full_softmax_log_probs(trainer.model, batch, 0.7)
+        exact = (policy.exp() * (policy - full_softmax_log_probs(trainer.ref_model, batch, 0.7))).sum(-1)
         torch.testing.assert_close(scores.token_kl.double(), exact * batch["completion_mask"], rtol=1e-4, atol=1e-6)
 
 

@@ -7,9 +7,17 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_update, max_difference, max_magnitude, run_two_processes
+from conftest import (
+    assert_refused_with_field_and_fix,
+    assert_same_update,
+    max_difference,
+    max_magnitude,
+    run_two_processes,
+)
 from trainer_harness import (
     build_trainer,
+    full_softmax_log_probs,
+    moved_policy_batch,
     parameter_update,
     record_scored_batches,
     save_tiny_family_model,
@@ -126,41 +134,17 @@ def test_reference_of_a_model_instance_is_a_copy_of_it(tiny_model_dir, tmp_path)
     assert first["vimpo/kl"] == 0.0 and first["vimpo/advantage_std"] == 0.0
 
 
-def _start_training(trainer) -> None:
-    """What Trainer's loop sets before scoring and loss steps: training mode and the accumulation count."""
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
-
-
-def _moved_policy_batch(trainer, scale: float = 0.3):
-    """One training generation batch, after moving the policy away from the reference (so that KL and rho are not
-    0)."""
-    _start_training(trainer)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
-
-
 def _sequences(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     return ids, attention, batch["completion_ids"].size(1)
 
 
-def _full_softmax_log_probs(model, batch, temperature: float = 1.0) -> torch.Tensor:
-    """float64 log-softmax of a model's own ``forward().logits`` at the positions that predict the completion."""
-    ids, attention, C = _sequences(batch)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double()
-    return (logits / temperature).log_softmax(-1)
-
-
 def _expected_scores(trainer, batch, temperature: float) -> dict[str, torch.Tensor]:
     mask = batch["completion_mask"].double()
     index = batch["completion_ids"][..., None]
-    policy = _full_softmax_log_probs(trainer.model, batch, temperature)
-    ref = _full_softmax_log_probs(trainer.ref_model, batch, temperature)
+    policy = full_softmax_log_probs(trainer.model, batch, temperature)
+    ref = full_softmax_log_probs(trainer.ref_model, batch, temperature)
     return {
         "logp": policy.gather(-1, index).squeeze(-1) * mask,
         "ref_logp": ref.gather(-1, index).squeeze(-1) * mask,
@@ -175,7 +159,7 @@ def test_token_scores_equal_a_full_softmax(temperature, chunk_size, tiny_model_d
     trainer = build_trainer(
         "vimpo", tiny_model_dir, str(tmp_path), temperature=temperature, vimpo_kl_chunk_size=chunk_size
     )
-    batch = _moved_policy_batch(trainer)
+    batch = moved_policy_batch(trainer)
     scores = trainer._token_scores(trainer.model, batch)
     assert batch["completion_mask"].sum() > 0 and (batch["completion_mask"] == 0).any()  # ragged rows
     expected = _expected_scores(trainer, batch, temperature)
@@ -189,7 +173,7 @@ def test_token_scores_equal_a_full_softmax(temperature, chunk_size, tiny_model_d
 @pytest.mark.parametrize("estimator", ["k2", "k3"])
 def test_sampled_kl_estimators_use_both_models_sampled_log_probs(estimator, tiny_model_dir, tmp_path):
     trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), temperature=0.7, vimpo_kl_estimator=estimator)
-    batch = _moved_policy_batch(trainer)
+    batch = moved_policy_batch(trainer)
     scores = trainer._token_scores(trainer.model, batch)
     expected = _expected_scores(trainer, batch, 0.7)
     log_ratio = expected["logp"] - expected["ref_logp"]
@@ -204,7 +188,7 @@ def test_other_model_families_are_scored_as_their_own_forward(family, tmp_path):
     the scores (and the KL) equal a float64 computation from the model's own forward().logits."""
     model_dir = save_tiny_family_model(tmp_path / family, family)
     trainer = build_trainer("vimpo", model_dir, str(tmp_path / "run"), temperature=0.7)
-    batch = _moved_policy_batch(trainer, scale=0.05)
+    batch = moved_policy_batch(trainer, scale=0.05)
     scores = trainer._token_scores(trainer.model, batch)
     expected = _expected_scores(trainer, batch, 0.7)
     assert expected["exact_kl"].max() > 1e-3
@@ -227,7 +211,7 @@ def test_each_model_runs_one_forward_per_loss_step(tiny_model_dir, tmp_path):
 
     trainer.model.model.register_forward_hook(counter("policy"), with_kwargs=True)
     trainer.ref_model.model.register_forward_hook(counter("reference"), with_kwargs=True)
-    batch = _moved_policy_batch(trainer)
+    batch = moved_policy_batch(trainer)
     assert rows == {"policy": 0, "reference": 0}
     trainer._compute_loss(trainer.model, batch)
     num_rows = batch["completion_ids"].size(0)
@@ -289,7 +273,7 @@ def test_mixture_of_experts_loss_includes_the_router_loss_as_grpo(tmp_path):
     model_dir = save_tiny_family_model(tmp_path / "mixtral", "mixtral")
     trainer = build_trainer("vimpo", model_dir, str(tmp_path / "run"), gradient_accumulation_steps=2)
     assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.05
-    batch = _moved_policy_batch(trainer, scale=0.05)
+    batch = moved_policy_batch(trainer, scale=0.05)
     with torch.no_grad():
         with_aux = trainer._compute_loss(trainer.model, batch)
         trainer.router_aux_loss_coef = 0.0
@@ -414,7 +398,7 @@ def test_bf16_scores_match_trls_fused_head(cast_lm_head_to_fp32, tiny_model_dir,
         cast_lm_head_to_fp32=cast_lm_head_to_fp32,
     )
     assert trainer.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    batch = _moved_policy_batch(trainer)
+    batch = moved_policy_batch(trainer)
     mask = loss_mask(batch)
     scores = trainer._token_scores(trainer.model, batch)
     ids, attention, C = _sequences(batch)
@@ -456,11 +440,7 @@ CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
     ],
 )
 def test_bad_configuration_is_refused_with_field_and_fix(overrides, field):
-    with pytest.raises(ValueError) as error:
-        VIMPOConfig(**CONFIG, **overrides)
-    message = str(error.value)
-    assert message.startswith(f"{field}=")
-    assert len(message) > len(field) + 30  # says why and what to do
+    assert_refused_with_field_and_fix(VIMPOConfig, field, **CONFIG, **overrides)
 
 
 def test_fsdp_from_an_accelerate_launch_is_refused(monkeypatch):

@@ -192,6 +192,35 @@ def build_trainer(
     return trainer
 
 
+def start_training(trainer) -> None:
+    """What Trainer's loop sets before scoring and loss steps: training mode and the accumulation count."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+
+
+def moved_policy_batch(trainer, scale: float = 0.3, seed: int | None = None) -> dict:
+    """One training generation batch (2 prompts x 4 completions) after moving the policy off the reference by
+    ``scale`` Gaussian noise (so that the KL and rho are not 0); ``seed`` seeds the noise."""
+    start_training(trainer)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return trainer._generate_and_score_completions(list(trainer.train_dataset.select(range(2)).repeat(4)))
+
+
+def full_softmax_log_probs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """float64 ``(B, C, V)`` log-softmax of a model's own ``forward().logits`` at the positions that predict the
+    completion tokens of a scored batch."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    num_completion = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, -num_completion - 1 : -1].double()
+    return (logits / temperature).log_softmax(-1)
+
+
 def parameter_update(trainer) -> dict[str, torch.Tensor]:
     """Train (``max_steps`` optimizer steps) and return each parameter's change."""
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
