@@ -50,6 +50,11 @@ __all__ = [
     "vimpo_reward_baselines",
     "vimpo_value_loss_from_residuals",
     "vimpo_value_loss_norm_denom",
+    "vimpo_value_residual_gradient",
+    "AdaptiveActorCoeff",
+    "adaptive_actor_coeff",
+    "logit_gradient_norm_factors",
+    "logit_gradient_rms_terms",
 ]
 
 WeightNormalization = Literal["softmax", "none"]
@@ -764,3 +769,92 @@ def soft_vimpo_value_loss(
     residuals = soft_vimpo_residuals(logp, ref_logp, mask, torch.nan_to_num(targets, nan=0.0), beta)
     per_row = vimpo_value_loss_from_residuals(residuals, loss_type, huber_delta)
     return torch.where(has_target, per_row, 0.0).sum() / max(rewards.numel(), 1)
+
+
+def vimpo_value_residual_gradient(
+    residuals: torch.Tensor,
+    loss_type: ValueLossType = "squared_error",
+    huber_delta: float = 1.0,
+) -> torch.Tensor:
+    """Derivative of :func:`vimpo_value_loss_from_residuals` with respect to the residual, detached float32 ``(B,)``.
+
+    ``"squared_error"``: ``r``; ``"huber"``: ``clamp(r, -delta, delta)`` (at ``|r| = delta`` both pieces agree).
+    """
+    if loss_type not in ("squared_error", "huber"):
+        raise ValueError(f"loss_type must be 'squared_error' or 'huber', got {loss_type!r}.")
+    residuals = residuals.detach().float()
+    return residuals if loss_type == "squared_error" else residuals.clamp(-huber_delta, huber_delta)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VIMPO's adaptive actor coefficient (official ``vimpo_adaptive_actor_coeff``)
+# ----------------------------------------------------------------------------------------------------------------------
+# A loss that depends on the logits z of one position only through log p_y = log_softmax(z)_y has the logit gradient
+# c * (e_y - p), with c its derivative with respect to log p_y. Its norm is |c| * ||e_y - p||_2, and
+# ||e_y - p||_2^2 = 1 - 2 p_y + sum_v p_v^2: the value and the actor loss both have that form, so their logit-gradient
+# RMS needs only the per-token coefficients, p_y and sum_v p_v^2 (official ``compute_vimpo_*_logit_grad_rms``).
+
+
+def logit_gradient_norm_factors(logp: torch.Tensor, probability_square_sums: torch.Tensor) -> torch.Tensor:
+    """``||e_y - p||_2 = sqrt(1 - 2 p_y + sum_v p_v^2)`` per token, detached float32, the shape of the inputs.
+
+    Args:
+        logp: log-probabilities ``log p_y`` of the sampled tokens (any shape).
+        probability_square_sums: ``sum_v p_v^2`` of the same positions' full distributions, same shape.
+
+    The radicand is clamped at 0: for a near-certain token (``p_y -> 1``) it is ``(1 - p_y)^2 + sum_{v != y} p_v^2``
+    computed as a difference of numbers near 1, which float32 rounding can push slightly below 0.
+    """
+    p_y = logp.detach().float().exp()
+    return (1.0 - 2.0 * p_y + probability_square_sums.detach().float()).clamp(min=0.0).sqrt()
+
+
+def logit_gradient_rms_terms(coefficients: torch.Tensor, factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of squared per-token logit-gradient norms and the token count, float32 ``(2,)``, detached.
+
+    ``[sum_t mask_t * (c_t * factor_t)^2, sum_t mask_t]`` with ``c_t`` the loss's derivative with respect to
+    ``log p_y`` at token ``t`` and ``factor_t`` from :func:`logit_gradient_norm_factors`. Summed over processes (and
+    micro-batches, if wanted), the RMS of the logit-gradient norm over the valid tokens is ``sqrt(sum / count)``
+    (official ``_global_logit_grad_rms``). Masked positions contribute nothing whatever they hold.
+    """
+    valid = mask.bool()
+    norms = torch.where(valid, coefficients.detach().float() * factors.detach().float(), 0.0)
+    return torch.stack([norms.square().sum(), valid.sum().float()])
+
+
+class AdaptiveActorCoeff(NamedTuple):
+    """One update of the adaptive actor coefficient (plain floats).
+
+    Attributes:
+        coeff: the actor weight of this micro-batch's loss.
+        value_ema: the value loss's logit-gradient RMS, exponentially averaged (no bias correction).
+        actor_ema: the unscaled actor loss's logit-gradient RMS, exponentially averaged (no bias correction).
+    """
+
+    coeff: float
+    value_ema: float
+    actor_ema: float
+
+
+def adaptive_actor_coeff(
+    value_ema: float,
+    actor_ema: float,
+    value_rms: float,
+    actor_rms: float,
+    alpha: float,
+    decay: float,
+    eps: float,
+) -> AdaptiveActorCoeff:
+    """Official ``compute_vimpo_adaptive_actor_coeff``: the actor weight that keeps the actor's logit-gradient RMS at
+    ``alpha`` times the value's, both smoothed over micro-batches.
+
+    If ``actor_rms > 0``: ``value_ema <- decay * value_ema + (1 - decay) * value_rms``, the same for ``actor_ema``,
+    and ``coeff = alpha * value_ema / (actor_ema + eps)``. Otherwise (no actor gradient in this micro-batch, e.g. all
+    advantages 0) ``coeff = 0`` and both averages are returned unchanged. There is no bias correction: both averages
+    start at 0 and carry the same weights, so it cancels in the ratio (up to ``eps``).
+    """
+    if not actor_rms > 0:
+        return AdaptiveActorCoeff(0.0, value_ema, actor_ema)
+    value_ema = decay * value_ema + (1.0 - decay) * value_rms
+    actor_ema = decay * actor_ema + (1.0 - decay) * actor_rms
+    return AdaptiveActorCoeff(alpha * value_ema / (actor_ema + eps), value_ema, actor_ema)

@@ -11,7 +11,8 @@ vocabulary tiles:
   ``beta=1.0`` the reverse KL ``KL(student || teacher)``, here ``KL(pi_theta || pi_ref)`` with the policy as student.
 
 The official code's candidate-set KL (a top-k over the whole vocabulary) has no TRL kernel: it is computed here in
-chunks of tokens from both heads' full logits, transformed exactly as TRL's fused head transforms them.
+chunks of tokens from both heads' full logits, transformed exactly as TRL's fused head transforms them, and so is
+the policy's ``sum_v p_v^2`` that VIMPO's adaptive actor coefficient needs.
 
 This module feeds them the way TRL does: the backbone's final hidden states (read from the backbone TRL's fused head
 uses, every multimodal or MoE input passed through), the head's weight and bias gathered under DeepSpeed ZeRO-3 once
@@ -47,6 +48,7 @@ __all__ = [
     "fused_head_settings",
     "last_hidden_state",
     "token_log_probs",
+    "token_probability_square_sums",
 ]
 
 # Vocabulary entries per tile of TRL's fused head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16): the same
@@ -257,6 +259,41 @@ def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         logits.div_(settings.final_logit_softcapping).tanh_().mul_(settings.final_logit_softcapping)
     logits.mul_(1 / settings.temperature)
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def token_probability_square_sums(
+    hidden: torch.Tensor,
+    causal_lm: torch.nn.Module,
+    settings: FusedHeadSettings,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``sum_v p_v^2`` of ``causal_lm``'s tempered distribution at each position, no gradient.
+
+    The full-vocabulary term of the logit-gradient norm ``||e_y - p||_2`` of VIMPO's adaptive actor coefficient
+    (:func:`gnivo_trl.losses.logit_gradient_norm_factors`). Computed as ``exp(logsumexp(2 log p))`` in float32 on
+    chunks of ``chunk_size`` tokens, from the log-softmax the candidate-set KL uses (the exact KL kernel's projection
+    and TRL's logit transform: scale, soft-cap, temperature); each chunk holds two float32 ``(chunk_size, V)``
+    buffers. The head is gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives
+    however many tokens it holds (none included).
+
+    Args:
+        hidden: ``(N, H)`` final hidden states that predict ``N`` tokens (detached here).
+        causal_lm: the model whose output embedding is the head.
+        settings: its :func:`fused_head_settings`.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        float32 ``(N,)``, in ``[1 / V, 1]``.
+    """
+    weight, bias = _head_parameters(causal_lm)
+    hidden, precision = _head_context(settings, hidden.detach())
+    sums = torch.zeros(hidden.size(0), device=hidden.device, dtype=torch.float32)
+    with precision, maybe_gather_lm_head_ctx(weight, bias):
+        for start in range(0, hidden.size(0), chunk_size):
+            log_probs = _log_probs(hidden[start : start + chunk_size], weight, bias, settings)
+            sums[start : start + chunk_size] = torch.logsumexp(log_probs.mul_(2.0), dim=-1).exp_()
+    return sums
 
 
 @torch.no_grad()

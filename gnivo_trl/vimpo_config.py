@@ -35,7 +35,7 @@ class VIMPOConfig(GRPOConfig):
             KL coefficient beta of the policy-implied value `beta * (log pi_theta / pi_ref - KL)`.
         vimpo_actor_coeff (`float`, *optional*, defaults to `5e-3`):
             Weight c_A of the actor loss in `L = L_V + c_A * L_A`; 0 gives the "value-only" variant (the official
-            `vimpo_actor_coeff`).
+            `vimpo_actor_coeff`). Ignored with `vimpo_adaptive_actor_coeff=True`, which computes c_A per micro-batch.
         vimpo_actor_coef (`float` or `None`, *optional*, defaults to `None`):
             Deprecated alias of `vimpo_actor_coeff`, removed in the next release: when set, it warns (FutureWarning)
             and is copied into `vimpo_actor_coeff`; setting both to different values is refused.
@@ -87,6 +87,22 @@ class VIMPOConfig(GRPOConfig):
             resume it is the initial model until the next refresh (as in the official code).
         vimpo_dual_clip (`float`, *optional*, defaults to `10.0`):
             Dual-clip constant c (> 1) bounding the actor loss of tokens with negative advantage.
+        vimpo_adaptive_actor_coeff (`bool`, *optional*, defaults to `False`):
+            Replace the fixed `vimpo_actor_coeff` (then ignored) by the official adaptive coefficient: per
+            micro-batch, the RMS over valid tokens (all processes) of the logit-gradient norm of the value loss and of
+            the actor loss taken with weight 1 (the analytic `|dL/dlog p_y| * ||e_y - p||_2`), each exponentially
+            averaged without bias correction, give `c_A = alpha * EMA_value / (EMA_actor + eps)`, used for that same
+            micro-batch; a micro-batch without actor gradient gets `c_A = 0` and leaves the averages unchanged. The
+            averages are not checkpointed (after a resume both restart from 0, which changes only the smoothing).
+            Unlike the official code, which silently keeps the fixed coefficient with the sampled `k2`/`k3` KL, it
+            works with every `vimpo_kl_estimator` (costing one more chunked full-vocabulary pass of the policy's head).
+        vimpo_adaptive_actor_alpha (`float`, *optional*, defaults to `0.025`):
+            Target ratio alpha (>= 0) of the actor's to the value's logit-gradient RMS. 0.025 is the value of the
+            authors' run script (`run_vimpo.sh`); their yaml says 0.15.
+        vimpo_adaptive_actor_ema_decay (`float`, *optional*, defaults to `0.9`):
+            Decay d in [0, 1) of both averages: `EMA <- d * EMA + (1 - d) * RMS`, once per micro-batch.
+        vimpo_adaptive_actor_eps (`float`, *optional*, defaults to `1e-12`):
+            Added (> 0) to the actor average in the coefficient's denominator.
     """
 
     num_generations: int | None = field(
@@ -107,7 +123,10 @@ class VIMPOConfig(GRPOConfig):
     )
     vimpo_actor_coeff: float = field(
         default=_DEFAULT_ACTOR_COEFF,
-        metadata={"help": "Weight c_A of the actor loss in L = L_V + c_A * L_A; 0 gives the value-only variant."},
+        metadata={
+            "help": "Weight c_A of the actor loss in L = L_V + c_A * L_A; 0 gives the value-only variant. Ignored "
+            "with vimpo_adaptive_actor_coeff=True."
+        },
     )
     vimpo_actor_coef: float | None = field(
         default=None,
@@ -189,6 +208,30 @@ class VIMPOConfig(GRPOConfig):
         default=10.0,
         metadata={"help": "Dual-clip constant c (> 1) bounding the actor loss of negative-advantage tokens."},
     )
+    vimpo_adaptive_actor_coeff: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace vimpo_actor_coeff (then ignored) by the official adaptive coefficient alpha * "
+            "EMA(value logit-gradient RMS) / (EMA(actor logit-gradient RMS at weight 1) + eps), updated per "
+            "micro-batch. Works with every vimpo_kl_estimator (the official code keeps the fixed coefficient with "
+            "k2/k3). The averages are not checkpointed: after a resume both restart from 0."
+        },
+    )
+    vimpo_adaptive_actor_alpha: float = field(
+        default=0.025,
+        metadata={
+            "help": "Target ratio alpha (>= 0) of the actor's to the value's logit-gradient RMS with "
+            "vimpo_adaptive_actor_coeff. 0.025 is the authors' run script value; their yaml says 0.15."
+        },
+    )
+    vimpo_adaptive_actor_ema_decay: float = field(
+        default=0.9,
+        metadata={"help": "Decay d in [0, 1) of both logit-gradient RMS averages of vimpo_adaptive_actor_coeff."},
+    )
+    vimpo_adaptive_actor_eps: float = field(
+        default=1e-12,
+        metadata={"help": "Added (> 0) to the actor average in the denominator of vimpo_adaptive_actor_coeff."},
+    )
 
     def __post_init__(self):
         if self.beta != 0.0:
@@ -246,6 +289,7 @@ class VIMPOConfig(GRPOConfig):
             )
         if not self.vimpo_dual_clip > 1.0:
             fail("vimpo_dual_clip", self.vimpo_dual_clip, "the dual-clip constant must be > 1 (the paper uses 10).")
+        self._check_adaptive_actor_coeff()
         if self.num_generations is None or self.num_generations < 2:
             fail("num_generations", self.num_generations, "VIMPO centres rewards within a group; use K >= 2.")
         if self.sync_ref_model:
@@ -320,6 +364,35 @@ class VIMPOConfig(GRPOConfig):
                 "only vimpo_actor_coeff.",
             )
         self.vimpo_actor_coeff = self.vimpo_actor_coef
+
+    def _check_adaptive_actor_coeff(self) -> None:
+        """The ``vimpo_adaptive_actor_*`` settings, checked whether or not the option is on (as the Huber delta is)."""
+
+        def is_real(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        alpha = self.vimpo_adaptive_actor_alpha
+        if not (is_real(alpha) and alpha >= 0):
+            fail(
+                "vimpo_adaptive_actor_alpha",
+                alpha,
+                "use a finite target ratio >= 0 of the actor's to the value's logit-gradient RMS (the authors' run "
+                "script uses 0.025, their yaml 0.15).",
+            )
+        decay = self.vimpo_adaptive_actor_ema_decay
+        if not (is_real(decay) and 0 <= decay < 1):
+            fail(
+                "vimpo_adaptive_actor_ema_decay",
+                decay,
+                "use a decay in [0, 1) (the official default is 0.9; 0 uses each micro-batch's RMS as is).",
+            )
+        eps = self.vimpo_adaptive_actor_eps
+        if not (is_real(eps) and eps > 0):
+            fail(
+                "vimpo_adaptive_actor_eps",
+                eps,
+                "use a small finite eps > 0 that keeps the coefficient's denominator positive (official 1e-12).",
+            )
 
     def _derive_reference_refresh(self) -> None:
         """TRL's ``SyncRefModelCallback`` settings of ``vimpo_update_ref_freq``: a hard copy (alpha 1) every N

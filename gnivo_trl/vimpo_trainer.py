@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import textwrap
 from typing import Any, NamedTuple
 
@@ -17,13 +18,17 @@ from . import scoring
 from ._config_checks import fail
 from .group_bookkeeping import GroupBookkeepingMixin, loss_mask, prompt_completion_sequences
 from .losses import (
+    adaptive_actor_coeff,
     dual_clip_ppo_loss,
+    logit_gradient_norm_factors,
+    logit_gradient_rms_terms,
     masked_mean_std,
     token_kl_estimate,
     vimpo_advantages,
     vimpo_reward_baselines,
     vimpo_terminal_residuals,
     vimpo_value_loss_from_residuals,
+    vimpo_value_residual_gradient,
     whiten,
 )
 from .vimpo_config import _FSDP_FIX, VIMPOConfig
@@ -59,6 +64,8 @@ class TokenScores(NamedTuple):
         token_kl: per-token KL(pi_theta || pi_ref) in nats, float32, no gradient: exact (full vocabulary), the
             official candidate-set approximation, or the k2/k3 estimate, as ``vimpo_kl_estimator`` says.
         aux_loss: the MoE load-balancing loss of the policy forward (0-d, differentiable), or None.
+        probability_square_sums: ``sum_v p_v^2`` of pi_theta's tempered distribution at each position, float32, no
+            gradient, for ``vimpo_adaptive_actor_coeff``; None when that option is off.
     """
 
     logp: torch.Tensor
@@ -66,6 +73,7 @@ class TokenScores(NamedTuple):
     ref_logp: torch.Tensor
     token_kl: torch.Tensor
     aux_loss: torch.Tensor | None
+    probability_square_sums: torch.Tensor | None = None
 
 
 class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
@@ -106,12 +114,35 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     * Options of the official code: ``vimpo_cap_v0`` caps the group-mean baseline of the value target;
       ``vimpo_update_ref_freq=N`` hard-copies the policy into the reference after every N generation batches, with
       TRL's ``SyncRefModelCallback`` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT).
+    * ``vimpo_adaptive_actor_coeff`` (official ``compute_vimpo_adaptive_actor_coeff``) replaces ``vimpo_actor_coeff``
+      by ``alpha * EMA_value / (EMA_actor + eps)``, computed per micro-batch before its loss. Both losses depend on a
+      position's tempered logits only through ``log p_y``, so each one's logit gradient there is ``c_t (e_y - p)``
+      with norm ``|c_t| sqrt(1 - 2 p_y + sum_v p_v^2)``: for the value loss ``c_t = vimpo_beta * g(r_i) * w_i /
+      B_micro`` (``g(r) = r``, or ``clamp(r, +-delta)`` for Huber; ``w_i`` the row weight), for the actor loss at
+      weight 1 the derivative of the per-token dual-clip loss (times the importance ratio) divided by this process's
+      valid tokens in the micro-batch (the official token mean), by autograd, so that clipping and the dual clip
+      count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
+      ``vimpo_adaptive_actor_ema_decay``); a micro-batch without actor gradient gets coefficient 0 and leaves the
+      EMAs unchanged. ``sum_v p_v^2`` is one more chunked pass of the policy's head inside the policy forward
+      (:func:`gnivo_trl.scoring.token_probability_square_sums`). The EMAs live on the trainer, start at 0 and are
+      not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
+      together). Evaluation uses ``alpha * EMA_value / (EMA_actor + eps)`` and updates nothing. Unlike the official
+      code, which silently keeps the fixed coefficient with the k2/k3 KL, it works with every KL estimator.
 
     Logged metrics (reduced over processes): ``vimpo/value_loss``, ``vimpo/actor_loss``, ``vimpo/residual_mean`` and
     ``vimpo/residual_std`` (terminal-value residual ``sum_t (rho - kappa) - (R - mean_g R)`` over the rows of a
     micro-batch on all processes, averaged over the micro-batches of a logging interval like every TRL metric),
     ``vimpo/kl`` (mean per-token KL to the reference), ``vimpo/advantage_std`` (before whitening), ``entropy``,
     ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (as GRPO's) and ``aux_loss`` (MoE).
+    With ``vimpo_adaptive_actor_coeff``, per micro-batch (official ``actor/vimpo_*`` names in brackets):
+    ``vimpo/value_logit_grad_rms`` [``value_logit_grad_rms``], ``vimpo/actor_logit_grad_rms_unscaled``
+    [``actor_logit_grad_rms_unscaled``], ``vimpo/actor_logit_grad_rms`` (unscaled x coefficient)
+    [``actor_logit_grad_rms``], ``vimpo/adaptive_actor_ema_value_logit_grad_rms``
+    [``adaptive_actor_ema_value_logit_grad_rms``], ``vimpo/adaptive_actor_ema_actor_logit_grad_rms_unscaled``
+    [``adaptive_actor_ema_actor_logit_grad_rms_unscaled``], ``vimpo/actor_coeff`` [``actor_coeff``] and
+    ``vimpo/actor_to_value_logit_grad_rms_ratio`` (``actor_logit_grad_rms / (value_logit_grad_rms + 1e-12)`` of
+    each micro-batch; the official ratio is taken once per update, of the micro-batch means)
+    [``actor_to_value_logit_grad_rms_ratio``].
     """
 
     _tag_names = ["trl", "vimpo"]
@@ -153,6 +184,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 "own forward."
             )
         self._forward_redirection = _ForwardRedirection()
+        # vimpo_adaptive_actor_coeff's EMAs of the value's and the unscaled actor's logit-gradient RMS (official
+        # initial value 0.0); not checkpointed, as in the official code.
+        self._adaptive_value_rms_ema = 0.0
+        self._adaptive_actor_rms_ema = 0.0
         if self.args.vimpo_update_ref_freq:
             self._add_reference_refresh()
 
@@ -213,8 +248,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         return hidden, scoring.token_log_probs(hidden, causal_lm, settings, labels)[0]
 
     def _policy_forward(self, causal_lm, input_ids, attention_mask, num_completion, valid, model_inputs, ref):
-        """Policy log-probs (with gradient), entropy, KL and MoE loss of the valid completion tokens; runs inside the
-        policy wrapper's forward. ``ref`` is ``(reference causal LM, its hidden states, its log-probs)``."""
+        """Policy log-probs (with gradient), entropy, KL, MoE loss and (``vimpo_adaptive_actor_coeff`` only, else None)
+        ``sum_v p_v^2`` of the valid completion tokens; runs inside the policy wrapper's forward, so that the policy
+        head is gathered there under ZeRO-3. ``ref`` is ``(reference causal LM, its hidden states, its log-probs)``."""
         settings = scoring.fused_head_settings(causal_lm)
         if self.aux_loss_enabled:
             model_inputs = {**model_inputs, "output_router_logits": True}
@@ -242,8 +278,13 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                     )
             else:  # k2 / k3, from the sampled tokens' log-probs
                 token_kl = token_kl_estimate(logp.view(1, -1), ref_logp.view(1, -1), estimator)[0]
+            square_sums = None
+            if self.args.vimpo_adaptive_actor_coeff:  # every estimator, unlike the official code (k2/k3 skip it)
+                square_sums = scoring.token_probability_square_sums(
+                    hidden, causal_lm, settings, self.args.vimpo_kl_chunk_size
+                )
         aux_loss = _load_balancing_loss(causal_lm, states, attention_mask) if self.aux_loss_enabled else None
-        return logp, entropy, token_kl, aux_loss
+        return logp, entropy, token_kl, aux_loss, square_sums
 
     @profiling_decorator
     def _token_scores(self, model, inputs: dict[str, Any]) -> TokenScores:
@@ -270,7 +311,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 model_inputs,
             )
         with self.accelerator.autocast():
-            logp, entropy, token_kl, aux_loss = self._forward_redirection(
+            logp, entropy, token_kl, aux_loss, square_sums = self._forward_redirection(
                 model,
                 self.accelerator.unwrap_model(model),
                 self._policy_forward,
@@ -288,7 +329,14 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             # all-masked micro-batch still contributes a differentiable zero, as TRL's fused head does).
             return values.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, values.float())
 
-        return TokenScores(scatter(logp), scatter(entropy), scatter(ref_logp), scatter(token_kl), aux_loss)
+        return TokenScores(
+            scatter(logp),
+            scatter(entropy),
+            scatter(ref_logp),
+            scatter(token_kl),
+            aux_loss,
+            scatter(square_sums) if square_sums is not None else None,
+        )
 
     @torch.no_grad()
     def _whitened_advantages(self, scores: TokenScores, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -348,7 +396,12 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         if is_ratio is not None:
             per_token = per_token * is_ratio
         actor_loss = (per_token * mask).sum() / self._token_mean_normalizer(inputs, mode)
-        loss = value_loss / accumulation + self.args.vimpo_actor_coeff * actor_loss
+        actor_coeff = self.args.vimpo_actor_coeff
+        if self.args.vimpo_adaptive_actor_coeff:
+            actor_coeff = self._adaptive_actor_coeff(
+                scores, mask, residuals, row_weight, old, advantages, is_ratio, mode
+            )
+        loss = value_loss / accumulation + actor_coeff * actor_loss
         loss = self._add_aux_loss(loss, scores.aux_loss, mode)
 
         self._log_metrics(
@@ -361,6 +414,66 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             torch.tensor(float(logp.size(0)), device=logp.device),
         )
         return loss
+
+    @torch.no_grad()
+    def _adaptive_actor_coeff(self, scores, mask, residuals, row_weight, old, advantages, is_ratio, mode) -> float:
+        """``vimpo_adaptive_actor_coeff``: this micro-batch's actor weight from both losses' logit-gradient RMS over
+        the valid tokens of every process (every rank must call this). Training updates the EMAs; evaluation uses
+        the current ``alpha * EMA_value / (EMA_actor + eps)``. Logs the ``vimpo/*logit_grad_rms*`` metrics.
+
+        Per-token derivatives with respect to ``log p_y`` (``(B, C)``, detached), without accumulation scaling, which
+        both terms share: the value loss's ``beta * g(r_i) * w_i / B_micro``; the actor loss's at weight 1 as the
+        official token mean over this process's valid tokens of the micro-batch, by autograd on a detached copy of
+        ``logp`` (nothing of the model's graph is used or kept).
+        """
+        args = self.args
+        logp = scores.logp.detach()
+        residual_gradient = vimpo_value_residual_gradient(
+            residuals, args.vimpo_value_loss_type, args.vimpo_value_huber_delta
+        )
+        value_coeffs = (args.vimpo_beta * residual_gradient * row_weight / logp.size(0))[:, None].expand_as(logp)
+        with torch.enable_grad():  # this method, and evaluation's whole loss, run under no_grad
+            leaf = logp.clone().requires_grad_()
+            per_token = dual_clip_ppo_loss(
+                leaf, old, advantages, self.epsilon_low, self.epsilon_high, args.vimpo_dual_clip
+            )
+            if is_ratio is not None:
+                per_token = per_token * is_ratio
+            (actor_coeffs,) = torch.autograd.grad((per_token * mask).sum(), leaf)
+        actor_coeffs = actor_coeffs / mask.sum().clamp(min=1.0)
+        factors = logit_gradient_norm_factors(logp, scores.probability_square_sums)
+        terms = torch.cat(
+            [
+                logit_gradient_rms_terms(value_coeffs, factors, mask),
+                logit_gradient_rms_terms(actor_coeffs, factors, mask),
+            ]
+        )
+        # One reduction for both RMS: every process sees the same values (and hence the same coefficient).
+        value_squares, count, actor_squares, _ = self.accelerator.reduce(terms, reduction="sum").tolist()
+        value_rms = math.sqrt(value_squares / count) if count > 0 else 0.0
+        actor_rms = math.sqrt(actor_squares / count) if count > 0 else 0.0
+        alpha, eps = args.vimpo_adaptive_actor_alpha, args.vimpo_adaptive_actor_eps
+        if mode == "train":
+            coeff, self._adaptive_value_rms_ema, self._adaptive_actor_rms_ema = adaptive_actor_coeff(
+                self._adaptive_value_rms_ema,
+                self._adaptive_actor_rms_ema,
+                value_rms,
+                actor_rms,
+                alpha,
+                args.vimpo_adaptive_actor_ema_decay,
+                eps,
+            )
+        else:
+            coeff = alpha * self._adaptive_value_rms_ema / (self._adaptive_actor_rms_ema + eps)
+        metrics = self._metrics[mode]
+        metrics["vimpo/value_logit_grad_rms"].append(value_rms)
+        metrics["vimpo/actor_logit_grad_rms_unscaled"].append(actor_rms)
+        metrics["vimpo/actor_logit_grad_rms"].append(actor_rms * coeff)
+        metrics["vimpo/adaptive_actor_ema_value_logit_grad_rms"].append(self._adaptive_value_rms_ema)
+        metrics["vimpo/adaptive_actor_ema_actor_logit_grad_rms_unscaled"].append(self._adaptive_actor_rms_ema)
+        metrics["vimpo/actor_coeff"].append(coeff)
+        metrics["vimpo/actor_to_value_logit_grad_rms_ratio"].append(actor_rms * coeff / (value_rms + 1e-12))
+        return coeff
 
     def _log_metrics(self, mode, scores, residuals, has_reward, mask, per_token, logp, old, advantages) -> None:
         """Actor loss, residual moments, entropy and GRPO's clip ratios, each reduced over processes."""
