@@ -95,30 +95,9 @@ def run_key(method: str, seed: int, args) -> str:
 
 
 def train_policy(method: str, seed: int, model_dir: str, args, model_out: Path) -> dict:
-    """``learning.run_one`` (the learning benchmark's training, unchanged), keeping the trained model in ``model_out``.
-
-    ``run_one`` builds and discards its trainer; its trainer class is wrapped for the duration of the call so that
-    the policy is saved when ``train()`` returns. Everything else (config, data, callbacks) is learning.py's.
-    """
-    original = learning.trainer_classes
-
-    def saving_trainer_classes(family: str):
-        config_cls, trainer_cls = original(family)
-
-        class SavingTrainer(trainer_cls):
-            def train(self, *positional, **keywords):
-                output = super().train(*positional, **keywords)
-                self.save_model(str(model_out))
-                return output
-
-        SavingTrainer.__name__ = SavingTrainer.__qualname__ = trainer_cls.__name__
-        return config_cls, SavingTrainer
-
-    learning.trainer_classes = saving_trainer_classes
-    try:
-        return learning.run_one(method, seed, model_dir, args, Path(args.work_dir) / "trainers")
-    finally:
-        learning.trainer_classes = original
+    """``learning.run_one`` (the learning benchmark's training, unchanged), keeping the trained model in
+    ``model_out``."""
+    return learning.run_one(method, seed, model_dir, args, Path(args.work_dir) / "trainers", save_to=model_out)
 
 
 def load_model(directory: str):
@@ -546,7 +525,7 @@ def summarize(per_seed: dict[int, dict], args, command: str, warm_start: dict, w
         if args.own_samples
         else "Not run in this invocation (`--no-own-samples`, to fit the CPU budget).",
         "",
-        "## The trained policies (sanity check against learning.md)",
+        "## The trained policies (sanity check against learning_shared_rate.md)",
         "",
         f"One sample at T=1 on {args.eval_problems} test problems (learning.py's `AccuracyCallback`).",
         "",

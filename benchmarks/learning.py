@@ -24,7 +24,8 @@ VIMPO keeps its own defaults for the actor's clip range (0.2 / 0.28) and the exa
 The shared learning rate (2e-4, AdamW, constant) was chosen on GRPO alone, before any other method was run: a
 20-step probe with seed 0 took GRPO from 26% to 37% test accuracy at 2e-4 and collapsed it to 0% at 1e-3.
 
-CPU configuration (the default; what ``benchmarks/results/learning.md`` reports)::
+CPU configuration (the default; what ``benchmarks/results/learning_shared_rate.md`` reports; the fair, per-method
+tuned comparison built on this protocol is ``benchmarks/fair_comparison.py``, reported in ``learning.md``)::
 
     python benchmarks/learning.py
 
@@ -122,16 +123,33 @@ def trainer_classes(family: str):
     return {"gnivo": (GNIVOConfig, GNIVOTrainer), "vimpo": (VIMPOConfig, VIMPOTrainer)}[family]
 
 
-def run_one(method: str, seed: int, model_dir: str, args, output_dir: Path) -> dict:
-    """Train one method from the warm start for ``args.steps`` steps; returns its accuracy curve and timings."""
+def run_one(
+    method: str,
+    seed: int,
+    model_dir: str,
+    args,
+    output_dir: Path,
+    *,
+    overrides: dict | None = None,
+    eval_problems: list[str] | None = None,
+    save_to: Path | None = None,
+) -> dict:
+    """Train one method from the warm start for ``args.steps`` steps; returns its accuracy curve and timings.
+
+    Args:
+        overrides: config fields that replace the method's settings and the shared ones (``learning_rate``,
+            ``vimpo_beta``, ...): how ``benchmarks/fair_comparison.py`` runs its grids with this very protocol.
+        eval_problems: the problems the accuracy curve is measured on (default: ``args.eval_problems`` test
+            problems).
+        save_to: where the trained policy is saved when training ends (default: not saved).
+    """
     import torch
     from transformers import AutoTokenizer, PrinterCallback
 
     family, settings = METHODS[method]
     config_cls, trainer_cls = trainer_classes(family)
     batch = args.prompts_per_step * args.num_generations
-    config = config_cls(
-        output_dir=str(output_dir / f"{method}-seed{seed}"),
+    shared = dict(
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         gradient_checkpointing=False,
@@ -153,11 +171,14 @@ def run_one(method: str, seed: int, model_dir: str, args, output_dir: Path) -> d
         save_strategy="no",
         disable_tqdm=True,
         seed=seed,
-        **settings,
+    )
+    config = config_cls(
+        output_dir=str(output_dir / f"{method}-seed{seed}"), **{**shared, **settings, **(overrides or {})}
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    test_problems = generate_problems(args.eval_problems, "test", args.num_steps, seed=0)
-    callback = AccuracyCallback(tokenizer, test_problems, every=args.eval_every, seed=1234)
+    if eval_problems is None:
+        eval_problems = generate_problems(args.eval_problems, "test", args.num_steps, seed=0)
+    callback = AccuracyCallback(tokenizer, eval_problems, every=args.eval_every, seed=1234)
     trainer = trainer_cls(
         model=model_dir,
         reward_funcs=chain_reward,
@@ -170,12 +191,20 @@ def run_one(method: str, seed: int, model_dir: str, args, output_dir: Path) -> d
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
+    if save_to is not None:
+        trainer.save_model(str(save_to))
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    metrics: dict[str, list[float]] = {}  # the trainers' own per-step metrics (vimpo/*, gnivo/*)
+    for entry in trainer.state.log_history:
+        for name, value in entry.items():
+            if name.startswith(("vimpo/", "gnivo/")):
+                metrics.setdefault(name, []).append(value)
     return {
         "method": method,
         "seed": seed,
         "accuracy": callback.history,
         "train_reward": rewards,
+        "metrics": metrics,
         "seconds_total": seconds,
         "seconds_training": seconds - callback.eval_seconds,
     }
@@ -295,7 +324,7 @@ def summarize(runs: list[dict], methods: list[str], args, command: str, warm_sta
             for r in sorted(by_method[method], key=lambda r: r["seed"])
         )
         lines.append(f"- {method}: {per_seed}")
-    lines += ["", "![test accuracy against step](learning.png)", ""]
+    lines += ["", "![test accuracy against step](learning_shared_rate.png)", ""]
     return "\n".join(lines)
 
 
@@ -350,8 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cache-dir", default=None, help="where the warm start is cached (default ~/.cache/gnivo-trl)"
     )
     parser.add_argument("--work-dir", default=".cache/learning-benchmark", help="raw per-run results (resumable)")
-    parser.add_argument("--report", default=str(RESULTS / "learning.md"))
-    parser.add_argument("--plot", default=str(RESULTS / "learning.png"))
+    parser.add_argument("--report", default=str(RESULTS / "learning_shared_rate.md"))
+    parser.add_argument("--plot", default=str(RESULTS / "learning_shared_rate.png"))
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:

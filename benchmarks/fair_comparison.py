@@ -1,0 +1,597 @@
+"""Does it learn better? GRPO, GN-IVO and VIMPO compared fairly: each method tuned on validation, two horizons.
+
+``benchmarks/learning.py`` compares every method at one learning rate chosen on GRPO alone, on 4-step problems. This
+benchmark keeps its training protocol exactly (its ``run_one``: same warm start, prompts, K, optimizer, steps,
+evaluation sampler) and changes what it was criticised for:
+
+* **Fair tuning.** Every method gets the same learning-rate grid (``LEARNING_RATES``, a factor of 4), runs on tuning
+  seeds 0 and 1, and is scored on a *validation* split: train-split problems that are neither in the RL prompts nor
+  in the warm start's SFT data, and never test problems (the test split is a hash of the problem text). The rate with
+  the best mean final validation accuracy is chosen per method (ties: the smaller rate). Then 5 fresh seeds
+  (``TEST_SEEDS``) per method at its chosen rate are evaluated on the held-out test problems.
+* **Two horizons.** 4-step problems (answers of 32 tokens with the end-of-sequence token) and 8-step problems (60
+  tokens, 1.9x), each with its own warm start (the same SFT recipe on that task).
+* **VIMPO's beta and response length** (``vimpo-map``): ``vimpo_beta`` in {5e-4, 5e-3, 5e-2} x the two horizons x the
+  actor off, at the paper's weight 5e-3, and the official adaptive weight (``vimpo_adaptive_actor_coeff``, alpha
+  0.025, the authors' run script), at the former shared rate 2e-4, 2 seeds, on validation.
+* **GN-IVO's alpha** (``gnivo-alpha``): ``gnivo_alpha`` in {0.05, 0.2, 1.0} at each unit's chosen rate, test seeds.
+
+Methods (settings of ``learning.METHODS``): ``grpo`` (TRL's defaults written out), ``gnivo-token``, ``gnivo-step``,
+``gnivo-sequence`` (alpha 0.2), ``vimpo-b5e-2-c0`` (value only) and ``vimpo-b5e-2-c5e-3`` (with the paper's actor
+weight), beta 5e-2 being the paper's 5e-4 scaled to 32-token answers (see learning.py).
+
+One command per part; every run is cached in ``--work-dir`` (default ``.cache/fair-comparison``) so a part resumes
+where it stopped, and ``--shard i/n`` lets n processes share a part (one per core)::
+
+    python benchmarks/fair_comparison.py tune --horizon 4      # 36 runs
+    python benchmarks/fair_comparison.py tune --horizon 8      # 36 runs
+    python benchmarks/fair_comparison.py test --horizon 4      # 30 runs (needs tune --horizon 4)
+    python benchmarks/fair_comparison.py test --horizon 8      # 30 runs
+    python benchmarks/fair_comparison.py vimpo-map             # 36 runs
+    python benchmarks/fair_comparison.py gnivo-alpha           # 20 runs (needs tune and test --horizon 4)
+    python benchmarks/fair_comparison.py report                # markdown and plots from whatever is cached
+
+The report goes to ``benchmarks/results/learning.md`` (headline: test accuracy at each method's tuned rate),
+``learning_tuning.md``, ``learning_vimpo_map.md`` and ``learning_gnivo_alpha.md``, with PNG plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning  # noqa: E402  (benchmarks/learning.py: the training protocol reused here)
+
+from gnivo_trl.synthetic import WarmStartConfig, generate_problems  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+METHODS = ["grpo", "gnivo-token", "gnivo-step", "gnivo-sequence", "vimpo-b5e-2-c0", "vimpo-b5e-2-c5e-3"]
+LEARNING_RATES = [1e-4, 2e-4, 4e-4]
+TUNING_SEEDS = [0, 1]
+TEST_SEEDS = [10, 11, 12, 13, 14]
+HORIZONS = {4: dict(num_steps=4, max_completion_length=48), 8: dict(num_steps=8, max_completion_length=96)}
+EVAL_PROBLEMS = 500
+
+MAP_LEARNING_RATE = 2e-4  # learning.py's shared rate: the map is about beta and length, not the rate
+MAP_BETAS = [5e-4, 5e-3, 5e-2]
+MAP_ACTORS = {
+    "off": dict(vimpo_actor_coeff=0.0),
+    "fixed 5e-3": dict(vimpo_actor_coeff=5e-3),
+    "adaptive": dict(vimpo_adaptive_actor_coeff=True, vimpo_adaptive_actor_alpha=0.025),
+}
+ALPHA_METHODS = ["gnivo-step", "gnivo-token"]
+ALPHAS = [0.05, 0.2, 1.0]
+
+# Two-sided 95% Student t quantiles by degrees of freedom (paired differences over a handful of seeds).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def protocol(horizon: int, eval_every: int) -> argparse.Namespace:
+    """learning.py's CPU protocol at a horizon: 100 steps, 8 prompts x K=8, the same warm-start recipe."""
+    preset = dict(learning.PRESETS["cpu"])
+    preset.update(HORIZONS[horizon], eval_every=eval_every, eval_problems=EVAL_PROBLEMS, train_problems=4096)
+    return argparse.Namespace(**preset)
+
+
+def warm_start_config(horizon: int) -> WarmStartConfig:
+    """The default recipe; 8-step problems need 4 layers (2 layers reach a loss of 0.31 and solve 0% of them: they
+    copy the wrong operand from the prompt after the third step)."""
+    return WarmStartConfig(num_steps=horizon, num_hidden_layers=2 if horizon <= 4 else 4)
+
+
+def validation_problems(horizon: int, count: int = EVAL_PROBLEMS) -> list[str]:
+    """Train-split problems in neither the RL prompts (``make_rl_dataset(4096, "train", seed=0)``) nor the warm
+    start's SFT data; the test split is disjoint by construction."""
+    config = warm_start_config(horizon)
+    used = set(generate_problems(4096, "train", horizon, seed=0))
+    used |= set(generate_problems(config.num_examples, "train", horizon, seed=1000 + config.seed))
+    candidates = generate_problems(count + len(used) // 100 + 200, "train", horizon, seed=777)
+    chosen = [problem for problem in candidates if problem not in used][:count]
+    if len(chosen) < count:
+        raise RuntimeError("not enough validation problems; raise the candidate count")
+    return chosen
+
+
+class Run(dict):
+    """One training run: ``horizon``, ``method``, ``seed``, ``split`` ("validation" or "test") and ``overrides``."""
+
+    @property
+    def key(self) -> str:
+        overrides = "-".join(f"{name}={value}" for name, value in sorted(self["overrides"].items()))
+        return f"h{self['horizon']}-{self['method']}-seed{self['seed']}-{self['split']}-{overrides}"
+
+
+def make_run(horizon: int, method: str, seed: int, split: str, **overrides) -> Run:
+    return Run(horizon=horizon, method=method, seed=seed, split=split, overrides=overrides)
+
+
+def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
+    """The cached result of ``run``, training it first if needed."""
+    path = work / f"{run.key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from gnivo_trl.synthetic import build_warm_start
+
+    horizon = run["horizon"]
+    args = protocol(horizon, eval_every=20 if run["split"] == "validation" else 10)
+    model_dir = build_warm_start(warm_start_config(horizon), cache_dir=cache_dir)
+    if run["split"] == "validation":
+        problems = validation_problems(horizon)
+    else:
+        problems = generate_problems(EVAL_PROBLEMS, "test", horizon, seed=0)
+    result = learning.run_one(
+        run["method"],
+        run["seed"],
+        model_dir,
+        args,
+        work / "trainers" / run.key,
+        overrides=run["overrides"],
+        eval_problems=problems,
+    )
+    result.update(run, key=run.key)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def run_all(runs: list[Run], args) -> list[dict]:
+    """Execute this process's shard of ``runs`` (every n-th), then return every cached result of ``runs``."""
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    index, count = (int(part) for part in args.shard.split("/"))
+    started = time.perf_counter()
+    for position, run in enumerate(runs):
+        if position % count != index:
+            continue
+        result = execute(run, work, args.cache_dir)
+        print(
+            f"[{position + 1}/{len(runs)}] {run.key}: "
+            + " ".join(f"{step}:{accuracy:.3f}" for step, accuracy in result["accuracy"])
+            + f" ({result['seconds_total']:.0f} s; {time.perf_counter() - started:.0f} s elapsed)",
+            flush=True,
+        )
+    return cached(runs, work)
+
+
+def cached(runs: list[Run], work: Path) -> list[dict]:
+    return [json.loads((work / f"{run.key}.json").read_text()) for run in runs if (work / f"{run.key}.json").exists()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The parts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tuning_runs(horizon: int) -> list[Run]:
+    return [
+        make_run(horizon, method, seed, "validation", learning_rate=rate)
+        for seed in TUNING_SEEDS
+        for rate in LEARNING_RATES
+        for method in METHODS
+    ]
+
+
+def final_accuracy(result: dict) -> float:
+    return result["accuracy"][-1][1]
+
+
+def chosen_rates(horizon: int, work: Path) -> dict[str, float]:
+    """Per method, the grid rate with the best mean final validation accuracy over the tuning seeds (ties: the
+    smaller rate). Refuses to choose from an incomplete grid."""
+    results = {r["key"]: r for r in cached(tuning_runs(horizon), work)}
+    chosen = {}
+    for method in METHODS:
+        scores = []
+        for rate in LEARNING_RATES:
+            keys = [make_run(horizon, method, seed, "validation", learning_rate=rate).key for seed in TUNING_SEEDS]
+            if not all(key in results for key in keys):
+                raise SystemExit(
+                    f"tuning grid at horizon {horizon} incomplete ({method}, lr {rate}): run `tune` first"
+                )
+            scores.append((statistics.fmean(final_accuracy(results[key]) for key in keys), -rate))
+        chosen[method] = -max(scores)[1]
+    return chosen
+
+
+def test_runs(horizon: int, work: Path) -> list[Run]:
+    rates = chosen_rates(horizon, work)
+    return [
+        make_run(horizon, method, seed, "test", learning_rate=rates[method])
+        for seed in TEST_SEEDS
+        for method in METHODS
+    ]
+
+
+def map_runs() -> list[Run]:
+    return [
+        make_run(
+            horizon, "vimpo-b5e-2-c0", seed, "validation", learning_rate=MAP_LEARNING_RATE, vimpo_beta=beta, **actor
+        )
+        for horizon in HORIZONS
+        for seed in TUNING_SEEDS
+        for beta in MAP_BETAS
+        for actor in MAP_ACTORS.values()
+    ]
+
+
+def alpha_runs(work: Path, horizon: int = 4) -> list[Run]:
+    rates = chosen_rates(horizon, work)
+    runs = []
+    for seed in TEST_SEEDS:
+        for method in ALPHA_METHODS:
+            for alpha in ALPHAS:
+                overrides = dict(learning_rate=rates[method])
+                if alpha != 0.2:  # 0.2 is the method's own setting: the test part's run
+                    overrides["gnivo_alpha"] = alpha
+                runs.append(make_run(horizon, method, seed, "test", **overrides))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics and reports
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_ci(differences: list[float]) -> tuple[float, float, float]:
+    """Mean and two-sided 95% Student-t confidence interval of paired differences."""
+    mean, std = mean_std(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = T_975[len(differences) - 1] * std / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def curve(results: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    steps = [step for step, _ in results[0]["accuracy"]]
+    values = [[dict(r["accuracy"])[step] for r in results] for step in steps]
+    return steps, [statistics.fmean(v) for v in values], [mean_std(v)[1] for v in values]
+
+
+def seconds(results: list[dict]) -> float:
+    return sum(r["seconds_total"] for r in results)
+
+
+def plot_curves(groups: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Mean accuracy against step per group, with a +-1 std band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, results in groups.items():
+        if not results:
+            continue
+        steps, means, stds = curve(results)
+        style = "-" if name.startswith("grpo") else ("--" if name.startswith("gnivo") else ":")
+        ax.plot(steps, [100 * m for m in means], style, marker="o", markersize=3, label=name)
+        low = [100 * (m - s) for m, s in zip(means, stds)]
+        high = [100 * (m + s) for m, s in zip(means, stds)]
+        ax.fill_between(steps, low, high, alpha=0.12)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("accuracy (%), one sample at T=1")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_test(work: Path) -> list[str]:
+    """The headline: test accuracy of every method at its tuned rate, per horizon."""
+    lines = [
+        "# Does it learn better? Each method tuned on validation, two horizons",
+        "",
+        f"Generated by `benchmarks/fair_comparison.py` on {time.strftime('%Y-%m-%d')} from the runs cached in its "
+        "work directory; commands in the script's docstring (`tune`, then `test`, per horizon; then `report`).",
+        "",
+        "- Task: chained arithmetic mod 10 (`gnivo_trl.synthetic`), exact verifier; 4-step problems (answers of 32 "
+        "tokens with EOS, max 48) and 8-step problems (60 tokens, max 96), each from its own warm start (the same SFT "
+        "recipe: 24,000 noisy solutions, per-step error rate 0.2).",
+        "- RL: `benchmarks/learning.py`'s protocol: 100 optimizer steps of 8 prompts x K=8, AdamW, constant rate, "
+        "max_grad_norm 1.0, temperature 1.",
+        f"- Tuning: rates {', '.join(map(str, LEARNING_RATES))} for every method, seeds "
+        f"{', '.join(map(str, TUNING_SEEDS))}, final accuracy on {EVAL_PROBLEMS} validation problems (train-split "
+        "problems in neither the RL prompts nor the SFT data); the best mean is chosen (`learning_tuning.md`).",
+        f"- Test: seeds {', '.join(map(str, TEST_SEEDS))} (not used in tuning) at each method's chosen rate; "
+        f"{EVAL_PROBLEMS} held-out test problems, one sample each at temperature 1, every 10 steps, the same problems "
+        "and sampling seed at every evaluation. Paired differences to GRPO are paired by seed (same prompts in the "
+        "same order); 95% intervals are Student t over the seeds.",
+        "",
+    ]
+    for horizon in HORIZONS:
+        try:
+            runs = test_runs(horizon, work)
+        except SystemExit as missing:
+            lines += [f"## {horizon}-step problems", "", f"Not run yet ({missing}).", ""]
+            continue
+        rates = chosen_rates(horizon, work)
+        results = cached(runs, work)
+        by_method = {m: [r for r in results if r["method"] == m] for m in METHODS}
+        lines += [f"## {horizon}-step problems", ""]
+        if not by_method["grpo"]:
+            lines += ["GRPO's test runs are not cached yet.", ""]
+            continue
+        grpo_final = statistics.fmean(final_accuracy(r) for r in by_method["grpo"])
+        grpo_by_seed = {r["seed"]: final_accuracy(r) for r in by_method["grpo"]}
+        lines += [
+            "| method | chosen rate | seeds | step 0 | final test accuracy (%) | final − GRPO, paired (pp) | 95% CI (pp) "
+            "| steps to GRPO's final | CPU time (min) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            method_results = by_method[method]
+            if not method_results:
+                continue
+            finals = [final_accuracy(r) for r in method_results]
+            mean, std = mean_std(finals)
+            steps, means, _ = curve(method_results)
+            reached = next((str(s) for s, m in zip(steps, means) if m >= grpo_final - 1e-12), "not reached")
+            difference, interval = "–", "–"
+            if method != "grpo":
+                diffs = [
+                    final_accuracy(r) - grpo_by_seed[r["seed"]] for r in method_results if r["seed"] in grpo_by_seed
+                ]
+                if diffs:
+                    d, low, high = paired_ci(diffs)
+                    difference = f"{100 * d:+.1f}"
+                    interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]" if not math.isnan(low) else "–"
+            lines.append(
+                f"| {method} | {rates[method]:g} | {len(method_results)} | {pct(method_results[0]['accuracy'][0][1])} "
+                f"| {pct(mean)} ± {pct(std)} | {difference} | {interval} | {reached} | {seconds(method_results) / 60:.1f} |"
+            )
+        lines += ["", "Per-seed final test accuracy (%):", ""]
+        for method in METHODS:
+            per_seed = ", ".join(
+                f"{r['seed']}: {pct(final_accuracy(r))}" for r in sorted(by_method[method], key=lambda r: r["seed"])
+            )
+            lines.append(f"- {method}: {per_seed}")
+        plot_path = RESULTS / f"learning_h{horizon}.png"
+        plot_curves(by_method, plot_path, f"{horizon}-step problems, test accuracy at each method's tuned rate")
+        lines += ["", f"![{horizon}-step learning curves]({plot_path.name})", ""]
+        lines += [f"CPU time of this part: {seconds(results) / 60:.0f} min (sum over runs, evaluation included).", ""]
+    return lines
+
+
+def report_tuning(work: Path) -> list[str]:
+    lines = [
+        "# Learning-rate tuning on the validation split",
+        "",
+        f"Generated by `benchmarks/fair_comparison.py` on {time.strftime('%Y-%m-%d')}. Command per horizon: "
+        "`python benchmarks/fair_comparison.py tune --horizon H`. Final accuracy (%) on "
+        f"{EVAL_PROBLEMS} validation problems after 100 steps, mean over seeds {TUNING_SEEDS} (each seed in "
+        "parentheses); the chosen rate is in bold.",
+        "",
+    ]
+    for horizon in HORIZONS:
+        results = {r["key"]: r for r in cached(tuning_runs(horizon), work)}
+        try:
+            rates = chosen_rates(horizon, work)
+        except SystemExit:
+            rates = {}
+        lines += [
+            f"## {horizon}-step problems",
+            "",
+            "| method | " + " | ".join(f"lr {r:g}" for r in LEARNING_RATES) + " |",
+        ]
+        lines.append("|---|" + "---|" * len(LEARNING_RATES))
+        for method in METHODS:
+            cells = []
+            for rate in LEARNING_RATES:
+                finals = [
+                    final_accuracy(results[key])
+                    for key in (
+                        make_run(horizon, method, seed, "validation", learning_rate=rate).key for seed in TUNING_SEEDS
+                    )
+                    if key in results
+                ]
+                if not finals:
+                    cells.append("–")
+                    continue
+                cell = f"{pct(statistics.fmean(finals))} ({', '.join(pct(f) for f in finals)})"
+                cells.append(f"**{cell}**" if rates.get(method) == rate else cell)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", f"CPU time: {seconds(list(results.values())) / 60:.0f} min for {len(results)} runs.", ""]
+    return lines
+
+
+def run_metric(result: dict, name: str) -> float:
+    """Mean of a logged training metric over the run (NaN when it was not logged)."""
+    values = [v for v in result.get("metrics", {}).get(name, []) if v is not None and not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def report_map(work: Path) -> list[str]:
+    results = {r["key"]: r for r in cached(map_runs(), work)}
+    lines = [
+        "# VIMPO: where training collapses, by beta, response length and actor weight",
+        "",
+        f"Generated by `benchmarks/fair_comparison.py vimpo-map` on {time.strftime('%Y-%m-%d')}. VIMPO at learning "
+        f"rate {MAP_LEARNING_RATE:g} (learning.py's shared rate), 100 steps, seeds {TUNING_SEEDS}, final accuracy (%) "
+        f"on {EVAL_PROBLEMS} validation problems (warm start in the first column). Actor: off "
+        "(`vimpo_actor_coeff=0`), the paper's fixed weight 5e-3, or the official adaptive weight "
+        "(`vimpo_adaptive_actor_coeff=True`, alpha 0.025). `beta x L` is beta times the mean answer length in tokens "
+        "(32 and 60).",
+        "",
+        "| horizon | beta | beta x L | warm start | actor off | fixed 5e-3 | adaptive | adaptive: mean actor weight | "
+        "adaptive: actor/value logit-grad RMS, unscaled |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lengths = {4: 32, 8: 60}
+    for horizon in HORIZONS:
+        for beta in MAP_BETAS:
+            cells, start = [], "–"
+            adaptive_weight, ratio = "–", "–"
+            for label, actor in MAP_ACTORS.items():
+                keys = [
+                    make_run(
+                        horizon,
+                        "vimpo-b5e-2-c0",
+                        seed,
+                        "validation",
+                        learning_rate=MAP_LEARNING_RATE,
+                        vimpo_beta=beta,
+                        **actor,
+                    ).key
+                    for seed in TUNING_SEEDS
+                ]
+                found = [results[key] for key in keys if key in results]
+                if not found:
+                    cells.append("–")
+                    continue
+                start = pct(found[0]["accuracy"][0][1])
+                finals = [final_accuracy(r) for r in found]
+                cells.append(f"{pct(statistics.fmean(finals))} ({', '.join(pct(f) for f in finals)})")
+                if label == "adaptive":
+                    adaptive_weight = f"{statistics.fmean(run_metric(r, 'vimpo/actor_coeff') for r in found):.2e}"
+                    unscaled = statistics.fmean(
+                        run_metric(r, "vimpo/actor_logit_grad_rms_unscaled")
+                        / run_metric(r, "vimpo/value_logit_grad_rms")
+                        for r in found
+                    )
+                    ratio = f"{unscaled:.3g}"
+            lines.append(
+                f"| {horizon} | {beta:g} | {beta * lengths[horizon]:.3g} | {start} | "
+                + " | ".join(cells)
+                + f" | {adaptive_weight} | {ratio} |"
+            )
+    lines += ["", f"CPU time: {seconds(list(results.values())) / 60:.0f} min for {len(results)} runs.", ""]
+    plot_map(results)
+    lines += ["![beta by length map](learning_vimpo_map.png)", ""]
+    return lines
+
+
+def plot_map(results: dict[str, dict]) -> None:
+    """Final validation accuracy by (horizon, beta) for each actor setting, as heat maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MAP_ACTORS), figsize=(4 * len(MAP_ACTORS), 3.2), sharey=True)
+    for ax, (label, actor) in zip(axes, MAP_ACTORS.items()):
+        grid = []
+        for horizon in HORIZONS:
+            row = []
+            for beta in MAP_BETAS:
+                keys = [
+                    make_run(
+                        horizon,
+                        "vimpo-b5e-2-c0",
+                        seed,
+                        "validation",
+                        learning_rate=MAP_LEARNING_RATE,
+                        vimpo_beta=beta,
+                        **actor,
+                    ).key
+                    for seed in TUNING_SEEDS
+                ]
+                finals = [final_accuracy(results[k]) for k in keys if k in results]
+                row.append(100 * statistics.fmean(finals) if finals else math.nan)
+            grid.append(row)
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, "–" if math.isnan(value) else f"{value:.0f}", ha="center", va="center", color="white")
+        ax.set_xticks(range(len(MAP_BETAS)), [f"{b:g}" for b in MAP_BETAS])
+        ax.set_yticks(range(len(HORIZONS)), [f"{h} steps" for h in HORIZONS])
+        ax.set_xlabel("vimpo_beta")
+        ax.set_title(f"actor {label}")
+    fig.colorbar(image, ax=axes, label="final validation accuracy (%)")
+    fig.savefig(RESULTS / "learning_vimpo_map.png", dpi=120)
+    plt.close(fig)
+
+
+def report_alpha(work: Path) -> list[str]:
+    try:
+        runs = alpha_runs(work)
+    except SystemExit as missing:
+        return ["# GN-IVO's alpha", "", f"Not run yet ({missing}).", ""]
+    results = {r["key"]: r for r in cached(runs, work)}
+    lines = [
+        "# GN-IVO's alpha at the tuned learning rate (4-step problems)",
+        "",
+        f"Generated by `benchmarks/fair_comparison.py gnivo-alpha` on {time.strftime('%Y-%m-%d')}. Final test "
+        f"accuracy (%) after 100 steps, mean ± std over seeds {TEST_SEEDS}, at each unit's rate chosen on validation "
+        "(alpha 0.2 there); alpha 0.2 is the test part's run.",
+        "",
+        "| method | " + " | ".join(f"alpha {a:g}" for a in ALPHAS) + " |",
+        "|---|" + "---|" * len(ALPHAS),
+    ]
+    for method in ALPHA_METHODS:
+        cells = []
+        for alpha in ALPHAS:
+            found = [results[r.key] for r in runs if r["method"] == method and r.key in results and _alpha(r) == alpha]
+            if not found:
+                cells.append("–")
+                continue
+            mean, std = mean_std([final_accuracy(r) for r in found])
+            cells.append(f"{pct(mean)} ± {pct(std)} (n={len(found)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", f"CPU time: {seconds(list(results.values())) / 60:.0f} min for {len(results)} runs.", ""]
+    return lines
+
+
+def _alpha(run: Run) -> float:
+    return run["overrides"].get("gnivo_alpha", 0.2)
+
+
+def write_reports(work: Path) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, lines in (
+        ("learning.md", report_test(work)),
+        ("learning_tuning.md", report_tuning(work)),
+        ("learning_vimpo_map.md", report_map(work)),
+        ("learning_gnivo_alpha.md", report_alpha(work)),
+    ):
+        (RESULTS / name).write_text("\n".join(lines))
+        print(f"wrote {RESULTS / name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["tune", "test", "vimpo-map", "gnivo-alpha", "report"])
+    parser.add_argument("--horizon", type=int, choices=sorted(HORIZONS), default=4)
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i (one process per core)")
+    parser.add_argument("--work-dir", default=".cache/fair-comparison", help="cached per-run results (resumable)")
+    parser.add_argument("--cache-dir", default=None, help="where warm starts are cached (default ~/.cache/gnivo-trl)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)  # a 0.1M-parameter model gains nothing from intra-op threads
+    work = Path(args.work_dir)
+    if args.part == "tune":
+        run_all(tuning_runs(args.horizon), args)
+    elif args.part == "test":
+        run_all(test_runs(args.horizon, work), args)
+    elif args.part == "vimpo-map":
+        run_all(map_runs(), args)
+    elif args.part == "gnivo-alpha":
+        run_all(alpha_runs(work), args)
+    if args.shard.startswith("0/"):
+        write_reports(work)
+
+
+if __name__ == "__main__":
+    main()
