@@ -559,3 +559,45 @@ def test_linearized_row_loss_gradient_is_layout_independent_over_micro_batches(s
         total_value += part_loss.item()
     assert total_value == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
     assert_grad_close(total_grad.double(), full_grad.double())
+
+
+@pytest.mark.parametrize("units", ["token", "step"])
+def test_at_the_sampling_policy_unit_k_is_weighted_by_the_prefixes_that_contain_it(units):
+    """At the sampling policy (all prefix log-ratios 0), a token in unit ``k`` (1-based) of row ``i`` gets the
+    gradient ``(T_g - k + 1) / T_g * (1/K_g - w_i) / num_groups``: the later a unit, the fewer of the ``T_g`` prefixes
+    contain it, so with token units the last tokens of a completion (where the answer is) get ``~1/T_g`` of the
+    first token's weight. This is the SPEC loss's own property (it explains token units' slow finish in
+    ``benchmarks/results/learning.md``), checked here against the closed form."""
+    generator = torch.Generator().manual_seed(3)
+    K, T = 4, 9
+    mask = torch.ones(2 * K, T)
+    mask[1, 6:] = 0  # rows of different lengths
+    mask[5, 3:] = 0
+    boundaries = None if units == "token" else (torch.rand(2 * K, T, generator=generator) < 0.4)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    alpha = 0.5
+    logp = torch.randn(2 * K, T, generator=generator, dtype=torch.float64).requires_grad_()
+    gnivo_loss(logp, logp.detach(), mask, rewards, K, alpha, boundaries).backward()
+
+    weights = torch.softmax(rewards.view(2, K) / alpha, dim=1).reshape(-1)
+    expected = torch.zeros(2 * K, T, dtype=torch.float64)
+    unit_counts = []
+    for row in range(2 * K):
+        ends = naive_boundary_positions(
+            mask[row].bool().tolist(), None if boundaries is None else boundaries[row].tolist()
+        )
+        unit_counts.append(len(ends))
+    for row in range(2 * K):
+        group = row // K
+        T_g = max(unit_counts[group * K : (group + 1) * K])
+        ends = naive_boundary_positions(
+            mask[row].bool().tolist(), None if boundaries is None else boundaries[row].tolist()
+        )
+        for position in range(T):
+            if not mask[row, position]:
+                continue
+            k = next(index for index, end in enumerate(ends, start=1) if end >= position)
+            expected[row, position] = (T_g - k + 1) / T_g * (1 / K - weights[row].item()) / 2
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-5, atol=1e-7)
+    first, last = expected[0, 0].item(), expected[0, T - 1].item()
+    assert abs(last) < abs(first) / 2  # the last unit of the longest row is the least weighted
