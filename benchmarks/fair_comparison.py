@@ -220,16 +220,28 @@ def test_runs(horizon: int, work: Path) -> list[Run]:
     ]
 
 
+def map_run(horizon: int, seed: int, beta: float, actor: dict) -> Run:
+    """One cell's run. Beta 5e-2 with the actor off or fixed is a method of the tuning grid at the map's rate: that
+    run itself (the same configuration), not a copy."""
+    if beta == 5e-2 and set(actor) == {"vimpo_actor_coeff"}:
+        method = "vimpo-b5e-2-c0" if actor["vimpo_actor_coeff"] == 0.0 else "vimpo-b5e-2-c5e-3"
+        return make_run(horizon, method, seed, "validation", learning_rate=MAP_LEARNING_RATE)
+    return make_run(
+        horizon, "vimpo-b5e-2-c0", seed, "validation", learning_rate=MAP_LEARNING_RATE, vimpo_beta=beta, **actor
+    )
+
+
 def map_runs() -> list[Run]:
-    return [
-        make_run(
-            horizon, "vimpo-b5e-2-c0", seed, "validation", learning_rate=MAP_LEARNING_RATE, vimpo_beta=beta, **actor
-        )
+    """The map's runs, the 4-step row first, the value-only reference at 8 steps last (the most expensive and the
+    least needed)."""
+    runs = [
+        map_run(horizon, seed, beta, actor)
         for horizon in HORIZONS
         for seed in TUNING_SEEDS
         for beta in MAP_BETAS
         for actor in MAP_ACTORS.values()
     ]
+    return sorted(runs, key=lambda run: run["horizon"] == 8 and run["overrides"].get("vimpo_actor_coeff") == 0.0)
 
 
 def alpha_runs(work: Path, horizon: int = 4) -> list[Run]:
@@ -461,18 +473,7 @@ def report_map(work: Path) -> list[str]:
             cells, start = [], "–"
             adaptive_weight, ratio = "–", "–"
             for label, actor in MAP_ACTORS.items():
-                keys = [
-                    make_run(
-                        horizon,
-                        "vimpo-b5e-2-c0",
-                        seed,
-                        "validation",
-                        learning_rate=MAP_LEARNING_RATE,
-                        vimpo_beta=beta,
-                        **actor,
-                    ).key
-                    for seed in TUNING_SEEDS
-                ]
+                keys = [map_run(horizon, seed, beta, actor).key for seed in TUNING_SEEDS]
                 found = [results[key] for key in keys if key in results]
                 if not found:
                     cells.append("–")
@@ -512,18 +513,7 @@ def plot_map(results: dict[str, dict]) -> None:
         for horizon in HORIZONS:
             row = []
             for beta in MAP_BETAS:
-                keys = [
-                    make_run(
-                        horizon,
-                        "vimpo-b5e-2-c0",
-                        seed,
-                        "validation",
-                        learning_rate=MAP_LEARNING_RATE,
-                        vimpo_beta=beta,
-                        **actor,
-                    ).key
-                    for seed in TUNING_SEEDS
-                ]
+                keys = [map_run(horizon, seed, beta, actor).key for seed in TUNING_SEEDS]
                 finals = [final_accuracy(results[k]) for k in keys if k in results]
                 row.append(100 * statistics.fmean(finals) if finals else math.nan)
             grid.append(row)
