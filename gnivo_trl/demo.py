@@ -10,6 +10,12 @@ problem at temperature 1) before and after, the reward curve, and writes a PNG p
 Usage::
 
     python -m gnivo_trl.demo --output-dir demo_output [--steps 100] [--prefix-unit step]
+    python -m gnivo_trl.demo --task tools --output-dir demo_tools   # an agent calling a calculator tool
+
+``--task tools`` runs the agent task of :mod:`gnivo_trl.agent_task` instead: the same problems solved by calling the
+``calculate`` tool once per step through TRL's tool loop (``tools=[calculate]``), rewarded only when every call and
+the boxed answer are right, with a tool-calling warm start (cached like the other) and one GN-IVO unit per assistant
+turn (``gnivo_prefix_unit="turn"``); test accuracy is measured through the same multi-turn tool loop.
 
 The whole demo (warm start included) takes a few minutes on two CPU cores. Whether GN-IVO learns *faster* than GRPO
 on this task is measured, over seeds, by ``benchmarks/learning.py`` (results in ``benchmarks/results/learning.md``).
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from . import testing  # noqa: F401  (offline environment variables before TRL is imported)
 
-__all__ = ["main", "reward_sparkline"]
+__all__ = ["main", "parse_arguments", "reward_sparkline"]
 
 _BARS = " ▁▂▃▄▅▆▇█"
 
@@ -59,12 +65,19 @@ def _plot(path: Path, rewards: list[float], accuracy: list[tuple[int, float]], t
     return True
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns a summary (also written to ``<output-dir>/summary.json``)."""
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's command line; ``--prefix-unit`` defaults by ``--task`` (``step`` for ``arithmetic``, ``turn`` for
+    ``tools``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--task",
+        default="arithmetic",
+        choices=["arithmetic", "tools"],
+        help="arithmetic: write the steps (gnivo_trl.synthetic); tools: call a calculator tool (gnivo_trl.agent_task)",
+    )
     parser.add_argument("--output-dir", default="demo_output")
     parser.add_argument("--steps", type=int, default=100, help="GN-IVO optimizer steps")
-    parser.add_argument("--prefix-unit", default="step", choices=["token", "step", "sequence"])
+    parser.add_argument("--prefix-unit", default=None, choices=["token", "step", "turn", "sequence"])
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--num-generations", type=int, default=8, help="K, completions per prompt")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -82,6 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this tiny model)")
     args = parser.parse_args(argv)
+    if args.prefix_unit is None:
+        args.prefix_unit = "turn" if args.task == "tools" else "step"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns a summary (also written to ``<output-dir>/summary.json``)."""
+    args = parse_arguments(argv)
 
     import torch
 
@@ -103,16 +124,47 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    warm_config = WarmStartConfig()
-    if args.warm_start_examples is not None:
-        warm_config = WarmStartConfig(num_examples=args.warm_start_examples, epochs=1.0)
-    print("GN-IVO demo on synthetic chained arithmetic mod 10 (gnivo_trl.synthetic), offline, on CPU.", flush=True)
-    model_dir = build_warm_start(warm_config, cache_dir=args.cache_dir)
+    task_kwargs: dict = {}  # extra GNIVOTrainer arguments of the task
+    config_kwargs: dict = {}  # extra GNIVOConfig fields of the task
+    if args.task == "tools":
+        from gnivo_trl.agent_task import (
+            ToolAccuracyCallback,
+            ToolWarmStartConfig,
+            build_tool_warm_start,
+            calculate,
+            make_tool_rl_dataset,
+            tool_chain_reward,
+        )
+
+        warm_config = ToolWarmStartConfig()
+        if args.warm_start_examples is not None:
+            warm_config = ToolWarmStartConfig(num_examples=args.warm_start_examples, epochs=1.0)
+        print(
+            "GN-IVO demo: an agent solves chained arithmetic mod 10 by calling a calculator tool once per step "
+            "(gnivo_trl.agent_task, TRL's tool loop), offline, on CPU.",
+            flush=True,
+        )
+        model_dir = build_tool_warm_start(warm_config, cache_dir=args.cache_dir)
+        callback_cls, reward = ToolAccuracyCallback, tool_chain_reward
+        train_dataset = make_tool_rl_dataset(4096, "train", warm_config.num_steps, seed=args.seed)
+        # A call and its response take about 20 tokens: room for every step, its answer and a few stray calls.
+        max_completion_length = 32 * (warm_config.num_steps + 1)
+        task_kwargs["tools"] = [calculate]
+        config_kwargs["max_tool_calling_iterations"] = warm_config.num_steps + 1  # one spare call, then it must answer
+        title = f"GN-IVO ({args.prefix_unit} units), agent with a calculator tool, 4-step arithmetic mod 10"
+    else:
+        warm_config = WarmStartConfig()
+        if args.warm_start_examples is not None:
+            warm_config = WarmStartConfig(num_examples=args.warm_start_examples, epochs=1.0)
+        print("GN-IVO demo on synthetic chained arithmetic mod 10 (gnivo_trl.synthetic), offline, on CPU.", flush=True)
+        model_dir = build_warm_start(warm_config, cache_dir=args.cache_dir)
+        callback_cls, reward = AccuracyCallback, chain_reward
+        train_dataset = make_rl_dataset(4096, "train", warm_config.num_steps, seed=args.seed)
+        max_completion_length = 48
+        title = f"GN-IVO ({args.prefix_unit} units) on 4-step arithmetic mod 10"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     test_problems = generate_problems(args.eval_problems, "test", warm_config.num_steps, seed=0)
-    accuracy = AccuracyCallback(
-        tokenizer, test_problems, every=args.eval_every, seed=1234, verbose=True, label="GN-IVO "
-    )
+    accuracy = callback_cls(tokenizer, test_problems, every=args.eval_every, seed=1234, verbose=True, label="GN-IVO ")
     rewards: list[float] = []
 
     class Progress(TrainerCallback):
@@ -134,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_checkpointing=False,
         num_generations=args.num_generations,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        max_completion_length=48,
+        max_completion_length=max_completion_length,
         temperature=1.0,
         max_steps=args.steps,
         learning_rate=args.learning_rate,
@@ -146,14 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
         gnivo_alpha=0.2,
         gnivo_prefix_unit=args.prefix_unit,
         disable_tqdm=True,
+        **config_kwargs,
     )
     trainer = GNIVOTrainer(
         model=model_dir,
-        reward_funcs=chain_reward,
+        reward_funcs=reward,
         args=config,
-        train_dataset=make_rl_dataset(4096, "train", warm_config.num_steps, seed=args.seed),
+        train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=[accuracy, Progress()],
+        **task_kwargs,
     )
     trainer.remove_callback(PrinterCallback)  # Progress prints one short line per step instead of every metric
     print(
@@ -169,14 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
     window = max(len(rewards) // 5, 1)
     first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
     plot_path = output_dir / "demo.png"
-    if not _plot(
-        plot_path, rewards, accuracy.history, f"GN-IVO ({args.prefix_unit} units) on 4-step arithmetic mod 10"
-    ):
+    if not _plot(plot_path, rewards, accuracy.history, title):
         print("matplotlib is not installed: no plot written (pip install matplotlib).")
         plot_path = None
     print(f"\nReward curve, one character per step (0 to 1):\n  |{reward_sparkline(rewards)}|")
     print("Test accuracy: " + ", ".join(f"step {s}: {a:.1%}" for s, a in accuracy.history))
     summary = {
+        "task": args.task,
         "steps": args.steps,
         "prefix_unit": args.prefix_unit,
         "test_accuracy_before": before,
