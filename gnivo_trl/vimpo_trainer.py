@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import textwrap
 from typing import Any, NamedTuple
@@ -34,6 +35,13 @@ from .losses import (
 from .vimpo_config import _FSDP_FIX, VIMPOConfig
 
 __all__ = ["TokenScores", "VIMPOTrainer"]
+
+logger = logging.getLogger(__name__)
+
+# The fixed actor weight dominates the value when vimpo_beta * (mean completion length) / vimpo_actor_coeff is below
+# this: the value loss's logit gradient per token scales with beta, the token-mean actor's with
+# vimpo_actor_coeff / length. Measured in benchmarks/results/learning_vimpo_map.md (see VIMPOTrainer's docstring).
+ACTOR_BALANCE_WARNING_THRESHOLD = 20.0
 
 # GRPOTrainer builds the frozen reference model (a copy, or a "ref" adapter for a pre-trained PEFT adapter, prepared
 # for DeepSpeed) only when beta != 0. VIMPO needs that reference with GRPO's KL penalty off, so construction runs with
@@ -188,6 +196,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         # initial value 0.0); not checkpointed, as in the official code.
         self._adaptive_value_rms_ema = 0.0
         self._adaptive_actor_rms_ema = 0.0
+        self._actor_balance_checked = False
         if self.args.vimpo_update_ref_freq:
             self._add_reference_refresh()
 
@@ -371,6 +380,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         if is_ratio is not None:
             row_weight = row_weight * is_ratio.reshape(-1).float()
         mask = loss_mask(inputs) * has_reward[:, None]
+        if mode == "train" and not self._actor_balance_checked:
+            self._check_actor_balance(mask)
         advantages = self._whitened_advantages(scores, mask, mode)
 
         residuals = vimpo_terminal_residuals(
@@ -414,6 +425,40 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             torch.tensor(float(logp.size(0)), device=logp.device),
         )
         return loss
+
+    def _check_actor_balance(self, mask: torch.Tensor) -> None:
+        """Warn once, on the first training micro-batch, when a fixed actor weight will outweigh the value loss.
+
+        Per token, the value loss's gradient scales with ``vimpo_beta`` and the token-mean actor's with
+        ``vimpo_actor_coeff / L`` (``L`` the mean completion length in model tokens, measured here over every
+        process), so the balance is ``vimpo_beta * L / vimpo_actor_coeff``. The paper's defaults on its long responses
+        give several hundred; below ``ACTOR_BALANCE_WARNING_THRESHOLD`` training collapsed in our measurements
+        (``benchmarks/results/learning_vimpo_map.md``). Every rank must call this.
+        """
+        self._actor_balance_checked = True
+        args = self.args
+        if args.vimpo_adaptive_actor_coeff or args.vimpo_actor_coeff == 0:
+            return
+        counts = torch.stack([mask.sum(), (mask.sum(dim=1) > 0).sum()]).float()
+        tokens, rows = self.accelerator.reduce(counts, reduction="sum").tolist()
+        if rows == 0:
+            return
+        mean_length = tokens / rows
+        balance = args.vimpo_beta * mean_length / args.vimpo_actor_coeff
+        if balance < ACTOR_BALANCE_WARNING_THRESHOLD:
+            logger.warning(
+                "VIMPO's actor term will likely dominate its value loss: vimpo_beta * (mean completion length) / "
+                "vimpo_actor_coeff = %g * %.1f / %g = %.3g, below %g. With a fixed actor weight, training collapsed in "
+                "this regime in our measurements (benchmarks/results/learning_vimpo_map.md; the paper's defaults are "
+                "tuned for responses of thousands of tokens). Raise vimpo_beta to at least %.2g, lower "
+                "vimpo_actor_coeff, or set vimpo_adaptive_actor_coeff=True.",
+                args.vimpo_beta,
+                mean_length,
+                args.vimpo_actor_coeff,
+                balance,
+                ACTOR_BALANCE_WARNING_THRESHOLD,
+                ACTOR_BALANCE_WARNING_THRESHOLD * args.vimpo_actor_coeff / mean_length,
+            )
 
     @torch.no_grad()
     def _adaptive_actor_coeff(self, scores, mask, residuals, row_weight, old, advantages, is_ratio, mode) -> float:

@@ -367,3 +367,30 @@ def test_defaults_are_off_with_the_run_scripts_values():
 )
 def test_bad_adaptive_actor_settings_are_refused_with_field_and_fix(overrides, field):
     assert_refused_with_field_and_fix(VIMPOConfig, field, **CONFIG, vimpo_adaptive_actor_coeff=True, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, warns",
+    [
+        (dict(vimpo_beta=5e-4, vimpo_actor_coeff=5e-3), True),  # the paper's defaults on short completions
+        (dict(vimpo_beta=5e-4, vimpo_actor_coeff=5e-3, vimpo_adaptive_actor_coeff=True), False),
+        (dict(vimpo_beta=5e-4, vimpo_actor_coeff=0.0), False),  # value only
+        (dict(vimpo_beta=1.0, vimpo_actor_coeff=5e-3), False),
+    ],
+)
+def test_a_dominating_fixed_actor_weight_is_warned_about_once(tiny_model_dir, tmp_path, caplog, overrides, warns):
+    """The balance ``vimpo_beta * L / vimpo_actor_coeff`` is measured on the first training micro-batch (``L`` its
+    mean completion length) and warned about once, with the numbers and the fixes."""
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), **overrides)
+    batch = moved_policy_batch(trainer, seed=0)
+    mask = loss_mask(batch)
+    mean_length = float(mask.sum() / (mask.sum(dim=1) > 0).sum())
+    with caplog.at_level("WARNING", logger="gnivo_trl.vimpo_trainer"), torch.no_grad():
+        trainer._compute_loss(trainer.model, batch)
+        trainer._compute_loss(trainer.model, batch)
+    messages = [record.getMessage() for record in caplog.records if "dominate" in record.getMessage()]
+    assert len(messages) == (1 if warns else 0)
+    if warns:
+        balance = overrides["vimpo_beta"] * mean_length / overrides["vimpo_actor_coeff"]
+        assert f"{balance:.3g}" in messages[0]
+        assert "vimpo_adaptive_actor_coeff=True" in messages[0] and "Raise vimpo_beta" in messages[0]
