@@ -15,7 +15,9 @@ Usage::
 ``--task tools`` runs the agent task of :mod:`gnivo_trl.agent_task` instead: the same problems solved by calling the
 ``calculate`` tool once per step through TRL's tool loop (``tools=[calculate]``), rewarded only when every call and
 the boxed answer are right, with a tool-calling warm start (cached like the other) and one GN-IVO unit per assistant
-turn (``gnivo_prefix_unit="turn"``); test accuracy is measured through the same multi-turn tool loop.
+turn (``gnivo_prefix_unit="turn"``); test accuracy is measured through the same multi-turn tool loop. With the
+defaults it goes from about 30% to about 90% of the held-out problems in 100 steps (5 minutes on CPU, the 3.5-minute
+warm start included).
 
 The whole demo (warm start included) takes a few minutes on two CPU cores. Whether GN-IVO learns *faster* than GRPO
 on this task is measured, over seeds, by ``benchmarks/learning.py`` (results in ``benchmarks/results/learning.md``).

@@ -5,7 +5,6 @@ GN-IVO step with ``tools=`` whose rollouts are laid out exactly as the warm star
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 
@@ -31,8 +30,6 @@ from gnivo_trl.agent_task import (
     tool_chain_reward,
 )
 from gnivo_trl.synthetic import final_answer, generate_problems, is_test_problem
-
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 PROBLEM = "3+4*2-5"  # calls (3, +, 4) -> 7, (7, *, 2) -> 4, (4, -, 5) -> 9
 # A few dozen SFT steps: enough to check the structure of a build, not its skill.
