@@ -68,7 +68,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -78,7 +77,7 @@ from pathlib import Path
 from . import testing  # noqa: F401  (offline environment variables before any Hugging Face import)
 
 import torch  # noqa: E402
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
 
 from .synthetic import (  # noqa: E402
     BOXED,
@@ -89,6 +88,7 @@ from .synthetic import (  # noqa: E402
     build_tokenizer,
     default_cache_dir,
     final_answer,
+    fine_tune_into_cache,
     generate_problems,
 )
 from .testing import build_tiny_model  # noqa: E402
@@ -629,10 +629,6 @@ def build_tool_warm_start(
     if marker.exists() and not force:
         return str(directory)
 
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
-    started = time.perf_counter()
     tokenizer = build_tool_tokenizer()
     model = build_tiny_model(
         tokenizer,
@@ -652,73 +648,29 @@ def build_tool_warm_start(
         guess_rate=config.guess_rate,
         seed=config.seed,
     ).select_columns(["input_ids", "assistant_masks"])
-    total_steps = max(int(config.epochs * config.num_examples / config.batch_size), 1)
 
-    class _Progress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if verbose and logs and "loss" in logs:
-                print(
-                    f"  tool warm start: step {state.global_step:>4}/{total_steps}  loss {logs['loss']:.3f}  "
-                    f"({time.perf_counter() - started:.0f} s)",
-                    flush=True,
-                )
+    def check(model, tokenizer) -> dict:
+        test_problems = generate_problems(config.eval_problems, "test", config.num_steps, seed=1)
+        return {
+            "test_problems": len(test_problems),
+            "test_accuracy_t1": evaluate_tool_accuracy(model, tokenizer, test_problems),
+        }
 
-    if verbose:
-        print(
-            f"Building the tool-calling warm start ({sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{total_steps} SFT steps of {config.batch_size}) in {directory} ...",
-            flush=True,
-        )
-    work = directory.with_name(directory.name + ".tmp")
-    args = SFTConfig(
-        output_dir=str(work / "sft"),
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        gradient_checkpointing=False,  # SFTConfig turns it on by default; on a tiny CPU model it only costs time
-        per_device_train_batch_size=config.batch_size,
-        max_steps=total_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(total_steps // 20, 1),
-        weight_decay=0.0,
+    info = fine_tune_into_cache(
+        directory,
+        model,
+        tokenizer,
+        dataset,
+        config,
         max_length=256,
-        logging_steps=max(total_steps // 10, 1),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        dataloader_num_workers=0,
+        label="tool-calling warm start",
+        check=check,
+        verbose=verbose,
     )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[_Progress()]
-    )
-    trainer.remove_callback(PrinterCallback)  # _Progress prints a shorter line
-    trainer.train()
-    shutil.rmtree(work / "sft", ignore_errors=True)
-    model = trainer.model
-    model.generation_config.do_sample = True
-    work.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    sft_seconds = time.perf_counter() - started
-    test_problems = generate_problems(config.eval_problems, "test", config.num_steps, seed=1)
-    test_accuracy = evaluate_tool_accuracy(model, tokenizer, test_problems)
-    info = {
-        "config": asdict(config),
-        "seconds": time.perf_counter() - started,
-        "sft_seconds": sft_seconds,
-        "test_problems": len(test_problems),
-        "test_accuracy_t1": test_accuracy,
-    }
-    (work / "warm_start.json").write_text(json.dumps(info, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    work.rename(directory)
     if verbose:
         print(
-            f"Tool warm start ready in {info['seconds']:.0f} s: solves {test_accuracy:.0%} of {len(test_problems)} "
-            "test problems (one multi-turn rollout each at temperature 1).",
+            f"Tool warm start ready in {info['seconds']:.0f} s: solves {info['test_accuracy_t1']:.0%} of "
+            f"{info['test_problems']} test problems (one multi-turn rollout each at temperature 1).",
             flush=True,
         )
     return str(directory)

@@ -428,10 +428,6 @@ def build_warm_start(
     if marker.exists() and not force:
         return str(directory)
 
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
-    started = time.perf_counter()
     tokenizer = build_tokenizer()
     model = build_tiny_model(
         tokenizer,
@@ -446,20 +442,61 @@ def build_warm_start(
     dataset = make_sft_dataset(
         config.num_examples, num_steps=config.num_steps, error_rate=config.error_rate, seed=config.seed
     )
+
+    def check(model, tokenizer) -> dict:
+        problems = generate_problems(256, "test", config.num_steps, seed=1)
+        return {"test_accuracy_t1_256": evaluate_accuracy(model, tokenizer, problems)}
+
+    info = fine_tune_into_cache(
+        directory, model, tokenizer, dataset, config, max_length=128, label="warm start", check=check, verbose=verbose
+    )
+    if verbose:
+        print(
+            f"Warm start ready in {info['seconds']:.0f} s: solves {info['test_accuracy_t1_256']:.0%} of 256 test "
+            "problems (one sample each at temperature 1).",
+            flush=True,
+        )
+    return str(directory)
+
+
+def fine_tune_into_cache(
+    directory: Path,
+    model,
+    tokenizer,
+    dataset,
+    config,
+    max_length: int,
+    label: str,
+    check,
+    verbose: bool = True,
+) -> dict:
+    """The warm-start recipe shared by this module and :mod:`gnivo_trl.agent_task`: fine-tune ``model`` with TRL's
+    ``SFTTrainer`` and cache it in ``directory``.
+
+    ``config`` supplies ``epochs``, ``num_examples``, ``batch_size``, ``learning_rate`` and ``seed`` (AdamW, cosine
+    schedule with 5% warm-up, seeded data order). The model and tokenizer are written to ``directory`` + ``.tmp``,
+    then ``check(model, tokenizer) -> dict`` measures the result, and ``warm_start.json`` (``config``, ``seconds``,
+    ``sft_seconds`` and ``check``'s entries) marks the build finished before the rename to ``directory``, so an
+    interrupted build is redone. Returns that json's contents.
+    """
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    started = time.perf_counter()
     total_steps = max(int(config.epochs * config.num_examples / config.batch_size), 1)
 
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if verbose and logs and "loss" in logs:
                 print(
-                    f"  warm start: step {state.global_step:>4}/{total_steps}  loss {logs['loss']:.3f}  "
+                    f"  {label}: step {state.global_step:>4}/{total_steps}  loss {logs['loss']:.3f}  "
                     f"({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
 
     if verbose:
         print(
-            f"Building the warm start ({sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"Building the {label} ({sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{total_steps} SFT steps of {config.batch_size}) in {directory} ...",
             flush=True,
         )
@@ -475,7 +512,7 @@ def build_warm_start(
         lr_scheduler_type="cosine",
         warmup_steps=max(total_steps // 20, 1),
         weight_decay=0.0,
-        max_length=128,
+        max_length=max_length,
         logging_steps=max(total_steps // 10, 1),
         save_strategy="no",
         report_to="none",
@@ -495,23 +532,14 @@ def build_warm_start(
     work.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
-    test_accuracy = evaluate_accuracy(model, tokenizer, generate_problems(256, "test", config.num_steps, seed=1))
-    info = {
-        "config": asdict(config),
-        "seconds": time.perf_counter() - started,
-        "test_accuracy_t1_256": test_accuracy,
-    }
+    sft_seconds = time.perf_counter() - started
+    measured = check(model, tokenizer)
+    info = {"config": asdict(config), "seconds": time.perf_counter() - started, "sft_seconds": sft_seconds, **measured}
     (work / "warm_start.json").write_text(json.dumps(info, indent=2))
     if directory.exists():
         shutil.rmtree(directory)
     work.rename(directory)
-    if verbose:
-        print(
-            f"Warm start ready in {info['seconds']:.0f} s: solves {test_accuracy:.0%} of 256 test problems "
-            "(one sample each at temperature 1).",
-            flush=True,
-        )
-    return str(directory)
+    return info
 
 
 class AccuracyCallback(TrainerCallback):
