@@ -46,7 +46,6 @@ METHODS: dict[str, tuple[str, dict]] = {
 
 def run_one(method: str, seed: int, args, output_dir: Path) -> dict:
     """Train one method from the tool warm start; its test-accuracy curve and timings."""
-    import torch
     from transformers import AutoTokenizer, PrinterCallback
 
     from gnivo_trl.agent_task import (
@@ -63,30 +62,13 @@ def run_one(method: str, seed: int, args, output_dir: Path) -> dict:
     model_dir = build_tool_warm_start(warm_config, cache_dir=args.cache_dir)
     family, settings = METHODS[method]
     config_cls, trainer_cls = learning.trainer_classes(family)
+    # A call and its response take about 20 tokens: room for every step, its answer and a stray call.
+    protocol = argparse.Namespace(**vars(args), max_completion_length=32 * (warm_config.num_steps + 1))
+    shared = learning.protocol_settings(protocol, seed)
     config = config_cls(
         output_dir=str(output_dir / f"{method}-seed{seed}"),
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        gradient_checkpointing=False,
-        num_generations=args.num_generations,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,
-        num_iterations=1,
-        max_completion_length=32 * (warm_config.num_steps + 1),  # a call and its response take about 20 tokens
         max_tool_calling_iterations=warm_config.num_steps + 1,  # one spare call, then it must answer
-        temperature=1.0,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
+        **shared,
         **settings,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

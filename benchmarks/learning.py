@@ -123,33 +123,12 @@ def trainer_classes(family: str):
     return {"gnivo": (GNIVOConfig, GNIVOTrainer), "vimpo": (VIMPOConfig, VIMPOTrainer)}[family]
 
 
-def run_one(
-    method: str,
-    seed: int,
-    model_dir: str,
-    args,
-    output_dir: Path,
-    *,
-    overrides: dict | None = None,
-    eval_problems: list[str] | None = None,
-    save_to: Path | None = None,
-) -> dict:
-    """Train one method from the warm start for ``args.steps`` steps; returns its accuracy curve and timings.
-
-    Args:
-        overrides: config fields that replace the method's settings and the shared ones (``learning_rate``,
-            ``vimpo_beta``, ...): how ``benchmarks/fair_comparison.py`` runs its grids with this very protocol.
-        eval_problems: the problems the accuracy curve is measured on (default: ``args.eval_problems`` test
-            problems).
-        save_to: where the trained policy is saved when training ends (default: not saved).
-    """
+def protocol_settings(args, seed: int) -> dict:
+    """The config fields every method shares in this protocol (``benchmarks/agent_learning.py`` uses them too)."""
     import torch
-    from transformers import AutoTokenizer, PrinterCallback
 
-    family, settings = METHODS[method]
-    config_cls, trainer_cls = trainer_classes(family)
     batch = args.prompts_per_step * args.num_generations
-    shared = dict(
+    return dict(
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         gradient_checkpointing=False,
@@ -172,6 +151,33 @@ def run_one(
         disable_tqdm=True,
         seed=seed,
     )
+
+
+def run_one(
+    method: str,
+    seed: int,
+    model_dir: str,
+    args,
+    output_dir: Path,
+    *,
+    overrides: dict | None = None,
+    eval_problems: list[str] | None = None,
+    save_to: Path | None = None,
+) -> dict:
+    """Train one method from the warm start for ``args.steps`` steps; returns its accuracy curve and timings.
+
+    Args:
+        overrides: config fields that replace the method's settings and the shared ones (``learning_rate``,
+            ``vimpo_beta``, ...): how ``benchmarks/fair_comparison.py`` runs its grids with this very protocol.
+        eval_problems: the problems the accuracy curve is measured on (default: ``args.eval_problems`` test
+            problems).
+        save_to: where the trained policy is saved when training ends (default: not saved).
+    """
+    from transformers import AutoTokenizer, PrinterCallback
+
+    family, settings = METHODS[method]
+    config_cls, trainer_cls = trainer_classes(family)
+    shared = protocol_settings(args, seed)
     config = config_cls(
         output_dir=str(output_dir / f"{method}-seed{seed}"), **{**shared, **settings, **(overrides or {})}
     )
