@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fair_comparison  # noqa: E402  (statistics and plots of the learning comparison)
+import fair_comparison  # noqa: E402  (the learning comparison's statistics)
 import learning  # noqa: E402  (GRPO's defaults and the trainer classes)
 
 RESULTS = Path(__file__).parent / "results"
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only and runs:
         Path(args.report).write_text(report(runs, args, "python benchmarks/agent_learning.py"))
         groups = {m: [r for r in runs if r["method"] == m] for m in args.methods}
-        fair_comparison.plot_curves(groups, Path(args.report).with_suffix(".png"), "agent task, test accuracy")
+        learning.plot_curves(groups, Path(args.report).with_suffix(".png"), "agent task, test accuracy")
         print(Path(args.report).read_text())
 
 

@@ -293,33 +293,6 @@ def seconds(results: list[dict]) -> float:
     return sum(r["seconds_total"] for r in results)
 
 
-def plot_curves(groups: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Mean accuracy against step per group, with a +-1 std band over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, results in groups.items():
-        if not results:
-            continue
-        steps, means, stds = curve(results)
-        style = "-" if name.startswith("grpo") else ("--" if name.startswith("gnivo") else ":")
-        ax.plot(steps, [100 * m for m in means], style, marker="o", markersize=3, label=name)
-        low = [100 * (m - s) for m, s in zip(means, stds)]
-        high = [100 * (m + s) for m, s in zip(means, stds)]
-        ax.fill_between(steps, low, high, alpha=0.12)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("accuracy (%), one sample at T=1")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report_test(work: Path) -> list[str]:
     """The headline: test accuracy of every method at its tuned rate, per horizon."""
     lines = [
@@ -401,7 +374,9 @@ def report_test(work: Path) -> list[str]:
             )
             lines.append(f"- {method}: {per_seed}")
         plot_path = RESULTS / f"learning_h{horizon}.png"
-        plot_curves(by_method, plot_path, f"{horizon}-step problems, test accuracy at each method's tuned rate")
+        learning.plot_curves(
+            by_method, plot_path, f"{horizon}-step problems, test accuracy at each method's tuned rate"
+        )
         lines += ["", f"![{horizon}-step learning curves]({plot_path.name})", ""]
         lines += [f"CPU time of this part: {seconds(results) / 60:.0f} min (sum over runs, evaluation included).", ""]
     return lines

@@ -334,24 +334,25 @@ def summarize(runs: list[dict], methods: list[str], args, command: str, warm_sta
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], methods: list[str], path: Path, title: str) -> None:
-    """Mean test accuracy against step per method, with a ±1 std band over seeds."""
+def plot_curves(groups: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Mean test accuracy against step per group of runs (each a ``run_one`` record), with a ±1 std band over
+    seeds; GRPO solid, GN-IVO dashed, the rest dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method in methods:
-        method_runs = [r for r in runs if r["method"] == method]
-        if not method_runs:
+    for name, group in groups.items():
+        if not group:
             continue
-        steps = [s for s, _ in method_runs[0]["accuracy"]]
-        values = [[dict(r["accuracy"])[s] for r in method_runs] for s in steps]
+        steps = [s for s, _ in group[0]["accuracy"]]
+        values = [[dict(r["accuracy"])[s] for r in group] for s in steps]
         means = [100 * statistics.fmean(v) for v in values]
         stds = [100 * (statistics.stdev(v) if len(v) > 1 else 0.0) for v in values]
-        style = "-" if method == "grpo" else ("--" if method.startswith("gnivo") else ":")
-        ax.plot(steps, means, style, marker="o", markersize=3, label=method, linewidth=2 if method == "grpo" else 1.5)
+        style = "-" if name.startswith("grpo") else ("--" if name.startswith("gnivo") else ":")
+        width = 2 if name.startswith("grpo") else 1.5
+        ax.plot(steps, means, style, marker="o", markersize=3, label=name, linewidth=width)
         ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("test accuracy (%), one sample at T=1")
@@ -361,6 +362,11 @@ def plot(runs: list[dict], methods: list[str], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(runs: list[dict], methods: list[str], path: Path, title: str) -> None:
+    """:func:`plot_curves` with one curve per method."""
+    plot_curves({method: [r for r in runs if r["method"] == method] for method in methods}, path, title)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
