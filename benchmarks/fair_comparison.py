@@ -50,6 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning  # noqa: E402  (benchmarks/learning.py: the training protocol reused here)
+from learning import mean_std, paired_ci  # noqa: E402
 
 from gnivo_trl.synthetic import WarmStartConfig, generate_problems  # noqa: E402
 
@@ -74,9 +75,6 @@ MAP_ACTORS = {
 ALPHA_METHODS = ["gnivo-step", "gnivo-token"]
 ALPHAS = [0.05, 0.2, 1.0]
 ALPHA_SEEDS = TEST_SEEDS[:3]  # 3 of the test seeds, to fit the part into a session (alpha 0.2: the test runs)
-
-# Two-sided 95% Student t quantiles by degrees of freedom (paired differences over a handful of seeds).
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,19 +262,6 @@ def alpha_runs(work: Path, horizon: int = 4) -> list[Run]:
 # --------------------------------------------------------------------------------------------------------------------
 # Statistics and reports
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_ci(differences: list[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% Student-t confidence interval of paired differences."""
-    mean, std = mean_std(differences)
-    if len(differences) < 2:
-        return mean, math.nan, math.nan
-    half = T_975[len(differences) - 1] * std / math.sqrt(len(differences))
-    return mean, mean - half, mean + half
 
 
 def pct(value: float) -> str:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -218,6 +219,19 @@ def run_one(
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (paired differences over a handful of seeds).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_ci(differences: list[float]) -> tuple[float, float, float]:
+    """Mean and two-sided 95% Student-t confidence interval of paired differences (NaN bounds for one pair)."""
+    mean, std = mean_std(differences)
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = T_975[len(differences) - 1] * std / math.sqrt(len(differences))
+    return mean, mean - half, mean + half
 
 
 def summarize(runs: list[dict], methods: list[str], args, command: str, warm_start: dict) -> str:
