@@ -10,7 +10,10 @@ K, learning rate and number of steps per seed), and saved:
 
 - ``grpo`` (TRL's GRPOTrainer), ``gnivo-token`` and ``gnivo-step`` (GN-IVO, alpha 0.2), and VIMPO value-only and
   with the actor at both betas learning.py uses (``vimpo-b5e-4-c0``, ``vimpo-b5e-4-c5e-3``, ``vimpo-b5e-2-c0``,
-  ``vimpo-b5e-2-c5e-3``).
+  ``vimpo-b5e-2-c5e-3``), all at learning.py's shared rate 2e-4;
+- ``gnivo-token@0.0004`` and ``gnivo-step@0.0004``: GN-IVO again at the rate ``benchmarks/fair_comparison.py`` chose
+  for it on validation (``results/learning_tuning.md``); GRPO's and VIMPO's (beta 5e-2) chosen rate is 2e-4, so
+  every method is also read at its tuned rate. ``--methods`` takes any ``METHOD@RATE``.
 
 Completions. For each seed, the warm start samples one completion (temperature 1, as in training) for each of
 ``--validation-problems + --test-problems`` held-out problems (the test split of the task, never trained on; the
@@ -38,9 +41,8 @@ step of a correct completion), lower credit meaning "wrong". Mean and sample std
 are paired by seed and readout.
 
 The defaults are learning.py's CPU protocol: 5 seeds, 100 optimizer steps of 8 prompts x K=8 at its shared learning
-rate 2e-4 (not the per-method rates tuned by ``benchmarks/fair_comparison.py``: one rate for all keeps the policies
-comparable and is the protocol the issue names), 4-step problems, and the warm start fine-tuned on 24,000 SFT examples
-(the :class:`gnivo_trl.synthetic.WarmStartConfig` default). ``--steps 60 --warm-start-examples 12000`` is the smaller
+rate 2e-4 (plus the two tuned-rate GN-IVO policies above), 4-step problems, and the warm start fine-tuned on 24,000
+SFT examples (the :class:`gnivo_trl.synthetic.WarmStartConfig` default). ``--steps 60 --warm-start-examples 12000`` is the smaller
 first run, whose results are kept in ``results/credit_weak_warm_start.md``.
 
 Command (CPU, one torch thread per process; runs, pools and scores are cached under ``--work-dir``, ignored by git,
@@ -79,6 +81,10 @@ METHODS = [
     "vimpo-b5e-4-c5e-3",
     "vimpo-b5e-2-c0",
     "vimpo-b5e-2-c5e-3",
+    # GN-IVO again at the rate benchmarks/fair_comparison.py tuned for it on validation (results/learning_tuning.md,
+    # 4-step problems); every other method's tuned rate there is the shared 2e-4 already.
+    "gnivo-token@0.0004",
+    "gnivo-step@0.0004",
 ]
 READOUT_LABELS = {"log_ratio": "log-ratio", "centred": "log-ratio - KL", "log_prob": "log-prob"}
 WARM_START = "warm-start"
@@ -90,14 +96,42 @@ POOLS = {"warm": "the warm start's completions (shared by every readout)", "own"
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_key(method: str, seed: int, args) -> str:
-    return f"{method}-seed{seed}-{args.steps}x{args.prompts_per_step}x{args.num_generations}-lr{args.learning_rate}"
+def policy_spec(policy: str) -> tuple[str, float | None]:
+    """A policy is a learning.py method, optionally at its own learning rate: ``"gnivo-step"`` or
+    ``"gnivo-step@0.0004"`` (``--learning-rate`` otherwise)."""
+    method, _, rate = policy.partition("@")
+    return method, (float(rate) if rate else None)
 
 
-def train_policy(method: str, seed: int, model_dir: str, args, model_out: Path) -> dict:
-    """``learning.run_one`` (the learning benchmark's training, unchanged), keeping the trained model in
-    ``model_out``."""
-    return learning.run_one(method, seed, model_dir, args, Path(args.work_dir) / "trainers", save_to=model_out)
+def policy_name(text: str) -> str:
+    """argparse type of ``--methods``: a known method, optionally ``@`` a positive learning rate."""
+    method, at, rate = text.partition("@")
+    if method not in learning.METHODS:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {method!r}; choose from {', '.join(sorted(learning.METHODS))}"
+        )
+    try:
+        valid_rate = not at or float(rate) > 0
+    except ValueError:
+        valid_rate = False
+    if not valid_rate:
+        raise argparse.ArgumentTypeError(f"{text!r}: the learning rate after '@' must be a positive number, e.g. 4e-4")
+    return text
+
+
+def run_key(policy: str, seed: int, args) -> str:
+    method, rate = policy_spec(policy)
+    learning_rate = args.learning_rate if rate is None else rate
+    return f"{method}-seed{seed}-{args.steps}x{args.prompts_per_step}x{args.num_generations}-lr{learning_rate}"
+
+
+def train_policy(policy: str, seed: int, model_dir: str, args, model_out: Path) -> dict:
+    """``learning.run_one`` (the learning benchmark's training, unchanged but for the policy's own learning rate, if
+    it has one), keeping the trained model in ``model_out``."""
+    method, rate = policy_spec(policy)
+    overrides = None if rate is None else {"learning_rate": rate}
+    trainers = Path(args.work_dir) / "trainers" / model_out.name  # one trainer directory per run (workers may share)
+    return learning.run_one(method, seed, model_dir, args, trainers, overrides=overrides, save_to=model_out)
 
 
 def load_model(directory: str):
@@ -264,7 +298,15 @@ def baseline_metrics(validation: list[dict], test: list[dict], seed: int) -> dic
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     preset = learning.PRESETS["cpu"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=sorted(learning.METHODS), default=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=policy_name,
+        default=METHODS,
+        metavar="METHOD[@LR]",
+        help=f"learning.py methods ({', '.join(sorted(learning.METHODS))}), each optionally at its own learning "
+        "rate, e.g. gnivo-step@4e-4",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (learning.py: 100)")
     parser.add_argument("--prompts-per-step", type=int, default=preset["prompts_per_step"])
@@ -456,8 +498,9 @@ def summarize(per_seed: dict[int, dict], args, command: str, warm_start: dict, w
         f"{warm_start['config']['num_examples']:,} SFT examples (learning.py's: 24,000), which solves "
         f"{warm_start['test_accuracy_t1_256']:.1%} of 256 test problems at T=1: {args.steps} optimizer steps "
         "(learning.py's: 100), "
-        f"{args.prompts_per_step} prompts x K={args.num_generations}, learning rate {args.learning_rate}, seeds "
-        f"{', '.join(map(str, seeds))}.",
+        f"{args.prompts_per_step} prompts x K={args.num_generations}, learning rate {args.learning_rate} "
+        "(`METHOD@RATE`: at that rate instead; `@0.0004` is GN-IVO's rate tuned on validation by "
+        f"`benchmarks/fair_comparison.py`, `learning_tuning.md`), seeds {', '.join(map(str, seeds))}.",
         f"- Completions: per seed, one sample at T=1 from the warm start for each of {args.validation_problems} "
         f"validation and {args.test_problems} test problems (held-out split, never trained on); every readout scores "
         "these same completions. Secondary table: each policy's own samples of the same problems.",
@@ -581,9 +624,10 @@ def plot(per_seed: dict[int, dict], args, path: Path) -> None:
         axis.set_ylabel("%")
         axis.set_title(title)
         axis.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"Step-error localisation on the warm start's completions, {len(seeds)} seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the bars
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -332,6 +332,19 @@ def test_localisation_readout_and_metrics():
     assert credit_benchmark.aligned_labels([5, None, 0], [[1.0, 2.0], [1.0], [0.0]]) == [1, None, 0]
 
 
+def test_a_policy_may_carry_its_own_learning_rate():
+    args = credit_benchmark.parse_args(["--methods", "gnivo-step@4e-4", "vimpo-b5e-2-c0"])
+    assert args.methods == ["grpo", "gnivo-step@4e-4", "vimpo-b5e-2-c0"]  # GRPO is always the comparison
+    assert credit_benchmark.policy_spec("gnivo-step@4e-4") == ("gnivo-step", 4e-4)
+    assert credit_benchmark.policy_spec("grpo") == ("grpo", None)
+    # The shared rate's runs keep their cache key; a policy at its own rate gets its own.
+    assert credit_benchmark.run_key("gnivo-step", 0, args) == "gnivo-step-seed0-100x8x8-lr0.0002"
+    assert credit_benchmark.run_key("gnivo-step@4e-4", 0, args) == "gnivo-step-seed0-100x8x8-lr0.0004"
+    for bad in ("gnivo-steps", "grpo@", "grpo@-1e-4", "grpo@fast"):
+        with pytest.raises(SystemExit):
+            credit_benchmark.parse_args(["--methods", bad])
+
+
 def test_step_auroc_equals_pairwise_counting():
     rng = random.Random(0)
     credits = [[round(rng.gauss(0, 1), 1) for _ in range(rng.randint(1, 5))] for _ in range(40)]
