@@ -43,7 +43,9 @@ are paired by seed and readout.
 The defaults are learning.py's CPU protocol: 5 seeds, 100 optimizer steps of 8 prompts x K=8 at its shared learning
 rate 2e-4 (plus the two tuned-rate GN-IVO policies above), 4-step problems, and the warm start fine-tuned on 24,000
 SFT examples (the :class:`gnivo_trl.synthetic.WarmStartConfig` default). ``--steps 60 --warm-start-examples 12000`` is the smaller
-first run, whose results are kept in ``results/credit_weak_warm_start.md``.
+first run, whose results are kept in ``results/credit_weak_warm_start.md``; ``--steps 300 --methods grpo gnivo-step
+vimpo-b5e-2-c0`` (with ``--report/--plot/--example`` under ``results/credit_300_steps*``) is the longer-training check.
+A rerun regenerates the tables and keeps a report's hand-written ``## Reading`` section.
 
 Command (CPU, one torch thread per process; runs, pools and scores are cached under ``--work-dir``, ignored by git,
 so an interrupted benchmark resumes, and several processes may share it, e.g. workers training disjoint
@@ -584,7 +586,7 @@ def summarize(per_seed: dict[int, dict], args, command: str, warm_start: dict, w
         lines.append(f"| {method} | {_cell(before)} | {_cell(after)} |")
     lines += [
         "",
-        "![F1 and AUROC per policy and readout](credit.png)",
+        f"![F1 and AUROC per policy and readout]({Path(args.plot).name})",
         "",
         f"Example (rendered, not selected: the first erroneous test completion of seed {seeds[0]}'s pool): "
         f"[{Path(args.example).name}.html]({Path(args.example).name}.html), "
@@ -666,6 +668,19 @@ def render_example(per_seed: dict[int, dict], args, model_dir: str, work: Path) 
     render_png(examples, f"{args.example}.png", title=f"{example['problem']}: first wrong step is step {label + 1}")
 
 
+READING_HEADING = "## Reading"
+
+
+def hand_written_reading(report: Path) -> str:
+    """The hand-written ``## Reading`` section at the end of an existing report (empty when there is none), so a
+    rerun regenerates the tables without deleting the interpretation written below them."""
+    if not report.exists():
+        return ""
+    text = report.read_text()
+    start = text.find(f"\n{READING_HEADING}")
+    return "" if start < 0 else text[start:]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
@@ -685,7 +700,7 @@ def main(argv: list[str] | None = None) -> dict:
         return per_seed
     report = summarize(per_seed, args, command.strip(), warm_start, (time.perf_counter() - started) / 60)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(report)
+    Path(args.report).write_text(report + hand_written_reading(Path(args.report)))
     plot(per_seed, args, Path(args.plot))
     render_example(per_seed, args, model_dir, work)
     (work / "metrics.json").write_text(json.dumps({str(s): per_seed[s]["metrics"] for s in per_seed}, indent=1))

@@ -377,10 +377,14 @@ def test_credit_benchmark_smoke(tmp_path):
         assert (tmp_path / path).stat().st_size > 0
     metrics = per_seed[0]["metrics"]
     assert 0 <= metrics["warm|grpo|centred"]["f1"] <= 1 and "threshold" in metrics["warm|grpo|centred"]
-    # Resumable: a second invocation reuses every cached run, pool and score.
+    # Resumable: a second invocation reuses every cached run, pool and score, and keeps the hand-written reading.
+    report.write_text(text + "\n## Reading\n\nWritten by hand.\n")
     started = time.perf_counter()
     credit_benchmark.main(argv)
     assert time.perf_counter() - started < 15
+    regenerated = report.read_text()
+    assert regenerated.endswith("\n## Reading\n\nWritten by hand.\n") and regenerated.count("## Reading") == 1
+    assert "| log-ratio | grpo |" in regenerated
 
 
 def test_callback_renders_credit_during_training_without_changing_it(tiny_model_dir, tmp_path):
