@@ -13,7 +13,14 @@ from ._config_checks import check_common_grpo_options, check_field_names, fail
 
 KL_ESTIMATORS = ("exact", "candidate_set", "k2", "k3")
 VALUE_LOSS_TYPES = ("squared_error", "huber")
-_DEFAULT_ACTOR_COEFF = 5e-3
+
+
+class _DefaultActorCoeff(float):
+    """``vimpo_actor_coeff``'s default value (5e-3), of its own type so that a value the user sets, even 5e-3 itself,
+    can be told from the default when the deprecated alias ``vimpo_actor_coef`` is set too."""
+
+
+_DEFAULT_ACTOR_COEFF = _DefaultActorCoeff(5e-3)
 
 
 @dataclass
@@ -95,7 +102,7 @@ class VIMPOConfig(GRPOConfig):
             micro-batch; a micro-batch without actor gradient gets `c_A = 0` and leaves the averages unchanged. The
             averages are not checkpointed (after a resume both restart from 0, which changes only the smoothing).
             Unlike the official code, which silently keeps the fixed coefficient with the sampled `k2`/`k3` KL, it
-            works with every `vimpo_kl_estimator` (costing one more chunked full-vocabulary pass of the policy's head).
+            works with every `vimpo_kl_estimator` (`sum_v p_v^2` comes from the policy's own fused-head pass).
         vimpo_adaptive_actor_alpha (`float`, *optional*, defaults to `0.025`):
             Target ratio alpha (>= 0) of the actor's to the value's logit-gradient RMS. 0.025 is the value of the
             authors' run script (`run_vimpo.sh`); their yaml says 0.15.
@@ -321,6 +328,16 @@ class VIMPOConfig(GRPOConfig):
                 "VIMPO's actor uses a dual clip for negative advantages (vimpo_dual_clip), not GRPO's two-sided "
                 "clipping, which would be ignored. Leave delta=None.",
             )
+        if self.use_liger_kernel:
+            fail(
+                "use_liger_kernel",
+                self.use_liger_kernel,
+                "Liger's kernels would replace the policy's layers but not the frozen reference's, so the two would "
+                "differ by kernel rounding even while their weights are equal, and VIMPO's value (its log-ratio "
+                "to the reference and the exact KL) would not start at 0. Leave use_liger_kernel=False; for faster "
+                "layers use model_init_kwargs={'use_kernels': True}, which loads the policy and the reference "
+                "alike.",
+            )
         if self.use_bias_correction_kl:
             fail(
                 "use_bias_correction_kl",
@@ -356,14 +373,15 @@ class VIMPOConfig(GRPOConfig):
             FutureWarning,
             stacklevel=4,  # the caller of VIMPOConfig(...): through the dataclass __init__ and __post_init__
         )
-        if self.vimpo_actor_coeff not in (_DEFAULT_ACTOR_COEFF, self.vimpo_actor_coef):
+        coeff_set_by_user = type(self.vimpo_actor_coeff) is not _DefaultActorCoeff
+        if coeff_set_by_user and self.vimpo_actor_coeff != self.vimpo_actor_coef:
             fail(
                 "vimpo_actor_coef",
                 self.vimpo_actor_coef,
-                f"it is the deprecated alias of vimpo_actor_coeff, which is set to {self.vimpo_actor_coeff!r}. Set "
-                "only vimpo_actor_coeff.",
+                f"it is the deprecated alias of vimpo_actor_coeff, which is set to {float(self.vimpo_actor_coeff)!r}. "
+                "Set only vimpo_actor_coeff.",
             )
-        self.vimpo_actor_coeff = self.vimpo_actor_coef
+        self.vimpo_actor_coeff = float(self.vimpo_actor_coef)
 
     def _check_adaptive_actor_coeff(self) -> None:
         """The ``vimpo_adaptive_actor_*`` settings, checked whether or not the option is on (as the Huber delta is)."""

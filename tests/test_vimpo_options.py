@@ -52,6 +52,16 @@ def test_deprecated_actor_coef_warns_and_sets_actor_coeff():
         VIMPOConfig(**CONFIG, vimpo_actor_coef=-1.0)
 
 
+def test_deprecated_alias_conflicts_with_the_new_name_set_to_its_default_value():
+    """Set by the user is told from the default without comparing values: 5e-3 written out conflicts with the alias."""
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"^vimpo_actor_coef=0\.01 .*0\.005"):
+        VIMPOConfig(**CONFIG, vimpo_actor_coeff=5e-3, vimpo_actor_coef=1e-2)
+    with pytest.warns(FutureWarning):
+        config = VIMPOConfig(**CONFIG, vimpo_actor_coef=1e-2)  # the alias alone still applies
+    assert config.vimpo_actor_coeff == 1e-2 and type(config.vimpo_actor_coeff) is float
+    assert type(VIMPOConfig(**CONFIG, vimpo_actor_coeff=5e-3).vimpo_actor_coeff) is float
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
