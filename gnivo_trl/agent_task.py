@@ -62,7 +62,7 @@ Example::
     )
 """
 
-from __future__ import annotations  # noqa: I001  (gnivo_trl.testing first: offline environment variables)
+from __future__ import annotations
 
 import hashlib
 import json
@@ -74,12 +74,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import testing  # noqa: F401  (offline environment variables before any Hugging Face import)
+import torch
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-import torch  # noqa: E402
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
-
-from .synthetic import (  # noqa: E402
+from .synthetic import (
     BOXED,
     OPERATIONS,
     AccuracyCallback,
@@ -91,7 +89,7 @@ from .synthetic import (  # noqa: E402
     fine_tune_into_cache,
     generate_problems,
 )
-from .testing import build_tiny_model  # noqa: E402
+from .testing import build_tiny_model
 
 __all__ = [
     "CALL_PIECES",

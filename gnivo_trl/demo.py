@@ -31,8 +31,6 @@ import json
 import time
 from pathlib import Path
 
-from . import testing  # noqa: F401  (offline environment variables before TRL is imported)
-
 __all__ = ["main", "parse_arguments", "reward_sparkline"]
 
 _BARS = " ▁▂▃▄▅▆▇█"

@@ -43,7 +43,7 @@ Example::
     trainer = GNIVOTrainer(model=model_dir, reward_funcs=chain_reward, args=..., train_dataset=train)
 """
 
-from __future__ import annotations  # noqa: I001  (gnivo_trl.testing first: offline environment variables)
+from __future__ import annotations
 
 import hashlib
 import json
@@ -55,13 +55,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import testing  # noqa: F401  (offline environment variables before any Hugging Face import)
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
-
-from .testing import SPECIAL_TOKENS, build_tiny_model, chatml_tokenizer  # noqa: E402
+from .testing import SPECIAL_TOKENS, build_tiny_model, chatml_tokenizer
 
 __all__ = [
     "AccuracyCallback",

@@ -1,11 +1,18 @@
-import socket  # noqa: I001  (gnivo_trl.testing must be imported before any Hugging Face library)
-import subprocess
-import sys
-from pathlib import Path
+import os  # noqa: I001  (the offline environment variables are set before any Hugging Face library is imported)
 
-import gnivo_trl.testing  # noqa: F401  (offline environment variables before anything imports the Hub client)
-import pytest
-import torch
+# The tests run offline: nothing may reach the Hugging Face Hub, and TRL's trainers send telemetry from __init__. Set
+# here, before anything imports the Hub client; subprocesses (torchrun, accelerate launch, notebooks) inherit them.
+OFFLINE_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+for _variable in OFFLINE_ENVIRONMENT:
+    os.environ.setdefault(_variable, "1")
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TESTS = Path(__file__).parent
 

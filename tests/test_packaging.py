@@ -8,6 +8,7 @@ editable install of gnivo_trl is not picked up there).
 """
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -125,3 +126,41 @@ def test_wheel_installs_into_a_fresh_environment_and_trains(distributions, tmp_p
     )
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 2
+
+
+PUBLIC_MODULES = sorted(
+    f"gnivo_trl.{path.stem}" for path in (ROOT / "gnivo_trl").glob("*.py") if not path.stem.startswith("_")
+)
+
+
+def test_importing_the_package_leaves_the_environment_alone():
+    """No module of the package changes the process: importing every public module in a fresh interpreter, with no
+    Hugging Face variable set, sets none (a training script that imports CreditCallback must still reach the Hub)."""
+    code = (
+        "import json, os; before = dict(os.environ); "
+        + "; ".join(f"import {module}" for module in PUBLIC_MODULES)
+        + "; after = dict(os.environ)"
+        + "; print(json.dumps({k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}))"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("HF_", "TRANSF"))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {}
+    assert {"gnivo_trl.credit", "gnivo_trl.agent_task", "gnivo_trl.synthetic", "gnivo_trl.demo"} <= set(PUBLIC_MODULES)
+
+
+def test_package_imports_without_trls_private_helpers():
+    """The private TRL helpers the package uses are imported where used, so a TRL release that renames one breaks
+    only that feature (with an error naming the supported TRL range), not ``import gnivo_trl``."""
+    private = {
+        "trl.kernels.chunked_divergence": ["_project", "_compute_dtype"],
+        "trl.models.utils": ["_ForwardRedirection"],
+        "trl.trainer.utils": ["_CHUNKED_LOGPROB_CHUNK_SIZE"],
+    }
+    removals = "; ".join(
+        f"import {module} as m{i}; " + "; ".join(f"del m{i}.{name}" for name in names)
+        for i, (module, names) in enumerate(private.items())
+    )
+    code = f"{removals}; " + "; ".join(f"import {module}" for module in PUBLIC_MODULES) + "; print('imported')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-3000:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations  # noqa: I001
 
-import gnivo_trl.testing  # noqa: F401  (offline environment variables, inherited by the kernel)
 import os
 from pathlib import Path
 
