@@ -92,22 +92,19 @@ def kernel_kl(policy_hidden, ref_hidden, policy_head, ref_head, temperature, chu
     chunks of ``chunk_size`` tokens), without gradient. The sampled-token log-probs are left out: GRPO with a
     reference model computes them with the same fused-head kernel, so they are not what VIMPO adds."""
     import torch
-    from torch import nn
 
     from gnivo_trl import scoring
-
-    class HeadOnly(nn.Module):  # what the scoring functions read of a causal LM: its output embedding
-        def __init__(self, head: nn.Linear):
-            super().__init__()
-            self.head = head
-
-        def get_output_embeddings(self) -> nn.Linear:
-            return self.head
 
     settings = scoring.FusedHeadSettings(temperature, 1.0, None, False, "base_model")
     with torch.no_grad():
         return scoring.exact_token_kl(
-            policy_hidden, HeadOnly(policy_head), settings, ref_hidden, HeadOnly(ref_head), settings, chunk_size
+            policy_hidden,
+            scoring.LMHead(policy_head.weight, policy_head.bias),
+            settings,
+            ref_hidden,
+            scoring.LMHead(ref_head.weight, ref_head.bias),
+            settings,
+            chunk_size,
         )
 
 

@@ -42,26 +42,27 @@ During training, :class:`CreditCallback` (a ``transformers.TrainerCallback``) re
 sampled completions every N optimizer steps into ``<output_dir>/credit/``.
 """
 
-from __future__ import annotations  # noqa: I001  (gnivo_trl.testing first: offline environment variables)
+from __future__ import annotations
 
 import argparse
 import copy
 import html
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from . import testing  # noqa: F401  (offline environment variables before any Hugging Face import)
+import torch
+from transformers import TrainerCallback
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from . import scoring
+from .losses import prefix_log_ratios, unit_boundaries
+from .steps import TokenTextCache, step_unit_ends
 
-from . import scoring  # noqa: E402
-from .losses import prefix_log_ratios, unit_boundaries  # noqa: E402
-from .steps import TokenTextCache, step_unit_ends  # noqa: E402
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "READOUTS",
@@ -224,9 +225,7 @@ def prepare_for_scoring(
     distributions. ``model.generate`` and the plain forward are unchanged by the patch. A model that already carries
     TRL's head (e.g. ``trainer.model``) is returned untouched, whatever the arguments.
     """
-    try:
-        scoring.fused_head_settings(model)
-    except RuntimeError:
+    if not scoring.has_fused_head(model):  # anywhere in its forward chain: never patch TRL's head twice
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
@@ -275,12 +274,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def _pad_right(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
-
-
-def _completion_hidden(causal_lm, settings, input_ids, attention_mask, valid) -> torch.Tensor:
-    """``(N, H)`` final hidden states that predict the ``N`` valid completion tokens (the last ``valid.size(1)``)."""
-    states = scoring.last_hidden_state(causal_lm, settings, input_ids, attention_mask)
-    return scoring.completion_positions(states.last_hidden_state, valid.size(1))[valid]
 
 
 @torch.no_grad()
@@ -368,20 +361,21 @@ def score_completions(
             input_ids = torch.cat([prompt_ids, batch_ids], dim=1).to(device)
             attention_mask = torch.cat([prompt_mask.long(), batch_mask.long()], dim=1).to(device)
             valid = batch_mask.bool().to(device)
-            labels = input_ids[:, -num_completion:][valid]
 
-            policy_hidden = _completion_hidden(model, policy_settings, input_ids, attention_mask, valid)
-            ref_hidden = _completion_hidden(reference, ref_settings, input_ids, attention_mask, valid)
-            policy_logp = scoring.token_log_probs(policy_hidden, model, policy_settings, labels)[0]
-            reference_logp = scoring.token_log_probs(ref_hidden, reference, ref_settings, labels)[0]
+            policy = scoring.fused_forward_scores(model, model, policy_settings, input_ids, attention_mask, valid)
+            ref = scoring.fused_forward_scores(reference, reference, ref_settings, input_ids, attention_mask, valid)
             kl = scoring.exact_token_kl(
-                policy_hidden, model, policy_settings, ref_hidden, reference, ref_settings, kl_chunk_size
+                policy.hidden,
+                scoring.output_head(model),
+                policy_settings,
+                ref.hidden,
+                scoring.output_head(reference),
+                ref_settings,
+                kl_chunk_size,
             )
-            cpu_valid = valid.cpu()
-            for target, values in ((logp, policy_logp), (ref_logp, reference_logp), (token_kl, kl)):
-                block = torch.zeros(cpu_valid.shape, dtype=torch.float32)
-                block[cpu_valid] = values.float().cpu()
-                target[start:stop, : block.size(1)] = block[:, : target.size(1)]
+            kl = torch.zeros(valid.shape, dtype=torch.float32).masked_scatter(valid.cpu(), kl.float().cpu())
+            for target, values in ((logp, policy.log_probs), (ref_logp, ref.log_probs), (token_kl, kl)):
+                target[start:stop, : values.size(1)] = values.float().cpu()[:, : target.size(1)]
     finally:
         model.train(modes[0])
         reference.train(modes[1])
@@ -642,13 +636,18 @@ def render_png(
 
 class CreditCallback(TrainerCallback):
     """Every ``every`` optimizer steps, render the implied credit of a few freshly sampled completions to
-    ``<output_dir>/credit/step-<N>.html`` and ``.png`` (and the step-0 picture at the start of training).
+    ``<output_dir>/credit/step-<N>.html`` and ``.png`` (and the picture at the start of training).
 
-    The policy is the trainer's model; the reference is ``reference`` (a prepared causal LM, see
-    :func:`prepare_for_scoring`) or, when None, a frozen copy of the policy taken when training begins (for
-    ``VIMPOTrainer`` that is its reference, the initial model; the copy costs one model's memory). The copy is used
-    for scoring only. Sampling restores the RNG state and the training mode (:func:`sample_completions`), so the run
-    is unchanged. Runs on the main process only, on models held whole by it: not for DeepSpeed ZeRO-3, FSDP or PEFT.
+    The policy is the trainer's model (under PEFT its base model with the adapter active). The reference is
+    ``reference`` (a prepared causal LM, see :func:`prepare_for_scoring`) or, when None, a frozen copy of the policy
+    as it is when training begins: the initial model for a fresh run, but the checkpoint's policy when training
+    resumes from a checkpoint (a warning says so; pass the initial model as ``reference`` to score against it). The
+    copy costs one model's memory and is used for scoring only. Sampling restores the RNG state and the training
+    mode (:func:`sample_completions`), so the run is unchanged, and the trainer's model is never patched again (it
+    already carries TRL's fused head, also under mixed precision). Runs on the main process only, on a model it
+    holds whole: DeepSpeed ZeRO-3 and FSDP, which shard it over processes, are refused with an error when the
+    trainer is built (or when training starts, for a callback added later), since sampling on one rank would hang
+    the others.
 
     Args:
         tokenizer: the policy's tokenizer.
@@ -686,13 +685,44 @@ class CreditCallback(TrainerCallback):
 
     @staticmethod
     def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-        return getattr(model, "module", model)  # a DDP wrapper's module
+        """The causal LM that carries TRL's fused head: inside a DDP wrapper, and a PEFT model's base model."""
+        model = getattr(model, "module", model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @staticmethod
+    def _refuse_sharded_models(args) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if is_deepspeed_zero3_enabled() or (plugin is not None and plugin.zero_stage == 3):
+            sharding = "DeepSpeed ZeRO-3"
+        elif getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            sharding = "FSDP"
+        else:
+            return
+        raise ValueError(
+            f"CreditCallback does not support {sharding}: it samples and scores on the main process alone, with the "
+            "whole model, while the other processes hold shards of it and would wait forever in the collectives "
+            "the sampling issues. Use it with ZeRO-2, DDP or one process, or render the credit of saved checkpoints "
+            "afterwards with `python -m gnivo_trl.credit --model CHECKPOINT --reference BASE ...`."
+        )
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._refuse_sharded_models(args)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._refuse_sharded_models(args)
         temperature = getattr(args, "temperature", 1.0)
         policy = prepare_for_scoring(self._causal_lm(model), temperature)
         if self.reference is None:
-            # A frozen copy of the initial policy. Its TRL forward patch still closes over the policy's original
+            if state.global_step > 0:
+                logger.warning(
+                    "CreditCallback: training resumes at step %d and no reference was given, so the credit is read "
+                    "against the policy of the checkpoint, not the initial model. Pass reference=<the initial "
+                    "model> to read it against the start of training.",
+                    state.global_step,
+                )
+            # A frozen copy of the policy. Its TRL forward patch still closes over the policy's original
             # forward, which only the plain (non-fused) path calls: the copy is never used to generate.
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         prepare_for_scoring(self.reference, temperature)

@@ -11,6 +11,10 @@ processes. This mixin
   groups (``_add_group_statistics``), then sliced back to the local rows;
 * when ``per_device_train_batch_size`` is a multiple of the group size, shuffles whole groups instead of rows, so
   that every micro-batch holds complete groups;
+* builds the reference of a policy passed as an instance as a copy of it, taken before TRL patches the policy and
+  then prepared exactly as TRL prepares its own (TRL would reload ``config._name_or_path``, which an instance changed
+  in memory no longer is, or which a model built from a config does not have); under DeepSpeed ZeRO-3, where the
+  instance's weights may already be shards, the copy is rebuilt from the config and filled from gathered weights;
 * turns bad input into clear errors or documented behaviour: a dataset without a ``prompt`` column is refused at
   construction (unless an ``environment_factory`` supplies the prompts, as TRL allows), an exception in a reward function is re-raised as :class:`RewardFunctionError` naming the function,
   and a row whose weighted reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning
@@ -22,7 +26,6 @@ and buffering carry it along.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import logging
@@ -31,10 +34,18 @@ import traceback
 from typing import Any
 
 import torch
-import trl.trainer.grpo_trainer as grpo_trainer_module
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
-from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+from trl.models.utils import prepare_deepspeed, prepare_fsdp
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl.trainer.utils import (
+    add_fused_lm_head,
+    disable_dropout_in_model,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
 __all__ = [
     "GroupBookkeepingMixin",
@@ -47,6 +58,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _GRPO_INIT = inspect.signature(GRPOTrainer.__init__)
+
+# GRPOTrainer builds the frozen reference model only when beta != 0. A trainer that needs it with GRPO's KL penalty off
+# (VIMPO) constructs with this stand-in beta, then restores its own.
+_BUILD_REFERENCE_BETA = 1.0
 _GRPO_FILE = inspect.getsourcefile(GRPOTrainer)
 
 
@@ -149,29 +164,56 @@ def _failing_reward_function(error: BaseException) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _reference_copied_from_instance(trainer, model):
-    """While ``GRPOTrainer.__init__`` runs, build its reference model as a copy of a policy passed as an instance.
+def _is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are DeepSpeed ZeRO-3 shards: loaded while a ZeRO-3 config was alive (a
+    ``TrainingArguments`` built before ``from_pretrained``, with ``zero3_init_flag``), which ``zero.Init`` partitions."""
+    return any(hasattr(parameter, "ds_id") for parameter in model.parameters())
 
-    TRL reloads the reference from ``config._name_or_path``, so a model changed in memory (fine-tuned in the same
-    notebook, or built from a config) would get a reference that is not the initial policy (or none at all). The copy
-    is taken when TRL asks for the reference: after ``Trainer`` has placed the model, before any training step. A
-    model given by name or path, and a PEFT model (whose reference is the model with its adapter disabled), are left
-    to TRL.
+
+def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` as it is now, for the reference of a policy passed as an instance.
+
+    A plain model is deep-copied. A model whose parameters are ZeRO-3 shards cannot be (a copy of a shard is not a
+    model): its architecture is rebuilt from its config (``zero.Init`` partitions it the same way) and each
+    parameter is copied from the policy's gathered values, one parameter at a time; every rank must call this.
     """
-    if isinstance(model, str):
-        yield
-        return
-    load_reference = grpo_trainer_module.create_model_from_path
+    if not _is_zero3_partitioned(model):
+        reference = copy.deepcopy(model)
+    else:
+        import deepspeed
 
-    def copy_policy(model_id: str, **model_init_kwargs):
-        return copy.deepcopy(trainer.model)
+        reference = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
+        targets = dict(reference.named_parameters())
+        for name, source in model.named_parameters():
+            target = targets[name]
+            with (
+                deepspeed.zero.GatheredParameters([source]),
+                deepspeed.zero.GatheredParameters([target], modifier_rank=0),
+            ):
+                if torch.distributed.get_rank() == 0:
+                    target.data.copy_(source.data)
+        buffers = dict(reference.named_buffers())
+        for name, source in model.named_buffers():
+            buffers[name].data.copy_(source.data)  # buffers are never partitioned
+    return reference.eval().requires_grad_(False)
 
-    grpo_trainer_module.create_model_from_path = copy_policy
-    try:
-        yield
-    finally:
-        grpo_trainer_module.create_model_from_path = load_reference
+
+def cast_output_head_to_float32(model: torch.nn.Module) -> None:
+    """What ``cast_lm_head_to_fp32`` does to a model: its output head's weights in float32 and its projection
+    computed in float32; a tied input embedding (which shares the weights) keeps handing the rest of the model
+    activations of the model's own dtype."""
+    head = model.get_output_embeddings()
+    original_dtype = head.weight.dtype
+    head.float()
+
+    def float32_projection(hidden_states: torch.Tensor) -> torch.Tensor:
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(hidden_states.float(), head.weight.float(), bias)
+
+    head.forward = float32_projection
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight is head.weight:
+        embeddings.register_forward_hook(lambda module, args, output: output.to(original_dtype))
 
 
 class GroupBookkeepingMixin:
@@ -184,8 +226,59 @@ class GroupBookkeepingMixin:
         has_environment = bound.arguments.get("environment_factory") is not None
         _check_prompt_column(bound.arguments.get("train_dataset"), "train_dataset", has_environment)
         _check_prompt_column(bound.arguments.get("eval_dataset"), "eval_dataset", has_environment)
-        with _reference_copied_from_instance(self, bound.arguments["model"]):
+        model, config = bound.arguments["model"], bound.arguments["args"]
+        # TRL reloads the reference from config._name_or_path, so a policy passed as an instance (changed in memory:
+        # fine-tuned in the same notebook, or built from a config with no path at all) would get a reference that is
+        # not the initial policy, or none. Such a policy's reference is a copy of it, taken here, before TRL patches
+        # the policy; TRL is then asked for no reference, and the copy is prepared as TRL prepares its own. A model
+        # given by name or path is left to TRL, and so is a PEFT model (its reference is the adapter disabled).
+        reference_copy = None
+        if (
+            self._needs_reference_model(config)
+            and not isinstance(model, str)
+            and not is_peft_model(model)
+            and bound.arguments.get("peft_config") is None
+        ):
+            reference_copy = initial_policy_copy(model)
+        beta, sync_ref_model = config.beta, config.sync_ref_model
+        if reference_copy is not None:
+            config.beta, config.sync_ref_model = 0.0, False
+        elif self._needs_reference_model(config):
+            # GRPOTrainer builds its reference (a reload, or a "ref" adapter for a pre-trained PEFT adapter) only
+            # when beta != 0; a trainer that needs it without GRPO's KL term builds with a stand-in beta.
+            config.beta = config.beta or _BUILD_REFERENCE_BETA
+        try:
             super().__init__(*args, **kwargs)
+        finally:
+            config.beta, config.sync_ref_model = beta, sync_ref_model
+        self.beta = beta
+        if reference_copy is not None:
+            self.ref_model = self._prepared_reference(reference_copy)
+
+    def _needs_reference_model(self, config) -> bool:
+        """Whether the loss uses the frozen reference model (GRPO's KL penalty, beta != 0, by default)."""
+        return config.beta != 0.0
+
+    def _prepared_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """A copy of the initial policy made into the reference exactly as ``GRPOTrainer`` makes its own: dropout off
+        (``disable_dropout``), the head in float32 (``cast_lm_head_to_fp32``), TRL's fused LM head at the sampling
+        temperature, prepared by DeepSpeed (sharded under ZeRO-3), FSDP or accelerate for evaluation, and kept in
+        step with the policy by ``sync_ref_model``."""
+        args = self.args
+        if args.disable_dropout:
+            disable_dropout_in_model(reference)
+        if args.cast_lm_head_to_fp32:
+            cast_output_head_to_float32(reference)
+        add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            reference = prepare_deepspeed(reference, self.accelerator)
+        elif self.is_fsdp_enabled:
+            reference = prepare_fsdp(reference, self.accelerator)
+        else:
+            reference = self.accelerator.prepare_model(reference, evaluation_mode=True)
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(ref_model=reference, accelerator=self.accelerator))
+        return reference
 
     @property
     def _keeps_groups_whole(self) -> bool:
@@ -306,7 +399,10 @@ class GroupBookkeepingMixin:
     def _prepare_inputs(self, generation_batch):
         if not self.model.training or not self._keeps_groups_whole:
             return super()._prepare_inputs(generation_batch)
-        # Same buffering as GRPOTrainer._prepare_inputs, with whole groups shuffled instead of single rows.
+        # GRPOTrainer._prepare_inputs's buffering, with whole groups shuffled instead of single rows. Not reused
+        # through super(): TRL shuffles single rows inside that method (shuffle_sequence_dict) with no hook to shuffle
+        # groups instead, and undoing its shuffle afterwards would mean re-splitting VLM pixel values. A TRL release
+        # that changes this buffering fails test_whole_group_buffering_is_trls_with_only_the_shuffle_changed.
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             batch = self._generate_and_score_completions(generation_batch)

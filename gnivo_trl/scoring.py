@@ -2,58 +2,82 @@
 
 VIMPO needs, at every completion position, the sampled token's log-probability under the policy (with gradient) and
 under the frozen reference, and the exact full-vocabulary ``KL(pi_theta || pi_ref)``. None of these may materialise
-``(B, T, V)`` logits. TRL 1.16 ships the two kernels that compute them from final hidden states and the LM heads, in
-vocabulary tiles:
+``(B, T, V)`` logits. TRL 1.16 ships what computes them, in vocabulary tiles:
 
-* ``trl.kernels.ChunkedLogProbFunction``, the kernel behind GRPO's fused LM head (``add_fused_lm_head``): the
-  sampled tokens' log-probabilities and the entropy, differentiable;
+* the fused LM head that ``GRPOTrainer`` installs on the policy and the reference (``add_fused_lm_head``): a
+  forward that returns the sampled tokens' log-probabilities (and, on request, the entropy and ``log sum_v p_v^2``)
+  instead of logits, together with the MoE router's load-balancing loss. :func:`fused_forward_scores` calls that
+  forward exactly as ``GRPOTrainer`` does, and reads the backbone's final hidden states on the way (a forward hook
+  on the backbone the fused head runs), because the KL kernel needs them;
 * ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``, the kernel of TRL's ``DistillationTrainer``: with
   ``beta=1.0`` the reverse KL ``KL(student || teacher)``, here ``KL(pi_theta || pi_ref)`` with the policy as student.
+  :func:`exact_token_kl` feeds it both models' hidden states and heads as ``DistillationTrainer`` does.
 
 The official code's candidate-set KL (a top-k over the whole vocabulary) has no TRL kernel: it is computed here in
-chunks of tokens from both heads' full logits, transformed exactly as TRL's fused head transforms them, and so is
-the policy's ``sum_v p_v^2`` that VIMPO's adaptive actor coefficient needs.
+chunks of tokens from both heads' full logits, projected and transformed exactly as the divergence kernel does.
 
-This module feeds them the way TRL does: the backbone's final hidden states (read from the backbone TRL's fused head
-uses, every multimodal or MoE input passed through), the head's weight and bias gathered under DeepSpeed ZeRO-3 once
-per call and entered by every rank (never once per chunk), and the logit transform (scale, soft-cap, temperature,
-float32 head) that TRL's ``add_fused_lm_head`` installed on that very model, read off the forward it patched rather
-than re-derived from a list of config attribute names that would drift from TRL's.
-
-The functions take plain causal LMs (the model inside any PEFT / DDP / DeepSpeed wrapper); routing through those
-wrappers is the trainer's job.
+The logit transform (scale, soft-cap, temperature, float32 head) of each model is the one TRL's ``add_fused_lm_head``
+installed on it, read off the forward it patched (:func:`fused_head_settings`) rather than re-derived from a list of
+config attribute names that would drift from TRL's. Heads are passed as :class:`LMHead` tensors, read by the caller
+in the context that selects them (a PEFT reference's head is read with the adapter disabled), and gathered under
+DeepSpeed ZeRO-3 once per call by every rank, never once per chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from trl.kernels import ChunkedLogProbFunction
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-from trl.kernels.chunked_divergence import _compute_dtype as _divergence_compute_dtype
-from trl.kernels.chunked_divergence import _project as _divergence_project
+from trl.kernels import ChunkedLogProbFunction  # noqa: F401  (the kernel behind TRL's fused head; re-exported)
+from trl.kernels.chunked_divergence import VOCAB_CHUNK_SIZE, ChunkedDivergenceFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .losses import candidate_set_kl_from_log_probs
 
 __all__ = [
+    "FusedForwardScores",
     "FusedHeadSettings",
+    "LMHead",
     "candidate_set_token_kl",
-    "completion_positions",
+    "check_heads_on_one_device",
     "exact_token_kl",
+    "fused_forward_scores",
     "fused_head_settings",
-    "last_hidden_state",
-    "token_log_probs",
-    "token_probability_square_sums",
+    "has_fused_head",
+    "output_head",
 ]
 
-# Vocabulary entries per tile of TRL's fused head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16): the same
-# tiling, so that these log-probabilities round as GRPO's do.
-_VOCAB_TILE = 32768
+# The TRL releases whose private helpers this package uses (pyproject.toml pins the same range).
+SUPPORTED_TRL = ">=1.16.0,<1.17"
+
+_FUSED_HEAD_FREE_VARIABLES = (
+    "temperature",
+    "logit_scale",
+    "final_logit_softcapping",
+    "cast_lm_head_to_fp32",
+    "backbone_attr",
+)
+
+
+def trl_private(module: str, name: str) -> Any:
+    """A private TRL helper, imported when first used, with an error naming the TRL versions that have it.
+
+    A rename in a TRL release then breaks only the feature that uses the helper, with a message that says what to
+    install, instead of ``import gnivo_trl``.
+    """
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        import trl
+
+        raise ImportError(
+            f"gnivo-trl uses {module}.{name}, which TRL {trl.__version__} does not provide. gnivo-trl is tested with "
+            f"trl{SUPPORTED_TRL}: pip install 'trl{SUPPORTED_TRL}'."
+        ) from error
 
 
 class FusedHeadSettings(NamedTuple):
@@ -75,119 +99,198 @@ class FusedHeadSettings(NamedTuple):
     backbone_attr: str
 
 
+def _forward_chain(model: torch.nn.Module):
+    """``model.forward`` and every function it wraps (``__wrapped__``: accelerate's mixed-precision wrapper,
+    ``torch.autocast`` and ``functools.wraps`` decorators), outermost first, as plain functions."""
+    function = model.forward
+    seen = set()
+    while function is not None and id(function) not in seen:
+        seen.add(id(function))
+        function = getattr(function, "__func__", function)
+        yield function
+        function = getattr(function, "__wrapped__", None)
+
+
+def _fused_forward(model: torch.nn.Module):
+    """TRL's fused forward in ``model``'s forward chain, or None."""
+    for function in _forward_chain(model):
+        names = getattr(getattr(function, "__code__", None), "co_freevars", ())
+        if all(name in names for name in _FUSED_HEAD_FREE_VARIABLES):
+            return function
+    return None
+
+
+def has_fused_head(model: torch.nn.Module) -> bool:
+    """Whether TRL's ``add_fused_lm_head`` patched ``model`` (anywhere in its forward chain: accelerate and autocast
+    wrap the patched forward under mixed precision)."""
+    return _fused_forward(model) is not None
+
+
 def fused_head_settings(causal_lm: torch.nn.Module) -> FusedHeadSettings:
     """The settings TRL's ``add_fused_lm_head`` installed on ``causal_lm`` (read off the forward it patched).
 
     ``GRPOTrainer`` adds the fused head to the policy (the base model under PEFT) and to the reference model at
     construction; the values it derived from the model's config live in that forward's closure. Reading them there
-    keeps every model family TRL supports (and future ones) exactly as TRL treats them.
+    keeps every model family TRL supports (and future ones) exactly as TRL treats them. The forward may be wrapped
+    (accelerate wraps it in autocast and an fp32 output cast under ``bf16``/``fp16``): the chain of ``__wrapped__``
+    functions is followed down to TRL's.
 
     Raises:
-        RuntimeError: if ``causal_lm.forward`` is not TRL's fused forward.
+        RuntimeError: if no function in ``causal_lm.forward``'s chain is TRL's fused forward.
     """
-    forward = getattr(causal_lm.forward, "__func__", causal_lm.forward)
-    names = getattr(getattr(forward, "__code__", None), "co_freevars", ())
-    needed = ("temperature", "logit_scale", "final_logit_softcapping", "cast_lm_head_to_fp32", "backbone_attr")
-    if not all(name in names for name in needed):
+    forward = _fused_forward(causal_lm)
+    if forward is None:
+        import trl
+
         raise RuntimeError(
             f"{type(causal_lm).__name__}.forward is not TRL's fused LM-head forward (trl.trainer.utils."
-            "add_fused_lm_head), which GRPOTrainer installs on the policy and the reference at construction. Score "
-            "with models prepared by the trainer, or call add_fused_lm_head(model, temperature, ...) first."
+            "add_fused_lm_head), which GRPOTrainer installs on the policy and the reference at construction, and no "
+            "function it wraps (through __wrapped__) is either. Score with models prepared by the trainer, or call "
+            "add_fused_lm_head(model, temperature, ...) first. If the model does carry TRL's head, a wrapper that "
+            "hides the function it wraps (no __wrapped__) or a change of the fused head in TRL "
+            f"{trl.__version__} (gnivo-trl is tested with trl{SUPPORTED_TRL}) is the likely cause."
         )
     values = inspect.getclosurevars(forward).nonlocals
-    return FusedHeadSettings(*(values[name] for name in needed))
+    return FusedHeadSettings(*(values[name] for name in _FUSED_HEAD_FREE_VARIABLES))
 
 
-def last_hidden_state(
+class LMHead(NamedTuple):
+    """One model's output projection: ``weight`` ``(V, H)`` and ``bias`` ``(V,)`` or None (ZeRO-3 shards allowed)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def output_head(causal_lm: torch.nn.Module) -> LMHead:
+    """``causal_lm``'s output embedding, read now: under PEFT with ``modules_to_save=["lm_head"]`` the head is the
+    trainable copy while the adapter is enabled and the original inside ``disable_adapter()`` (read the reference's
+    head there)."""
+    head = causal_lm.get_output_embeddings()
+    return LMHead(head.weight, head.bias)
+
+
+def check_heads_on_one_device(policy_head: LMHead, ref_head: LMHead) -> None:
+    """Refuse heads on different devices (a ``device_map`` that put them apart): the KL kernels project both heads'
+    logits tile by tile side by side, on one device."""
+    if policy_head.weight.device != ref_head.weight.device:
+        raise ValueError(
+            f"The policy's LM head is on {policy_head.weight.device} and the reference's on "
+            f"{ref_head.weight.device}. VIMPO's KL to the reference projects both heads side by side, so they must "
+            "be on one device: load the policy and the reference with a device_map that puts both output "
+            "embeddings on the same device (e.g. model_init_kwargs={'device_map': {'': 0}} for a model that fits "
+            "one device), or train on one device per process (accelerate launch) instead of a split model."
+        )
+
+
+class FusedForwardScores(NamedTuple):
+    """What one fused forward of a model gives for the completion tokens of a batch.
+
+    Attributes:
+        log_probs: ``(B, C)`` float32 log-probabilities of the completion tokens, 0 where the token is not valid;
+            differentiable when the forward ran with gradient.
+        entropy: ``(B, C)`` entropy of the tempered distribution, or None when the head does not compute it.
+        log_sum_sq_probs: ``(B, C)`` ``log sum_v p_v^2`` of the tempered distribution, or None likewise.
+        aux_loss: the MoE router's load-balancing loss (0-d), or None unless router logits were requested.
+        hidden: ``(N, H)`` final hidden states that predict the ``N`` valid completion tokens (row-major order),
+            detached, on the device the backbone produced them.
+    """
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+    aux_loss: torch.Tensor | None
+    hidden: torch.Tensor
+
+
+def fused_forward_scores(
+    model: Callable[..., Any],
     causal_lm: torch.nn.Module,
     settings: FusedHeadSettings,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    **model_inputs: Any,
-) -> Any:
-    """Run the backbone TRL's fused head runs and return its output (``last_hidden_state``, ``router_logits``, ...).
+    valid: torch.Tensor,
+    output_router_logits: bool = False,
+) -> FusedForwardScores:
+    """Score the completion tokens of ``input_ids`` with TRL's fused forward of ``model``, as ``GRPOTrainer`` does.
 
-    ``model_inputs`` go to the backbone unchanged: multimodal inputs (``pixel_values``, ...) and
-    ``output_router_logits`` for MoE models. Runs with or without gradient, as the caller's mode is.
+    ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` with the labels of the valid
+    completion tokens (``-100`` elsewhere): the backbone runs once and the head is projected in vocabulary tiles, so
+    no ``(B, T, V)`` tensor exists. A forward hook on the backbone of ``causal_lm`` (``settings.backbone_attr``)
+    keeps its final hidden states for the KL kernels. Runs with or without gradient as the caller's mode is, and
+    under the caller's autocast.
+
+    Args:
+        model: what is called: ``causal_lm`` itself or a wrapper of it (DDP, a DeepSpeed engine, a PEFT model).
+        causal_lm: the causal LM that carries TRL's fused head (under PEFT the base model).
+        settings: :func:`fused_head_settings` of ``causal_lm``.
+        input_ids: ``(B, L)`` prompt + completion ids; the completion is the last ``C = valid.size(1)`` positions.
+        attention_mask: ``(B, L)``.
+        valid: ``(B, C)`` bool, the completion tokens to score.
+        output_router_logits: ask a MoE model for its load-balancing loss.
     """
+    num_completion = valid.size(1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -num_completion:] = input_ids[:, -num_completion:].masked_fill(~valid, -100)
+    captured: list[torch.Tensor] = []
+
+    def keep_final_hidden_states(module, args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    kwargs = {"output_router_logits": True} if output_router_logits else {}
     backbone = getattr(causal_lm, settings.backbone_attr)
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+    handle = backbone.register_forward_hook(keep_final_hidden_states)
+    try:
+        outputs = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, **kwargs
+        )
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"The backbone of {type(causal_lm).__name__} ran {len(captured)} times in one fused forward; expected "
+            "once (TRL's add_fused_lm_head runs it once)."
+        )
+
+    def completion_part(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else values[:, -num_completion:].float()
+
+    hidden = captured[0][:, -num_completion - 1 : -1][valid.to(captured[0].device)].detach()
+    return FusedForwardScores(
+        completion_part(outputs.log_probs),
+        completion_part(outputs.entropy),
+        completion_part(outputs.log_sum_sq_probs),
+        outputs.aux_loss if output_router_logits else None,
+        hidden,
+    )
 
 
-def completion_positions(states: torch.Tensor, num_completion: int) -> torch.Tensor:
-    """The ``(B, C, H)`` states of ``(B, L, H)`` that predict the last ``C`` tokens (position p predicts p + 1)."""
-    return states[:, -num_completion - 1 : -1]
-
-
-def _head_parameters(causal_lm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = causal_lm.get_output_embeddings()
-    return head.weight, head.bias
-
-
-def _head_context(settings: FusedHeadSettings, hidden: torch.Tensor):
+def _projection_precision(settings: FusedHeadSettings, hidden: torch.Tensor):
     """The precision TRL's fused head projects in: float32 outside autocast with ``cast_lm_head_to_fp32``."""
     if settings.cast_lm_head_to_fp32:
         return hidden.float(), torch.autocast(hidden.device.type, enabled=False)
     return hidden, contextlib.nullcontext()
 
 
-def token_log_probs(
-    hidden: torch.Tensor,
-    causal_lm: torch.nn.Module,
-    settings: FusedHeadSettings,
-    labels: torch.Tensor,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of ``labels`` (and the entropy) under ``causal_lm``'s head, exactly as TRL's fused head.
-
-    Args:
-        hidden: ``(N, H)`` final hidden states that predict the ``N`` tokens; gradient flows through them (and the
-            head's weight) when enabled.
-        causal_lm: the model whose output embedding is the head (under ZeRO-3 it is gathered once for the call, and
-            once more by the kernel's backward).
-        settings: :func:`fused_head_settings` of that model.
-        labels: ``(N,)`` token ids.
-        with_entropy: also return the entropy of the tempered distribution (no gradient).
-
-    Returns:
-        ``(log_probs, entropy)``, float32 ``(N,)``; ``entropy`` is None unless asked for.
-    """
-    weight, bias = _head_parameters(causal_lm)
-    hidden, precision = _head_context(settings, hidden)
-    outputs = ("log_probs", "entropy") if with_entropy else ("log_probs",)
-    with precision, maybe_gather_lm_head_ctx(weight, bias):
-        log_probs, entropy, *_ = ChunkedLogProbFunction.apply(
-            hidden,
-            weight,
-            bias,
-            labels,
-            settings.temperature,
-            _VOCAB_TILE,
-            settings.final_logit_softcapping,
-            settings.logit_scale,
-            outputs,
-        )
-    return log_probs, (entropy.detach() if entropy is not None else None)
-
-
 def _per_chunk_with_gathered_heads(
     policy_hidden: torch.Tensor,
-    policy_lm: torch.nn.Module,
+    policy_head: LMHead,
     policy_settings: FusedHeadSettings,
     ref_hidden: torch.Tensor,
-    ref_lm: torch.nn.Module,
+    ref_head: LMHead,
     ref_settings: FusedHeadSettings,
     chunk_size: int,
     chunk_kl: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
-    """``chunk_kl(policy_chunk, (weight, bias), ref_chunk, (weight, bias)) -> (n,)`` over chunks of ``chunk_size``
-    tokens, float32 ``(N,)``. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the
-    same collectives however many tokens it holds; the hidden states are in the precision TRL's fused head projects
-    in (float32 outside autocast with ``cast_lm_head_to_fp32``)."""
-    policy_head, ref_head = _head_parameters(policy_lm), _head_parameters(ref_lm)
-    policy_hidden, precision = _head_context(policy_settings, policy_hidden)
-    ref_hidden, _ = _head_context(ref_settings, ref_hidden)
-    kl = torch.zeros(policy_hidden.size(0), device=policy_hidden.device, dtype=torch.float32)
+    """``chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> (n,)`` over chunks of ``chunk_size`` tokens,
+    float32 ``(N,)`` on the heads' device. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank
+    issues the same collectives however many tokens it holds; the hidden states move to the heads' device (the
+    backbone of a split model can end elsewhere, as TRL's fused head allows) in the precision TRL's fused head
+    projects in (float32 outside autocast with ``cast_lm_head_to_fp32``)."""
+    check_heads_on_one_device(policy_head, ref_head)
+    device = policy_head.weight.device
+    policy_hidden, precision = _projection_precision(policy_settings, policy_hidden.to(device))
+    ref_hidden, _ = _projection_precision(ref_settings, ref_hidden.to(device))
+    kl = torch.zeros(policy_hidden.size(0), device=device, dtype=torch.float32)
     with precision, maybe_gather_lm_head_ctx(*policy_head), maybe_gather_lm_head_ctx(*ref_head):
         for start in range(0, policy_hidden.size(0), chunk_size):
             stop = start + chunk_size
@@ -198,10 +301,10 @@ def _per_chunk_with_gathered_heads(
 @torch.no_grad()
 def exact_token_kl(
     policy_hidden: torch.Tensor,
-    policy_lm: torch.nn.Module,
+    policy_head: LMHead,
     policy_settings: FusedHeadSettings,
     ref_hidden: torch.Tensor,
-    ref_lm: torch.nn.Module,
+    ref_head: LMHead,
     ref_settings: FusedHeadSettings,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
@@ -214,7 +317,7 @@ def exact_token_kl(
 
     Args:
         policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
-        policy_lm, ref_lm: the models whose output embeddings are the heads (the same model for a PEFT reference).
+        policy_head, ref_head: the models' output projections (:func:`output_head`), on one device.
         policy_settings, ref_settings: their :func:`fused_head_settings`.
         chunk_size: tokens per kernel call.
 
@@ -238,22 +341,24 @@ def exact_token_kl(
         return kl
 
     return _per_chunk_with_gathered_heads(
-        policy_hidden, policy_lm, policy_settings, ref_hidden, ref_lm, ref_settings, chunk_size, chunk_kl
+        policy_hidden, policy_head, policy_settings, ref_hidden, ref_head, ref_settings, chunk_size, chunk_kl
     )
 
 
-def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, settings: FusedHeadSettings):
+def _log_probs(hidden: torch.Tensor, head: LMHead, settings: FusedHeadSettings) -> torch.Tensor:
     """Float32 ``(n, V)`` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
     ``ChunkedDivergenceFunction`` projection (hidden states and head rounded to the compute dtype, float32 logits,
-    vocabulary tiles of ``_VOCAB_TILE``), then its logit transform in float32 (``_torch_transform``: ``*
-    logit_scale``, soft-cap ``cap * tanh(z / cap)``, ``* (1 / temperature)``), in place on one buffer."""
-    dtype = _divergence_compute_dtype(hidden)
+    its vocabulary tiles), then its logit transform in float32 (``* logit_scale``, soft-cap ``cap * tanh(z / cap)``,
+    ``* (1 / temperature)``), in place on one buffer."""
+    module = "trl.kernels.chunked_divergence"
+    compute_dtype, project = trl_private(module, "_compute_dtype"), trl_private(module, "_project")
+    dtype = compute_dtype(hidden)
     hidden = hidden.to(dtype)
-    vocab = weight.size(0)
+    vocab = head.weight.size(0)
     logits = torch.empty((hidden.size(0), vocab), device=hidden.device, dtype=torch.float32)
-    for start in range(0, vocab, _VOCAB_TILE):
-        end = min(start + _VOCAB_TILE, vocab)
-        _divergence_project(logits[:, start:end], hidden, weight, bias, start, end, dtype)
+    for start in range(0, vocab, VOCAB_CHUNK_SIZE):
+        end = min(start + VOCAB_CHUNK_SIZE, vocab)
+        project(logits[:, start:end], hidden, head.weight, head.bias, start, end, dtype)
     logits.mul_(settings.logit_scale)
     if settings.final_logit_softcapping is not None:
         logits.div_(settings.final_logit_softcapping).tanh_().mul_(settings.final_logit_softcapping)
@@ -262,47 +367,12 @@ def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 @torch.no_grad()
-def token_probability_square_sums(
-    hidden: torch.Tensor,
-    causal_lm: torch.nn.Module,
-    settings: FusedHeadSettings,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """``sum_v p_v^2`` of ``causal_lm``'s tempered distribution at each position, no gradient.
-
-    The full-vocabulary term of the logit-gradient norm ``||e_y - p||_2`` of VIMPO's adaptive actor coefficient
-    (:func:`gnivo_trl.losses.logit_gradient_norm_factors`). Computed as ``exp(logsumexp(2 log p))`` in float32 on
-    chunks of ``chunk_size`` tokens, from the log-softmax the candidate-set KL uses (the exact KL kernel's projection
-    and TRL's logit transform: scale, soft-cap, temperature); each chunk holds two float32 ``(chunk_size, V)``
-    buffers. The head is gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives
-    however many tokens it holds (none included).
-
-    Args:
-        hidden: ``(N, H)`` final hidden states that predict ``N`` tokens (detached here).
-        causal_lm: the model whose output embedding is the head.
-        settings: its :func:`fused_head_settings`.
-        chunk_size: tokens per chunk.
-
-    Returns:
-        float32 ``(N,)``, in ``[1 / V, 1]``.
-    """
-    weight, bias = _head_parameters(causal_lm)
-    hidden, precision = _head_context(settings, hidden.detach())
-    sums = torch.zeros(hidden.size(0), device=hidden.device, dtype=torch.float32)
-    with precision, maybe_gather_lm_head_ctx(weight, bias):
-        for start in range(0, hidden.size(0), chunk_size):
-            log_probs = _log_probs(hidden[start : start + chunk_size], weight, bias, settings)
-            sums[start : start + chunk_size] = torch.logsumexp(log_probs.mul_(2.0), dim=-1).exp_()
-    return sums
-
-
-@torch.no_grad()
 def candidate_set_token_kl(
     policy_hidden: torch.Tensor,
-    policy_lm: torch.nn.Module,
+    policy_head: LMHead,
     policy_settings: FusedHeadSettings,
     ref_hidden: torch.Tensor,
-    ref_lm: torch.nn.Module,
+    ref_head: LMHead,
     ref_settings: FusedHeadSettings,
     topk: int,
     chunk_size: int = 1024,
@@ -320,7 +390,7 @@ def candidate_set_token_kl(
 
     Args:
         policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
-        policy_lm, ref_lm: the models whose output embeddings are the heads (the same model for a PEFT reference).
+        policy_head, ref_head: the models' output projections (:func:`output_head`), on one device.
         policy_settings, ref_settings: their :func:`fused_head_settings`.
         topk: candidate-set size (``vimpo_candidate_kl_topk``); the whole vocabulary when larger.
         chunk_size: tokens per chunk.
@@ -330,10 +400,10 @@ def candidate_set_token_kl(
     """
 
     def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
-        policy_log_probs = _log_probs(policy_chunk, *policy_head, policy_settings)
-        ref_log_probs = _log_probs(ref_chunk, *ref_head, ref_settings)
+        policy_log_probs = _log_probs(policy_chunk, policy_head, policy_settings)
+        ref_log_probs = _log_probs(ref_chunk, ref_head, ref_settings)
         return candidate_set_kl_from_log_probs(policy_log_probs, ref_log_probs, topk)
 
     return _per_chunk_with_gathered_heads(
-        policy_hidden, policy_lm, policy_settings, ref_hidden, ref_lm, ref_settings, chunk_size, chunk_kl
+        policy_hidden, policy_head, policy_settings, ref_hidden, ref_head, ref_settings, chunk_size, chunk_kl
     )

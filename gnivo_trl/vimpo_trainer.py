@@ -11,9 +11,8 @@ from typing import Any, NamedTuple
 import torch
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_decorator
-from trl.models.utils import _ForwardRedirection
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import get_config_model_id, use_adapter
+from trl.trainer.utils import add_fused_lm_head, get_config_model_id, use_adapter
 
 from . import scoring
 from ._config_checks import fail
@@ -42,24 +41,6 @@ logger = logging.getLogger(__name__)
 # this: the value loss's logit gradient per token scales with beta, the token-mean actor's with
 # vimpo_actor_coeff / length. Measured in benchmarks/results/learning_vimpo_map.md (see VIMPOTrainer's docstring).
 ACTOR_BALANCE_WARNING_THRESHOLD = 20.0
-
-# GRPOTrainer builds the frozen reference model (a copy, or a "ref" adapter for a pre-trained PEFT adapter, prepared
-# for DeepSpeed) only when beta != 0. VIMPO needs that reference with GRPO's KL penalty off, so construction runs with
-# this stand-in beta and then restores 0.0.
-_BUILD_REFERENCE_BETA = 1.0
-
-# Inputs of a multimodal backbone (what TRL's DistillationTrainer passes to its backbones); batch-level bookkeeping
-# such as num_images is not a model input.
-_BACKBONE_MULTIMODAL_INPUTS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
 
 
 class TokenScores(NamedTuple):
@@ -95,14 +76,16 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     One scoring path, at loss time, on TRL's kernels (:mod:`gnivo_trl.scoring`):
 
-    * The reference's backbone runs without gradient (routed through its DeepSpeed wrapper, or the policy with its
-      adapter disabled under PEFT); the policy's backbone runs once, with gradient, inside the policy wrapper's
-      forward (``_ForwardRedirection``, as TRL's ``DistillationTrainer`` does, so DDP and ZeRO-3 see a forward).
-    * Both models' sampled-token log-probabilities come from TRL's fused-head kernel (``ChunkedLogProbFunction``) on
-      those hidden states with the logit transform TRL installed on each model, so ``rho`` and the KL are exactly 0
-      while the policy equals the reference; the exact KL is TRL's ``ChunkedDivergenceFunction`` (reverse KL) in
-      chunks of ``vimpo_kl_chunk_size`` tokens, without gradient (or the official candidate-set approximation,
-      :func:`gnivo_trl.scoring.candidate_set_token_kl`, in the same chunks). No ``(B, T, V)`` tensor exists.
+    * Each model runs TRL's fused forward once, as GRPO scores its policy and its reference (the reference without
+      gradient: the frozen model, or under PEFT the policy with its adapter disabled, whose LM head is read in that
+      same context, so a head in ``modules_to_save`` is the original one): the sampled tokens' log-probabilities
+      from TRL's fused LM head (``ChunkedLogProbFunction``), with the MoE router's load-balancing loss where GRPO
+      adds it, and the backbone's final hidden states. ``rho`` and the KL are therefore exactly 0 while the policy
+      equals the reference. The exact KL is TRL's ``ChunkedDivergenceFunction`` (reverse KL) on those hidden states
+      and both heads, in chunks of ``vimpo_kl_chunk_size`` tokens, without gradient (or the official candidate-set
+      approximation, :func:`gnivo_trl.scoring.candidate_set_token_kl`, in the same chunks). No ``(B, T, V)``
+      tensor exists. The logit transform of each model is read once, at construction, off the forward TRL patched
+      (through accelerate's mixed-precision wrapper).
     * ``rho``, ``kappa``, the advantage and its whitening come from that forward, per micro-batch, whitened over the
       micro-batch's valid tokens on every process, as the official code does. In TRL's default layout (one micro-batch
       holds the process's generation batch) this is whitening over the whole generation batch. Only the value
@@ -114,8 +97,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     * Rows without a reward (every reward function returned None) and rows masked by vLLM's sequence-level
       importance-sampling correction (``"sequence_mask"``, ratio 0) leave their group, as in GN-IVO: they are out of
       the group mean, the value loss, the actor loss and the whitening statistics. A non-zero sequence ratio
-      (``"sequence_truncate"``) weights the row's value term and the actor's tokens; token-level modes are refused by
-      :class:`VIMPOConfig`.
+      (``"sequence_truncate"``) weights the actor's tokens only (and the actor's logit-gradient RMS of the adaptive
+      weight), as the official code does: the value loss regresses each completion's implied value onto its reward
+      unweighted. Token-level modes are refused by :class:`VIMPOConfig`.
     * The actor loss is a token mean over the generation batch (TRL's ``num_items_in_batch``), the value loss a mean
       over rows (``0.5 r^2`` or Huber per row, ``vimpo_value_loss_type``), both scaled for accumulation; MoE models
       add their router's load-balancing loss as GRPO does.
@@ -126,14 +110,15 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
       by ``alpha * EMA_value / (EMA_actor + eps)``, computed per micro-batch before its loss. Both losses depend on a
       position's tempered logits only through ``log p_y``, so each one's logit gradient there is ``c_t (e_y - p)``
       with norm ``|c_t| sqrt(1 - 2 p_y + sum_v p_v^2)``: for the value loss ``c_t = vimpo_beta * g(r_i) * w_i /
-      B_micro`` (``g(r) = r``, or ``clamp(r, +-delta)`` for Huber; ``w_i`` the row weight), for the actor loss at
+      B_micro`` (``g(r) = r``, or ``clamp(r, +-delta)`` for Huber; ``w_i`` 1 for a row with a reward, else 0), for
+      the actor loss at
       weight 1 the derivative of the per-token dual-clip loss (times the importance ratio) divided by this process's
       valid tokens in the micro-batch (the official token mean), by autograd, so that clipping and the dual clip
       count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
       ``vimpo_adaptive_actor_ema_decay``); a micro-batch without actor gradient gets coefficient 0 and leaves the
-      EMAs unchanged. ``sum_v p_v^2`` is one more chunked pass of the policy's head inside the policy forward
-      (:func:`gnivo_trl.scoring.token_probability_square_sums`). The EMAs live on the trainer, start at 0 and are
-      not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
+      EMAs unchanged. ``sum_v p_v^2`` comes from the policy's own fused-head pass (TRL's ``log_sum_sq_probs``
+      output, which the trainer asks TRL's head for when the option is on). The EMAs live on the trainer, start at
+      0 and are not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
       together). Evaluation uses ``alpha * EMA_value / (EMA_actor + eps)`` and updates nothing. Unlike the official
       code, which silently keeps the fixed coefficient with the k2/k3 KL, it works with every KL estimator.
 
@@ -176,22 +161,35 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 f"args must be a VIMPOConfig, got {type(args).__name__}. Build one with VIMPOConfig(...): it carries "
                 "every GRPOConfig field plus the vimpo_* fields."
             )
-        args.beta = _BUILD_REFERENCE_BETA
-        try:
-            super().__init__(model, reward_funcs, args=args, **kwargs)
-        finally:
-            args.beta = 0.0
-        self.beta = 0.0  # no GRPO KL term and no reference forward in GRPO's own generation step
+        super().__init__(model, reward_funcs, args=args, **kwargs)
         if self.is_fsdp_enabled:  # VIMPOConfig refuses FSDP; this catches a plugin set up some other way
             raise ValueError(f"fsdp is not supported: {_FSDP_FIX}")
         if self._is_vlm:
             raise ValueError(
                 f"VIMPOTrainer does not support vision-language models yet (processing_class is a "
-                f"{type(self.processing_class).__name__}): its scoring runs the backbones directly and has not been "
-                "tested with image inputs. Train a text-only model, or use GNIVOTrainer, which scores through TRL's "
-                "own forward."
+                f"{type(self.processing_class).__name__}): its scoring has not been tested with image inputs. Train "
+                "a text-only model, or use GNIVOTrainer, which scores through TRL's own forward."
             )
-        self._forward_redirection = _ForwardRedirection()
+        policy_lm = self._unwrapped_causal_lm(self.model)
+        if args.vimpo_adaptive_actor_coeff:
+            # The adaptive weight needs sum_v p_v^2, which TRL's fused head computes in the same vocabulary pass as
+            # the log-probs when asked at installation (GRPOTrainer installed it without): install it again, with
+            # that output, in place of GRPO's (same temperature and precision).
+            del policy_lm.forward
+            add_fused_lm_head(
+                policy_lm,
+                temperature=self.temperature,
+                cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+                outputs=("log_probs", "entropy", "log_sum_sq_probs"),
+            )
+        # Read once, here: accelerate wraps the models' forwards under mixed precision.
+        ref_model, ref_context = self._reference_model()
+        ref_lm = self._unwrapped_causal_lm(ref_model)
+        self._policy_head_settings = scoring.fused_head_settings(policy_lm)
+        self._ref_head_settings = scoring.fused_head_settings(ref_lm)
+        with ref_context:
+            ref_head = scoring.output_head(ref_lm)
+        scoring.check_heads_on_one_device(scoring.output_head(policy_lm), ref_head)  # a device_map set them apart
         # vimpo_adaptive_actor_coeff's EMAs of the value's and the unscaled actor's logit-gradient RMS (official
         # initial value 0.0); not checkpointed, as in the official code.
         self._adaptive_value_rms_ema = 0.0
@@ -199,6 +197,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         self._actor_balance_checked = False
         if self.args.vimpo_update_ref_freq:
             self._add_reference_refresh()
+
+    def _needs_reference_model(self, config) -> bool:
+        return True  # the frozen reference is inside VIMPO's value; GRPO's own KL term (beta) stays off
 
     def _add_reference_refresh(self) -> None:
         """``vimpo_update_ref_freq``: TRL's ``SyncRefModelCallback``, as ``GRPOTrainer`` adds it for
@@ -239,112 +240,70 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
-    def _reference_model_and_context(self):
-        """``(wrapper, context)``: the model that computes the reference, and the context in which it does (PEFT:
-        the policy with its adapter disabled, or the frozen "ref" adapter of a pre-trained adapter)."""
+    def _reference_model(self):
+        """``(model, context)``: what computes the reference, and the context in which it does. Under PEFT the
+        policy with its adapter disabled (or the frozen "ref" adapter of a pre-trained adapter), as GRPO scores its
+        reference; the reference's LM head must be read inside that context too, since a head in
+        ``modules_to_save`` is the trainable copy while the adapter is enabled."""
         if self.ref_model is not None:
             return self.ref_model, contextlib.nullcontext()
         peft_model = self.accelerator.unwrap_model(self.model)
-        return self.model_wrapped, use_adapter(peft_model, "ref" if "ref" in peft_model.peft_config else None)
-
-    def _reference_forward(self, causal_lm, input_ids, attention_mask, num_completion, valid, model_inputs):
-        """Reference hidden states and log-probs of the valid completion tokens, each ``(N, ...)``; runs inside the
-        reference wrapper's forward."""
-        settings = scoring.fused_head_settings(causal_lm)
-        states = scoring.last_hidden_state(causal_lm, settings, input_ids, attention_mask, **model_inputs)
-        hidden = scoring.completion_positions(states.last_hidden_state, num_completion)[valid]
-        labels = input_ids[:, -num_completion:][valid]
-        return hidden, scoring.token_log_probs(hidden, causal_lm, settings, labels)[0]
-
-    def _policy_forward(self, causal_lm, input_ids, attention_mask, num_completion, valid, model_inputs, ref):
-        """Policy log-probs (with gradient), entropy, KL, MoE loss and (``vimpo_adaptive_actor_coeff`` only, else None)
-        ``sum_v p_v^2`` of the valid completion tokens; runs inside the policy wrapper's forward, so that the policy
-        head is gathered there under ZeRO-3. ``ref`` is ``(reference causal LM, its hidden states, its log-probs)``."""
-        settings = scoring.fused_head_settings(causal_lm)
-        if self.aux_loss_enabled:
-            model_inputs = {**model_inputs, "output_router_logits": True}
-        states = scoring.last_hidden_state(causal_lm, settings, input_ids, attention_mask, **model_inputs)
-        hidden = scoring.completion_positions(states.last_hidden_state, num_completion)[valid]
-        labels = input_ids[:, -num_completion:][valid]
-        logp, entropy = scoring.token_log_probs(hidden, causal_lm, settings, labels, with_entropy=True)
-        ref_lm, ref_hidden, ref_logp = ref
-        estimator = self.args.vimpo_kl_estimator
-        with torch.no_grad():
-            if estimator in ("exact", "candidate_set"):  # from both heads' full distributions
-                both_models = (
-                    hidden.detach(),
-                    causal_lm,
-                    settings,
-                    ref_hidden,
-                    ref_lm,
-                    scoring.fused_head_settings(ref_lm),
-                )
-                if estimator == "exact":
-                    token_kl = scoring.exact_token_kl(*both_models, self.args.vimpo_kl_chunk_size)
-                else:
-                    token_kl = scoring.candidate_set_token_kl(
-                        *both_models, self.args.vimpo_candidate_kl_topk, self.args.vimpo_kl_chunk_size
-                    )
-            else:  # k2 / k3, from the sampled tokens' log-probs
-                token_kl = token_kl_estimate(logp.view(1, -1), ref_logp.view(1, -1), estimator)[0]
-            square_sums = None
-            if self.args.vimpo_adaptive_actor_coeff:  # every estimator, unlike the official code (k2/k3 skip it)
-                square_sums = scoring.token_probability_square_sums(
-                    hidden, causal_lm, settings, self.args.vimpo_kl_chunk_size
-                )
-        aux_loss = _load_balancing_loss(causal_lm, states, attention_mask) if self.aux_loss_enabled else None
-        return logp, entropy, token_kl, aux_loss, square_sums
+        return self.model, use_adapter(peft_model, "ref" if "ref" in peft_model.peft_config else None)
 
     @profiling_decorator
     def _token_scores(self, model, inputs: dict[str, Any]) -> TokenScores:
         """Both models' scores of a micro-batch's completion tokens (see :class:`TokenScores`).
 
-        Every rank runs the same forwards and the same head gathers whatever its token count, so the collectives of
-        DeepSpeed ZeRO-3 match across processes.
+        Each model runs TRL's fused forward once (:func:`gnivo_trl.scoring.fused_forward_scores`: GRPO's own
+        log-prob path, with the MoE router loss where GRPO adds it); the exact or candidate-set KL then projects
+        both heads from the final hidden states that forward produced. Every rank runs the same forwards and the
+        same head gathers whatever its token count, so the collectives of DeepSpeed ZeRO-3 match across processes.
         """
-        input_ids, attention_mask, num_completion = prompt_completion_sequences(inputs)
+        input_ids, attention_mask, _ = prompt_completion_sequences(inputs)
         valid = inputs["completion_mask"].bool()
-        model_inputs = {name: inputs[name] for name in _BACKBONE_MULTIMODAL_INPUTS if inputs.get(name) is not None}
-        ref_wrapper, ref_context = self._reference_model_and_context()
-        ref_lm = self._unwrapped_causal_lm(ref_wrapper)
+        ref_model, ref_context = self._reference_model()
+        ref_lm = self._unwrapped_causal_lm(ref_model)
         with torch.no_grad(), ref_context, self.accelerator.autocast():
-            ref_hidden, ref_logp = self._forward_redirection(
-                ref_wrapper,
-                self.accelerator.unwrap_model(ref_wrapper),
-                self._reference_forward,
-                ref_lm,
-                input_ids,
-                attention_mask,
-                num_completion,
-                valid,
-                model_inputs,
+            ref = scoring.fused_forward_scores(
+                ref_model, ref_lm, self._ref_head_settings, input_ids, attention_mask, valid
             )
+            ref_head = scoring.output_head(ref_lm)  # inside the context: the frozen head, also in modules_to_save
+        policy_lm = self._unwrapped_causal_lm(model)
         with self.accelerator.autocast():
-            logp, entropy, token_kl, aux_loss, square_sums = self._forward_redirection(
+            policy = scoring.fused_forward_scores(
                 model,
-                self.accelerator.unwrap_model(model),
-                self._policy_forward,
-                self._unwrapped_causal_lm(model),
+                policy_lm,
+                self._policy_head_settings,
                 input_ids,
                 attention_mask,
-                num_completion,
                 valid,
-                model_inputs,
-                (ref_lm, ref_hidden, ref_logp),
+                output_router_logits=self.aux_loss_enabled,
             )
-
-        def scatter(values: torch.Tensor) -> torch.Tensor:
-            # masked_scatter keeps the policy's log-probs connected to the graph even when no token is valid (an
-            # all-masked micro-batch still contributes a differentiable zero, as TRL's fused head does).
-            return values.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, values.float())
-
+        estimator = self.args.vimpo_kl_estimator
+        if estimator in ("exact", "candidate_set"):  # from both heads' full distributions
+            both_models = (
+                policy.hidden,
+                scoring.output_head(policy_lm),
+                self._policy_head_settings,
+                ref.hidden,
+                ref_head,
+                self._ref_head_settings,
+            )
+            with self.accelerator.autocast():
+                if estimator == "exact":
+                    kl = scoring.exact_token_kl(*both_models, self.args.vimpo_kl_chunk_size)
+                else:
+                    kl = scoring.candidate_set_token_kl(
+                        *both_models, self.args.vimpo_candidate_kl_topk, self.args.vimpo_kl_chunk_size
+                    )
+            token_kl = torch.zeros_like(policy.log_probs).masked_scatter(valid, kl.to(valid.device))
+        else:  # k2 / k3, from the sampled tokens' log-probs
+            token_kl = token_kl_estimate(policy.log_probs.detach(), ref.log_probs, estimator) * valid
+        square_sums = None
+        if self.args.vimpo_adaptive_actor_coeff:  # every estimator, unlike the official code (k2/k3 skip it)
+            square_sums = torch.where(valid, policy.log_sum_sq_probs.detach().exp(), 0.0)
         return TokenScores(
-            scatter(logp),
-            scatter(entropy),
-            scatter(ref_logp),
-            scatter(token_kl),
-            aux_loss,
-            scatter(square_sums) if square_sums is not None else None,
+            policy.log_probs, policy.entropy.detach(), ref.log_probs, token_kl, policy.aux_loss, square_sums
         )
 
     @torch.no_grad()
@@ -376,9 +335,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         targets = inputs["vimpo_value_target"]
         has_reward = ~torch.isnan(targets)  # False also for rows masked by vLLM's importance sampling
         row_weight = has_reward.float()
+        # vLLM's sequence-level importance ratio weights the actor's tokens only (and the actor's logit-gradient RMS
+        # of the adaptive weight), as in the official code: the value loss regresses each completion's implied value
+        # onto its reward whatever policy sampled it. A row the ratio masks (0) has left its group (no reward).
         is_ratio = inputs.get("importance_sampling_ratio")
-        if is_ratio is not None:
-            row_weight = row_weight * is_ratio.reshape(-1).float()
         mask = loss_mask(inputs) * has_reward[:, None]
         if mode == "train" and not self._actor_balance_checked:
             self._check_actor_balance(mask)
@@ -543,14 +503,3 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
         for name, clipped in (("low_mean", low), ("high_mean", high), ("region_mean", low | high)):
             self._log_mean_over_processes(mode, f"clip_ratio/{name}", (clipped.float() * mask).sum(), mask.sum())
-
-
-def _load_balancing_loss(causal_lm, backbone_outputs, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The MoE router's load-balancing loss of a backbone forward, as TRL's fused head computes it for GRPO (the
-    Mixtral loss every MoE family of transformers uses), without its coefficient."""
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-    text_config = causal_lm.config.get_text_config()
-    return load_balancing_loss_func(
-        backbone_outputs.router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
-    )

@@ -5,6 +5,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -408,3 +409,54 @@ def test_callback_renders_credit_during_training_without_changing_it(tiny_model_
     assert callback.reference is not trainer.model and not any(
         p.requires_grad for p in callback.reference.parameters()
     )
+
+
+def test_prepare_never_patches_a_model_that_carries_trls_head_under_a_wrapper(tiny_model_dir, tmp_path):
+    """Under bf16 accelerate wraps the trainer's (patched) forward: the callback's prepare must find TRL's head
+    down the wrapper chain and leave the live policy's forward as it is (a second patch, with default outputs, made
+    TRL's next loss step fail on a missing entropy)."""
+    from accelerate import Accelerator
+
+    from gnivo_trl.credit import prepare_for_scoring
+
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), bf16=True)
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(trainer.model)
+    forward = model.forward
+    assert prepare_for_scoring(model, temperature=0.5) is model
+    assert model.forward is forward
+
+
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (dict(deepspeed_plugin=SimpleNamespace(zero_stage=3), fsdp=""), "DeepSpeed ZeRO-3"),
+        (dict(deepspeed_plugin=None, fsdp="full_shard"), "FSDP"),
+        (dict(deepspeed_plugin=SimpleNamespace(zero_stage=2), fsdp=""), None),
+        (dict(deepspeed_plugin=None, fsdp=""), None),
+    ],
+)
+def test_callback_refuses_models_sharded_over_processes(args, refused):
+    """Sampling on the main process alone would hang the other ranks of a sharded model: refused when the trainer
+    is built (on_init_end) and when training starts (a callback added later); ZeRO-2 and DDP are fine (the run in
+    test_user_setups.py covers them and the ZeRO-3 refusal under a real launch)."""
+    from gnivo_trl.credit import CreditCallback
+
+    callback = CreditCallback(None, ["x"], every=1)
+    if refused is None:
+        callback.on_init_end(SimpleNamespace(**args), None, None)
+        return
+    for event in (callback.on_init_end, callback.on_train_begin):
+        with pytest.raises(ValueError, match=f"CreditCallback does not support {refused}"):
+            event(SimpleNamespace(**args), None, None)
+
+
+def test_callback_warns_that_a_resumed_run_reads_credit_against_the_checkpoint(tiny_model_dir, tmp_path, caplog):
+    from gnivo_trl.credit import CreditCallback
+
+    trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    resumed = build_trainer("gnivo", tiny_model_dir, str(tmp_path), max_steps=3)
+    resumed.add_callback(CreditCallback(resumed.processing_class, ["What is 3 + 4?"], every=5, max_new_tokens=4))
+    with caplog.at_level("WARNING", logger="gnivo_trl.credit"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "training resumes at step 2" in caplog.text and "not the initial model" in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_refused_with_field_and_fix, assert_same_update, max_magnitude, run_two_processes
 from trainer_harness import COMPLETION_POOL, build_trainer, parameter_update, save_tiny_family_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from gnivo_trl import GNIVOConfig, GNIVOTrainer
@@ -224,6 +224,46 @@ def test_reference_of_a_model_instance_is_a_copy_of_it(tiny_model_dir, tmp_path)
     assert [entry for entry in trainer.state.log_history if "kl" in entry][0]["kl"] == 0.0
 
 
+def test_reference_of_an_instance_is_prepared_as_trl_prepares_its_own(tiny_model_dir, tmp_path):
+    """A model built from a config has no path to reload a reference from; its reference is a copy, made the
+    reference TRL would have made: a float32 head (cast_lm_head_to_fp32), TRL's fused head, synced by sync_ref_model,
+    and a plain forward of its own (not the policy's through a copied closure)."""
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from gnivo_trl import scoring
+    from gnivo_trl.testing import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = build_tiny_model(tokenizer, seed=3)
+    assert model.config._name_or_path == ""
+    trainer = build_trainer(
+        "gnivo",
+        tiny_model_dir,
+        str(tmp_path),
+        model=model,
+        beta=0.04,
+        cast_lm_head_to_fp32=True,
+        disable_dropout=True,
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        max_steps=2,
+    )
+    reference = trainer.ref_model
+    assert reference is not trainer.model and trainer.beta == 0.04 and trainer.args.sync_ref_model
+    assert reference.get_output_embeddings().weight.dtype == torch.float32
+    assert scoring.fused_head_settings(reference).cast_lm_head_to_fp32
+    syncs = [c for c in trainer.callback_handler.callbacks if isinstance(c, SyncRefModelCallback)]
+    assert len(syncs) == 1 and syncs[0].ref_model is reference
+    ids = tokenizer("What is 3 + 4?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+        for p in trainer.model.parameters():
+            p.add_(0.1)
+        assert (reference(input_ids=ids).logits - trainer.model(input_ids=ids).logits).abs().max() > 1e-3
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
 def test_evaluation_logs_finite_loss(tiny_model_dir, tmp_path):
     trainer = build_trainer(
         "gnivo", tiny_model_dir, str(tmp_path), per_device_eval_batch_size=8, eval_strategy="no", do_eval=False
@@ -286,3 +326,36 @@ def test_defaults_follow_the_paper():
     config = GNIVOConfig(**CONFIG)
     assert (config.gnivo_alpha, config.num_generations, config.gnivo_prefix_unit) == (0.2, 4, "token")
     assert (config.gnivo_weight_normalization, config.gnivo_step_delimiter, config.beta) == ("softmax", "\n\n", 0.0)
+
+
+def test_whole_group_buffering_is_trls_with_only_the_shuffle_changed(tiny_model_dir, tmp_path, monkeypatch):
+    """``GroupBookkeepingMixin._prepare_inputs`` repeats ``GRPOTrainer._prepare_inputs`` (TRL shuffles single rows
+    inside it, with no hook to shuffle groups instead). With both shuffles made the identity, the two buffer the
+    same micro-batches: a TRL release that changes its buffering fails here."""
+    import trl.trainer.grpo_trainer as grpo_trainer_module
+    from trl import GRPOTrainer
+
+    import gnivo_trl.group_bookkeeping as group_bookkeeping
+
+    trainer = build_trainer(
+        "gnivo", tiny_model_dir, str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    assert trainer._keeps_groups_whole and trainer.args.steps_per_generation == 2
+    monkeypatch.setattr(grpo_trainer_module, "shuffle_sequence_dict", lambda batch: batch)
+    monkeypatch.setattr(group_bookkeeping, "shuffle_whole_groups", lambda batch, group_size: batch)
+    trainer.model.train()
+    generation_batch = list(trainer.train_dataset.select(range(2)).repeat(4))
+    buffered = {}
+    for name, prepare in (
+        ("ours", trainer._prepare_inputs),
+        ("trl", lambda b: GRPOTrainer._prepare_inputs(trainer, b)),
+    ):
+        trainer._step, trainer._buffered_inputs = 0, None
+        torch.manual_seed(0)
+        prepare(generation_batch)
+        buffered[name] = trainer._buffered_inputs
+    assert len(buffered["ours"]) == len(buffered["trl"]) == 2
+    for ours, trls in zip(buffered["ours"], buffered["trl"], strict=True):
+        assert ours.keys() == trls.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, trls[key]) if isinstance(value, torch.Tensor) else value == trls[key], key

@@ -372,6 +372,25 @@ def test_masked_mean_std_and_whiten_match_naive(seed):
     torch.testing.assert_close(given.double(), expected_given, rtol=1e-6, atol=1e-6)
 
 
+def test_whitening_variance_is_the_unbiased_one_for_every_process_count():
+    """The choice pinned here (docs/algorithms.md, VIMPO whitening): the Bessel-corrected variance over the valid
+    tokens of all processes. The official code uses it on one process but the biased variance on several, so its
+    update would depend on the process count; ours is the same on 1 and 2 processes (test_vimpo_trainer.py)."""
+    values, mask = torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.ones(1, 4)
+    mean, std = masked_mean_std(values, mask)
+    assert mean.item() == pytest.approx(1.5) and std.item() ** 2 == pytest.approx(5 / 3)  # not 5 / 4
+    # Two processes holding two tokens each give the same statistics as one process holding all four.
+    other = torch.tensor([2.0, 3.0])  # the other process's valid values
+
+    def add_the_other_process(local: torch.Tensor) -> torch.Tensor:
+        if local.ndim == 1:  # (sum, count)
+            return local + torch.stack([other.sum(), torch.tensor(float(other.numel()))])
+        return local + (other - 1.5).square().sum()  # squared deviations from the global mean
+
+    mean, std = masked_mean_std(torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), add_the_other_process)
+    assert mean.item() == pytest.approx(1.5) and std.item() ** 2 == pytest.approx(5 / 3)
+
+
 def test_whiten_keeps_rounding_noise_negligible():
     # epsilon under the square root (verl's masked_whiten): noise with std ~1e-9 is not scaled up to unit size.
     noise = 1e-9 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0))

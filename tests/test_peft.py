@@ -95,3 +95,40 @@ def test_vimpo_reference_is_the_adapter_disabled_model(estimator, tiny_model_dir
     assert torch.all(batch["vimpo_ref_logps"][~mask] == 0)
     # So the KL to the reference is positive at the second batch.
     assert batch["vimpo_token_kl"][mask].mean() > 0
+
+
+@pytest.mark.slow
+def test_vimpo_reference_head_under_modules_to_save_is_the_frozen_one(tiny_model_dir, tmp_path):
+    """With ``modules_to_save=["lm_head"]`` the trainable copy of the head is the policy's and the original the
+    reference's: the KL VIMPO scores and logs is the KL between the model with its adapter and with it disabled,
+    against a float64 computation from both models' own logits (the saved head is moved first, so the two differ
+    only there; the learning rate is 0, so the logged step sees exactly this model)."""
+    trainer = build_trainer(
+        "vimpo",
+        tiny_model_dir,
+        str(tmp_path),
+        trainer_kwargs=dict(peft_config=LoraConfig(**LORA, modules_to_save=["lm_head"])),
+        learning_rate=0.0,
+    )
+    model = trainer.model
+    saved_head = model.base_model.model.lm_head.modules_to_save["default"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        saved_head.weight.add_(0.5 * torch.randn_like(saved_head.weight))
+    batches = record_scored_batches(trainer)
+    trainer.train()
+    batch = batches[0]
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    C = batch["completion_ids"].size(1)
+    model.eval()
+    with torch.no_grad():
+        policy = (model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double()).log_softmax(-1)
+        with model.disable_adapter():
+            ref = (model(input_ids=ids, attention_mask=attention).logits[:, -C - 1 : -1].double()).log_softmax(-1)
+    mask = batch["completion_mask"].bool()
+    true_kl = (policy.exp() * (policy - ref)).sum(-1)
+    assert true_kl[mask].mean() > 0.5
+    torch.testing.assert_close(batch["vimpo_token_kl"][mask].double(), true_kl[mask], rtol=1e-4, atol=1e-6)
+    logged = [entry for entry in trainer.state.log_history if "vimpo/kl" in entry][0]["vimpo/kl"]
+    assert logged == pytest.approx(true_kl[mask].mean().item(), rel=1e-4)

@@ -17,8 +17,8 @@ from trainer_harness import (
     start_training,
 )
 
-from gnivo_trl import VIMPOConfig, scoring
-from gnivo_trl.group_bookkeeping import loss_mask, prompt_completion_sequences
+from gnivo_trl import VIMPOConfig
+from gnivo_trl.group_bookkeeping import loss_mask
 from gnivo_trl.losses import (
     adaptive_actor_coeff,
     logit_gradient_norm_factors,
@@ -111,18 +111,9 @@ def test_probability_square_sums_equal_a_full_softmax(temperature, tiny_model_di
     expected = full_softmax_log_probs(trainer.model, batch, temperature).mul(2).exp().sum(-1)
     assert expected[valid].max() - expected[valid].min() > 1e-3  # the distributions differ between positions
 
-    causal_lm = trainer._unwrapped_causal_lm(trainer.model)
-    settings = scoring.fused_head_settings(causal_lm)
-    input_ids, attention_mask, num_completion = prompt_completion_sequences(batch)
-    with torch.no_grad():
-        states = scoring.last_hidden_state(causal_lm, settings, input_ids, attention_mask).last_hidden_state
-    hidden = scoring.completion_positions(states, num_completion)[valid]
-    for chunk_size in (1, 1024):
-        sums = scoring.token_probability_square_sums(hidden, causal_lm, settings, chunk_size)
-        assert sums.dtype == torch.float32 and not sums.requires_grad
-        torch.testing.assert_close(sums.double(), expected[valid], rtol=1e-5, atol=1e-7)
-
-    scores = trainer._token_scores(trainer.model, batch)  # computed in the policy forward with the option on
+    # Read off the policy's own fused-head pass (TRL's log_sum_sq_probs output), not a second head projection.
+    scores = trainer._token_scores(trainer.model, batch)
+    assert scores.probability_square_sums.dtype == torch.float32 and not scores.probability_square_sums.requires_grad
     torch.testing.assert_close(scores.probability_square_sums.double(), expected * valid, rtol=1e-5, atol=1e-7)
     trainer.args.vimpo_adaptive_actor_coeff = False
     assert trainer._token_scores(trainer.model, batch).probability_square_sums is None
@@ -165,7 +156,7 @@ def _naive_logit_gradient_rms(trainer, batch, advantages, temperature, estimator
         per_row = torch.where(
             residuals.abs() <= delta, 0.5 * residuals.square(), delta * (residuals.abs() - delta / 2)
         )
-    value_loss = (weights * per_row).sum() / B
+    value_loss = per_row.sum() / B  # vLLM's importance ratio weights the actor only (the official code)
 
     old = batch["old_per_token_logps"].double()
     A = advantages.double()
@@ -288,9 +279,10 @@ def test_loss_uses_the_adaptive_coefficient_and_updates_the_emas(tiny_model_dir,
 
     # Evaluation uses the current coefficient and leaves the averages alone.
     trainer.model.eval()
+    emas = (trainer._adaptive_value_rms_ema, trainer._adaptive_actor_rms_ema)
     with torch.no_grad():
         trainer._compute_loss(trainer.model, batch)
-    assert (trainer._adaptive_value_rms_ema, trainer._adaptive_actor_rms_ema) == (value_ema, actor_ema)
+    assert (trainer._adaptive_value_rms_ema, trainer._adaptive_actor_rms_ema) == emas  # untouched: the same floats
     assert trainer._metrics["eval"]["vimpo/actor_coeff"] == [pytest.approx(alpha * value_ema / (actor_ema + eps))]
 
 

@@ -266,6 +266,24 @@ def test_rows_masked_by_importance_sampling_leave_their_group(tiny_model_dir, tm
     assert abs(float(last["vimpo_advantages"][mask].var()) - 1.0) < 1e-3
 
 
+def test_importance_ratio_weights_the_actor_only(tiny_model_dir, tmp_path):
+    """vLLM's sequence-level importance ratio (here "sequence_truncate": ratios between 0.22 and 2.2) weights the
+    actor's tokens and leaves the value loss alone, as the official code does: the value-only loss of a micro-batch
+    is the same float with the ratio or without it, while the actor term changes."""
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), vimpo_actor_coeff=0.0)
+    use_fake_vllm(trainer, "sequence_truncate", [0.3, -0.8, 1.5, 0.5])
+    batch = moved_policy_batch(trainer)
+    ratio = batch["importance_sampling_ratio"]
+    assert (ratio.reshape(-1) - 1).abs().min() > 0.1  # every row's ratio is far from 1
+    without_ratio = {name: value for name, value in batch.items() if name != "importance_sampling_ratio"}
+    with torch.no_grad():
+        value_only = trainer._compute_loss(trainer.model, batch)
+        assert torch.equal(value_only, trainer._compute_loss(trainer.model, without_ratio))
+        trainer.args.vimpo_actor_coeff = 1.0
+        with_actor = trainer._compute_loss(trainer.model, batch) - value_only
+        assert abs(float(with_actor - (trainer._compute_loss(trainer.model, without_ratio) - value_only))) > 1e-4
+
+
 @pytest.mark.slow
 def test_mixture_of_experts_loss_includes_the_router_loss_as_grpo(tmp_path):
     """The MoE load-balancing loss enters exactly as in GRPO: router_aux_loss_coef * aux / accumulation, with aux the
@@ -437,6 +455,8 @@ CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
         (dict(loss_type="dr_grpo"), "loss_type"),
         (dict(use_bias_correction_kl=True), "use_bias_correction_kl"),
         (dict(fsdp="full_shard"), "fsdp"),
+        # Liger's kernels would run in the policy only, so rho and the KL would not start at 0.
+        (dict(use_liger_kernel=True), "use_liger_kernel"),
     ],
 )
 def test_bad_configuration_is_refused_with_field_and_fix(overrides, field):

@@ -8,10 +8,11 @@ same rows; with plain SGD and no gradient clipping, the parameter update of one 
 
 from __future__ import annotations  # noqa: I001
 
-import gnivo_trl.testing  # noqa: F401  (sets the offline environment variables first)
 import re
 import torch
 from datasets import Dataset
+
+from trl import GRPOConfig, GRPOTrainer
 
 from gnivo_trl import GNIVOConfig, GNIVOTrainer, VIMPOConfig, VIMPOTrainer
 
@@ -29,7 +30,11 @@ COMPLETION_POOL = [
 # Prompts that tokenize to one length, so that no process left-pads its prompts differently from another.
 PROMPTS = [f"What is {a} + {b}?" for a in range(1, 10) for b in range(1, 10)]
 
-ALGORITHMS = {"gnivo": (GNIVOConfig, GNIVOTrainer), "vimpo": (VIMPOConfig, VIMPOTrainer)}
+ALGORITHMS = {
+    "gnivo": (GNIVOConfig, GNIVOTrainer),
+    "vimpo": (VIMPOConfig, VIMPOTrainer),
+    "grpo": (GRPOConfig, GRPOTrainer),  # the baseline, with the same stubbed generation
+}
 
 
 def reward_sevens(completions, **kwargs) -> list[float]:
@@ -149,7 +154,8 @@ def build_trainer(
     **overrides,
 ):
     """A trainer with stubbed generation; ``overrides`` are config fields, ``trainer_kwargs`` extra trainer arguments
-    (e.g. ``peft_config``), ``train_dataset`` replaces the default equal-length prompts, ``model`` (an instance)
+    (e.g. ``peft_config``), ``train_dataset`` replaces the default equal-length prompts, ``model`` (an instance, or a
+    function called with the config once it exists, as a script that parses its arguments first loads the model)
     replaces loading from ``model_dir`` (whose tokenizer is still used) and ``long_then_short`` gives the first half
     of the global batch long completions and the second half one-token ones."""
     config_cls, trainer_cls = ALGORITHMS[algorithm]
@@ -180,6 +186,8 @@ def build_trainer(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        model = model(args)
     trainer = trainer_cls(
         model=model_dir if model is None else model,
         reward_funcs=reward,
