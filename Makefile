@@ -30,8 +30,11 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix gnivo_trl tests examples benchmarks
 	$(PY) -m ruff format gnivo_trl tests examples benchmarks
 
+# Offline: the demo builds its models in process (and the library itself leaves these variables alone).
+OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
 demo: $(STAMP)
-	$(PY) -m gnivo_trl.demo --output-dir demo_output
+	$(OFFLINE) $(PY) -m gnivo_trl.demo --output-dir demo_output
 
 # Benchmarks write their tables and plots into benchmarks/results/ (tens of minutes on 2 CPU cores).
 learning-benchmark: $(STAMP)
