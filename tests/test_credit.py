@@ -415,12 +415,11 @@ def test_prepare_never_patches_a_model_that_carries_trls_head_under_a_wrapper(ti
     """Under bf16 accelerate wraps the trainer's (patched) forward: the callback's prepare must find TRL's head
     down the wrapper chain and leave the live policy's forward as it is (a second patch, with default outputs, made
     TRL's next loss step fail on a missing entropy)."""
-    from accelerate import Accelerator
-
     from gnivo_trl.credit import prepare_for_scoring
 
     trainer = build_trainer("gnivo", tiny_model_dir, str(tmp_path), bf16=True)
-    model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(trainer.model)
+    assert trainer.accelerator.native_amp
+    model = trainer.accelerator.prepare_model(trainer.model)
     forward = model.forward
     assert prepare_for_scoring(model, temperature=0.5) is model
     assert model.forward is forward

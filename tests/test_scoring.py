@@ -4,7 +4,7 @@ test_vimpo_trainer.py, test_vimpo_options.py and test_credit.py)."""
 
 import pytest
 import torch
-from accelerate import Accelerator
+from trainer_harness import build_trainer
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
@@ -17,12 +17,16 @@ def _model(tiny_model_dir: str, temperature: float = 0.7):
     return model
 
 
-def test_settings_are_read_through_accelerates_mixed_precision_wrapper(tiny_model_dir):
+def test_settings_are_read_through_accelerates_mixed_precision_wrapper(tiny_model_dir, tmp_path):
     """Under bf16 (GRPOConfig's default on a GPU) accelerate wraps the patched forward in autocast and an fp32
     output cast; the settings TRL installed are still found, down the ``__wrapped__`` chain."""
     model = _model(tiny_model_dir)
     expected = scoring.fused_head_settings(model)
-    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model, evaluation_mode=True)
+    # The accelerator of a trainer built as on a GPU (bf16=True); a second Accelerator could not change the
+    # process's mixed precision once another test set it.
+    accelerator = build_trainer("gnivo", tiny_model_dir, str(tmp_path), bf16=True).accelerator
+    assert accelerator.mixed_precision == "bf16" and accelerator.native_amp
+    prepared = accelerator.prepare_model(model, evaluation_mode=True)
     assert prepared.forward.__name__ != "_fused_forward"  # accelerate's wrapper is outermost
     assert scoring.has_fused_head(prepared)
     assert scoring.fused_head_settings(prepared) == expected
