@@ -6,7 +6,8 @@ generation is out of the timing) and is measured on the same model weights:
 * ``grpo``, ``grpo+ref``: TRL's own ``GRPOTrainer`` with ``beta=0`` and with ``beta=0.04`` (which adds the reference
   forward at scoring time);
 * ``gnivo/token``, ``gnivo/step``, ``gnivo/sequence``: ``GNIVOTrainer`` in each prefix unit;
-* ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``, ``vimpo/candidate_set``: ``VIMPOTrainer`` with each KL estimator.
+* ``vimpo/exact``, ``vimpo/k2``, ``vimpo/k3``, ``vimpo/candidate_set``: ``VIMPOTrainer`` with each KL estimator;
+  ``vimpo/adaptive``: the exact KL with ``vimpo_adaptive_actor_coeff=True``.
 
 One *step* = scoring (``_generate_and_score_completions`` with the stub: every no-grad forward a method runs per
 generation batch, e.g. GRPO's reference forward; VIMPO runs none there) + the loss step (``compute_loss``: forward,
@@ -78,6 +79,7 @@ METHODS = [
     "vimpo/k2",
     "vimpo/k3",
     "vimpo/candidate_set",
+    "vimpo/adaptive",
 ]
 OLD_LOGPS_METHODS = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact", "vimpo/k3"]
 SCENARIOS = {"aligned": dict(num_iterations=1), "old-logps": dict(num_iterations=2)}
@@ -222,6 +224,9 @@ def build_trainer(
     elif family == "gnivo":
         config_cls, trainer_cls = GNIVOConfig, GNIVOTrainer
         common["gnivo_prefix_unit"] = variant
+    elif variant == "adaptive":  # the exact KL with the adaptive actor weight (its logit-gradient RMS each step)
+        config_cls, trainer_cls = VIMPOConfig, VIMPOTrainer
+        common.update(vimpo_kl_estimator="exact", vimpo_adaptive_actor_coeff=True)
     else:
         config_cls, trainer_cls = VIMPOConfig, VIMPOTrainer
         common["vimpo_kl_estimator"] = variant
