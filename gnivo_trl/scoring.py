@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from trl.kernels import ChunkedLogProbFunction  # noqa: F401  (the kernel behind TRL's fused head; re-exported)
 from trl.kernels.chunked_divergence import VOCAB_CHUNK_SIZE, ChunkedDivergenceFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
