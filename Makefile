@@ -70,11 +70,13 @@ chromium:
 		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@chromium --version
 
-# Re-execute the quickstart notebook in place (a few minutes on CPU) so that its stored outputs, which the docs
-# render, are those of the current code.
+# Re-execute the quickstart notebook in place (a few minutes on CPU; it writes its model to a temporary directory) so
+# that its stored outputs, which the docs render, are those of the current code.
 notebook: $(STAMP)
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 \
-		examples/notebooks/quickstart.ipynb
+	$(PY) -c "import nbformat, tempfile; from nbclient import NotebookClient; \
+		path = 'examples/notebooks/quickstart.ipynb'; notebook = nbformat.read(path, as_version=4); \
+		NotebookClient(notebook, timeout=1800, kernel_name='python3', \
+			resources={'metadata': {'path': tempfile.mkdtemp()}}).execute(); nbformat.write(notebook, path)"
 
 demo: $(STAMP)
 	$(PY) -m gnivo_trl.demo --output-dir demo_output
