@@ -43,7 +43,11 @@ def notebook_markdown() -> tuple[str, dict[str, bytes]]:
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     body, resources = MarkdownExporter().from_notebook_node(
-        notebook, resources={"output_files_dir": "quickstart_files", "unique_key": "quickstart"}
+        notebook,
+        resources={
+            "output_files_dir": "quickstart_files",
+            "unique_key": "quickstart",
+        },
     )
     source = NOTEBOOK.relative_to(ROOT).as_posix()
     header = (
@@ -65,7 +69,9 @@ def on_files(files, config, **kwargs):
 
 
 def _cell(text: str) -> str:
-    return html.escape(text, quote=False).replace("|", "&#124;").replace("\n", " ")
+    return (
+        html.escape(text, quote=False).replace("|", "&#124;").replace("\n", " ")
+    )
 
 
 def config_fields_table(dotted: str) -> str:
@@ -86,13 +92,25 @@ def config_fields_table(dotted: str) -> str:
             continue
         help_text = field.metadata.get("help", "")
         if not help_text:
-            raise PluginError(f"{dotted}.{field.name} has no help metadata to document it")
+            raise PluginError(
+                f"{dotted}.{field.name} has no help metadata to document it"
+            )
         if field.name in parent_defaults:
-            help_text += f" (GRPOConfig's default: {parent_defaults[field.name]!r}.)"
-        type_name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        rows.append(f"| `{field.name}` | `{type_name}` | `{field.default!r}` | {_cell(help_text)} |")
+            help_text += (
+                f" (GRPOConfig's default: {parent_defaults[field.name]!r}.)"
+            )
+        type_name = (
+            field.type
+            if isinstance(field.type, str)
+            else getattr(field.type, "__name__", str(field.type))
+        )
+        rows.append(
+            f"| `{field.name}` | `{type_name}` | `{field.default!r}` | {_cell(help_text)} |"
+        )
     return "\n".join(rows)
 
 
 def on_page_markdown(markdown, page, config, files, **kwargs):
-    return CONFIG_FIELDS.sub(lambda match: config_fields_table(match.group(1)), markdown)
+    return CONFIG_FIELDS.sub(
+        lambda match: config_fields_table(match.group(1)), markdown
+    )

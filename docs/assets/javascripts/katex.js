@@ -2,9 +2,8 @@
 // on every page load, including Material's instant navigation (document$).
 document$.subscribe(({ body }) => {
   renderMathInElement(body, {
+    // Only what pymdownx.arithmatex emits: a dollar sign in prose or in a docstring stays a dollar sign.
     delimiters: [
-      { left: "$$", right: "$$", display: true },
-      { left: "$", right: "$", display: false },
       { left: "\\(", right: "\\)", display: false },
       { left: "\\[", right: "\\]", display: true },
     ],
