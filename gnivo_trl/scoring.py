@@ -1,23 +1,23 @@
 """Per-token scores of completion tokens on TRL's own kernels: log-probabilities, entropy and the exact KL.
 
 VIMPO needs, at every completion position, the sampled token's log-probability under the policy (with gradient) and
-under the frozen reference, and the exact full-vocabulary ``KL(pi_theta || pi_ref)``. None of these may materialise
-``(B, T, V)`` logits. TRL 1.16 ships the two kernels that compute them from final hidden states and the LM heads, in
+under the frozen reference, and the exact full-vocabulary `KL(pi_theta || pi_ref)`. None of these may materialise
+`(B, T, V)` logits. TRL 1.16 ships the two kernels that compute them from final hidden states and the LM heads, in
 vocabulary tiles:
 
-* ``trl.kernels.ChunkedLogProbFunction``, the kernel behind GRPO's fused LM head (``add_fused_lm_head``): the
+* `trl.kernels.ChunkedLogProbFunction`, the kernel behind GRPO's fused LM head (`add_fused_lm_head`): the
   sampled tokens' log-probabilities and the entropy, differentiable;
-* ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``, the kernel of TRL's ``DistillationTrainer``: with
-  ``beta=1.0`` the reverse KL ``KL(student || teacher)``, here ``KL(pi_theta || pi_ref)`` with the policy as student.
+* `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, the kernel of TRL's `DistillationTrainer`: with
+  `beta=1.0` the reverse KL `KL(student || teacher)`, here `KL(pi_theta || pi_ref)` with the policy as student.
 
 The official code's candidate-set KL (a top-k over the whole vocabulary) has no TRL kernel: it is computed here in
 chunks of tokens from both heads' full logits, transformed exactly as TRL's fused head transforms them, and so is
-the policy's ``sum_v p_v^2`` that VIMPO's adaptive actor coefficient needs.
+the policy's `sum_v p_v^2` that VIMPO's adaptive actor coefficient needs.
 
 This module feeds them the way TRL does: the backbone's final hidden states (read from the backbone TRL's fused head
 uses, every multimodal or MoE input passed through), the head's weight and bias gathered under DeepSpeed ZeRO-3 once
 per call and entered by every rank (never once per chunk), and the logit transform (scale, soft-cap, temperature,
-float32 head) that TRL's ``add_fused_lm_head`` installed on that very model, read off the forward it patched rather
+float32 head) that TRL's `add_fused_lm_head` installed on that very model, read off the forward it patched rather
 than re-derived from a list of config attribute names that would drift from TRL's.
 
 The functions take plain causal LMs (the model inside any PEFT / DDP / DeepSpeed wrapper); routing through those
@@ -60,10 +60,10 @@ class FusedHeadSettings(NamedTuple):
     """What TRL's fused LM head applies between the final hidden states and the softmax of one model.
 
     Attributes:
-        temperature: the logits are divided by it (GRPO's ``temperature``).
-        logit_scale: multiplies the logits before the soft-cap (Cohere's ``logit_scale``, Granite's
-            ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``, ...; 1.0 for most models).
-        final_logit_softcapping: ``softcap * tanh(logits / softcap)`` when not None (Gemma 2).
+        temperature: the logits are divided by it (GRPO's `temperature`).
+        logit_scale: multiplies the logits before the soft-cap (Cohere's `logit_scale`, Granite's
+            `1 / logits_scaling`, Falcon-H1's `lm_head_multiplier`, ...; 1.0 for most models).
+        final_logit_softcapping: `softcap * tanh(logits / softcap)` when not None (Gemma 2).
         cast_lm_head_to_fp32: the head projects in float32, outside autocast.
         backbone_attr: attribute of the causal LM holding the backbone that TRL's fused head runs.
     """
@@ -76,14 +76,14 @@ class FusedHeadSettings(NamedTuple):
 
 
 def fused_head_settings(causal_lm: torch.nn.Module) -> FusedHeadSettings:
-    """The settings TRL's ``add_fused_lm_head`` installed on ``causal_lm`` (read off the forward it patched).
+    """The settings TRL's `add_fused_lm_head` installed on `causal_lm` (read off the forward it patched).
 
-    ``GRPOTrainer`` adds the fused head to the policy (the base model under PEFT) and to the reference model at
+    `GRPOTrainer` adds the fused head to the policy (the base model under PEFT) and to the reference model at
     construction; the values it derived from the model's config live in that forward's closure. Reading them there
     keeps every model family TRL supports (and future ones) exactly as TRL treats them.
 
     Raises:
-        RuntimeError: if ``causal_lm.forward`` is not TRL's fused forward.
+        RuntimeError: if `causal_lm.forward` is not TRL's fused forward.
     """
     forward = getattr(causal_lm.forward, "__func__", causal_lm.forward)
     names = getattr(getattr(forward, "__code__", None), "co_freevars", ())
@@ -105,17 +105,17 @@ def last_hidden_state(
     attention_mask: torch.Tensor,
     **model_inputs: Any,
 ) -> Any:
-    """Run the backbone TRL's fused head runs and return its output (``last_hidden_state``, ``router_logits``, ...).
+    """Run the backbone TRL's fused head runs and return its output (`last_hidden_state`, `router_logits`, ...).
 
-    ``model_inputs`` go to the backbone unchanged: multimodal inputs (``pixel_values``, ...) and
-    ``output_router_logits`` for MoE models. Runs with or without gradient, as the caller's mode is.
+    `model_inputs` go to the backbone unchanged: multimodal inputs (`pixel_values`, ...) and
+    `output_router_logits` for MoE models. Runs with or without gradient, as the caller's mode is.
     """
     backbone = getattr(causal_lm, settings.backbone_attr)
     return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
 
 
 def completion_positions(states: torch.Tensor, num_completion: int) -> torch.Tensor:
-    """The ``(B, C, H)`` states of ``(B, L, H)`` that predict the last ``C`` tokens (position p predicts p + 1)."""
+    """The `(B, C, H)` states of `(B, L, H)` that predict the last `C` tokens (position p predicts p + 1)."""
     return states[:, -num_completion - 1 : -1]
 
 
@@ -125,7 +125,7 @@ def _head_parameters(causal_lm: torch.nn.Module) -> tuple[torch.Tensor, torch.Te
 
 
 def _head_context(settings: FusedHeadSettings, hidden: torch.Tensor):
-    """The precision TRL's fused head projects in: float32 outside autocast with ``cast_lm_head_to_fp32``."""
+    """The precision TRL's fused head projects in: float32 outside autocast with `cast_lm_head_to_fp32`."""
     if settings.cast_lm_head_to_fp32:
         return hidden.float(), torch.autocast(hidden.device.type, enabled=False)
     return hidden, contextlib.nullcontext()
@@ -138,19 +138,19 @@ def token_log_probs(
     labels: torch.Tensor,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of ``labels`` (and the entropy) under ``causal_lm``'s head, exactly as TRL's fused head.
+    """Log-probabilities of `labels` (and the entropy) under `causal_lm`'s head, exactly as TRL's fused head.
 
     Args:
-        hidden: ``(N, H)`` final hidden states that predict the ``N`` tokens; gradient flows through them (and the
+        hidden: `(N, H)` final hidden states that predict the `N` tokens; gradient flows through them (and the
             head's weight) when enabled.
         causal_lm: the model whose output embedding is the head (under ZeRO-3 it is gathered once for the call, and
             once more by the kernel's backward).
-        settings: :func:`fused_head_settings` of that model.
-        labels: ``(N,)`` token ids.
+        settings: `fused_head_settings` of that model.
+        labels: `(N,)` token ids.
         with_entropy: also return the entropy of the tempered distribution (no gradient).
 
     Returns:
-        ``(log_probs, entropy)``, float32 ``(N,)``; ``entropy`` is None unless asked for.
+        `(log_probs, entropy)`, float32 `(N,)`; `entropy` is None unless asked for.
     """
     weight, bias = _head_parameters(causal_lm)
     hidden, precision = _head_context(settings, hidden)
@@ -180,10 +180,10 @@ def _per_chunk_with_gathered_heads(
     chunk_size: int,
     chunk_kl: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
-    """``chunk_kl(policy_chunk, (weight, bias), ref_chunk, (weight, bias)) -> (n,)`` over chunks of ``chunk_size``
-    tokens, float32 ``(N,)``. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the
+    """`chunk_kl(policy_chunk, (weight, bias), ref_chunk, (weight, bias)) -> (n,)` over chunks of `chunk_size`
+    tokens, float32 `(N,)`. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the
     same collectives however many tokens it holds; the hidden states are in the precision TRL's fused head projects
-    in (float32 outside autocast with ``cast_lm_head_to_fp32``)."""
+    in (float32 outside autocast with `cast_lm_head_to_fp32`)."""
     policy_head, ref_head = _head_parameters(policy_lm), _head_parameters(ref_lm)
     policy_hidden, precision = _head_context(policy_settings, policy_hidden)
     ref_hidden, _ = _head_context(ref_settings, ref_hidden)
@@ -205,21 +205,21 @@ def exact_token_kl(
     ref_settings: FusedHeadSettings,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Exact per-token ``KL(pi_theta || pi_ref)`` over the full vocabulary at the sampling temperature, no gradient.
+    """Exact per-token `KL(pi_theta || pi_ref)` over the full vocabulary at the sampling temperature, no gradient.
 
-    TRL's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (the reverse KL, the policy as student), called on chunks of
-    ``chunk_size`` tokens: its working memory is two float32 ``(min(chunk_size, 4096), 32768)`` tiles (256 MiB at the
+    TRL's `ChunkedDivergenceFunction` with `beta=1.0` (the reverse KL, the policy as student), called on chunks of
+    `chunk_size` tokens: its working memory is two float32 `(min(chunk_size, 4096), 32768)` tiles (256 MiB at the
     default 1024 tokens), whatever the vocabulary. Both heads are gathered (ZeRO-3) once around the whole loop, so
     every rank issues the same collectives however many tokens it holds.
 
     Args:
-        policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
+        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens.
         policy_lm, ref_lm: the models whose output embeddings are the heads (the same model for a PEFT reference).
-        policy_settings, ref_settings: their :func:`fused_head_settings`.
+        policy_settings, ref_settings: their `fused_head_settings`.
         chunk_size: tokens per kernel call.
 
     Returns:
-        float32 ``(N,)``, in nats.
+        float32 `(N,)`, in nats.
     """
 
     def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
@@ -243,10 +243,10 @@ def exact_token_kl(
 
 
 def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, settings: FusedHeadSettings):
-    """Float32 ``(n, V)`` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
-    ``ChunkedDivergenceFunction`` projection (hidden states and head rounded to the compute dtype, float32 logits,
-    vocabulary tiles of ``_VOCAB_TILE``), then its logit transform in float32 (``_torch_transform``: ``*
-    logit_scale``, soft-cap ``cap * tanh(z / cap)``, ``* (1 / temperature)``), in place on one buffer."""
+    """Float32 `(n, V)` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
+    `ChunkedDivergenceFunction` projection (hidden states and head rounded to the compute dtype, float32 logits,
+    vocabulary tiles of `_VOCAB_TILE`), then its logit transform in float32 (`_torch_transform`:
+    `* logit_scale`, soft-cap `cap * tanh(z / cap)`, `* (1 / temperature)`), in place on one buffer."""
     dtype = _divergence_compute_dtype(hidden)
     hidden = hidden.to(dtype)
     vocab = weight.size(0)
@@ -268,23 +268,23 @@ def token_probability_square_sums(
     settings: FusedHeadSettings,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """``sum_v p_v^2`` of ``causal_lm``'s tempered distribution at each position, no gradient.
+    """`sum_v p_v^2` of `causal_lm`'s tempered distribution at each position, no gradient.
 
-    The full-vocabulary term of the logit-gradient norm ``||e_y - p||_2`` of VIMPO's adaptive actor coefficient
-    (:func:`gnivo_trl.losses.logit_gradient_norm_factors`). Computed as ``exp(logsumexp(2 log p))`` in float32 on
-    chunks of ``chunk_size`` tokens, from the log-softmax the candidate-set KL uses (the exact KL kernel's projection
-    and TRL's logit transform: scale, soft-cap, temperature); each chunk holds two float32 ``(chunk_size, V)``
-    buffers. The head is gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives
-    however many tokens it holds (none included).
+    The full-vocabulary term of the logit-gradient norm `||e_y - p||_2` of VIMPO's adaptive actor coefficient
+    ([`gnivo_trl.losses.logit_gradient_norm_factors`][gnivo_trl.losses.logit_gradient_norm_factors]). Computed as
+    `exp(logsumexp(2 log p))` in float32 on chunks of `chunk_size` tokens, from the log-softmax the candidate-set KL
+    uses (the exact KL kernel's projection and TRL's logit transform: scale, soft-cap, temperature); each chunk holds
+    two float32 `(chunk_size, V)` buffers. The head is gathered (ZeRO-3) once around the whole loop, so every rank
+    issues the same collectives however many tokens it holds (none included).
 
     Args:
-        hidden: ``(N, H)`` final hidden states that predict ``N`` tokens (detached here).
+        hidden: `(N, H)` final hidden states that predict `N` tokens (detached here).
         causal_lm: the model whose output embedding is the head.
-        settings: its :func:`fused_head_settings`.
+        settings: its `fused_head_settings`.
         chunk_size: tokens per chunk.
 
     Returns:
-        float32 ``(N,)``, in ``[1 / V, 1]``.
+        float32 `(N,)`, in `[1 / V, 1]`.
     """
     weight, bias = _head_parameters(causal_lm)
     hidden, precision = _head_context(settings, hidden.detach())
@@ -307,26 +307,26 @@ def candidate_set_token_kl(
     topk: int,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """The official candidate-set approximation of per-token ``KL(pi_theta || pi_ref)``, no gradient.
+    """The official candidate-set approximation of per-token `KL(pi_theta || pi_ref)`, no gradient.
 
-    Per token, :func:`gnivo_trl.losses.candidate_set_kl_from_log_probs`: ``sum_{v in C} p(v) (log p(v) - log q(v))``
-    over the ``topk`` tokens ``C`` of largest policy probability, ``p`` and ``q`` normalised over the full
-    vocabulary at the sampling temperature (both heads' logits transformed as TRL's fused head does). Computed on
-    chunks of ``chunk_size`` tokens; each chunk holds three float32 ``(chunk_size, V)`` buffers (the two models'
-    log-probabilities and a logsumexp temporary). The logits are projected as the exact KL's kernel projects them,
-    so that over the whole vocabulary (``topk >= V``) this is :func:`exact_token_kl` to float32 rounding.
+    Per token, [`gnivo_trl.losses.candidate_set_kl_from_log_probs`][gnivo_trl.losses.candidate_set_kl_from_log_probs]:
+    `sum_{v in C} p(v) (log p(v) - log q(v))` over the `topk` tokens `C` of largest policy probability, `p` and `q`
+    normalised over the full vocabulary at the sampling temperature (both heads' logits transformed as TRL's fused head
+    does). Computed on chunks of `chunk_size` tokens; each chunk holds three float32 `(chunk_size, V)` buffers (the two
+    models' log-probabilities and a logsumexp temporary). The logits are projected as the exact KL's kernel projects
+    them, so that over the whole vocabulary (`topk >= V`) this is `exact_token_kl` to float32 rounding.
     Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives however
     many tokens it holds.
 
     Args:
-        policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
+        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens.
         policy_lm, ref_lm: the models whose output embeddings are the heads (the same model for a PEFT reference).
-        policy_settings, ref_settings: their :func:`fused_head_settings`.
-        topk: candidate-set size (``vimpo_candidate_kl_topk``); the whole vocabulary when larger.
+        policy_settings, ref_settings: their `fused_head_settings`.
+        topk: candidate-set size (`vimpo_candidate_kl_topk`); the whole vocabulary when larger.
         chunk_size: tokens per chunk.
 
     Returns:
-        float32 ``(N,)``, in nats (a truncated sum: can be slightly negative).
+        float32 `(N,)`, in nats (a truncated sum: can be slightly negative).
     """
 
     def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
