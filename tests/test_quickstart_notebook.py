@@ -15,7 +15,9 @@ NOTEBOOK = ROOT / "examples" / "notebooks" / "quickstart.ipynb"
 
 # Inserted after the cell tagged "parameters" (papermill's convention): a small warm start and two steps.
 CI_PARAMETERS = "STEPS = 2\nEVAL_PROBLEMS = 16\nEVAL_EVERY = 1\nWARM_START_EXAMPLES = 640"
-RESULT = re.compile(r"Test accuracy before GN-IVO: ([\d.]+)%; after (\d+) steps: ([\d.]+)% \((\d+) held-out problems\)")
+RESULT = re.compile(
+    r"Test accuracy before GN-IVO: ([\d.]+)%; after (\d+) steps: ([\d.]+)% \((\d+) held-out problems\)"
+)
 
 
 def read_notebook():
