@@ -5,7 +5,18 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format demo learning-benchmark overhead-benchmark credit-benchmark gpu-check clean
+.PHONY: venv test lint format demo docs docs-serve docs-vendor docs-screenshots chromium notebook learning-benchmark overhead-benchmark \
+	credit-benchmark gpu-check clean
+
+# The docs site renders equations with KaTeX served from the site itself (no CDN: the site works offline). `npm pack`
+# fetches the pinned release from the npm registry; only what the site loads is kept.
+KATEX_VERSION := 0.19.1
+KATEX := docs/assets/vendor/katex
+# Root installs with apt-get directly; a CI runner's user (GitHub Actions) through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+LINTED := gnivo_trl tests examples benchmarks docs
+# Material for MkDocs prints a banner about MkDocs 2.0 on every build.
+export NO_MKDOCS_2_WARNING := 1
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,18 +28,55 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m ruff check gnivo_trl tests examples benchmarks
-	$(PY) -m ruff format --check gnivo_trl tests examples benchmarks
+# The suite builds the docs site (--strict), runs every documented Python snippet and screenshots pages in Chromium.
+test: $(STAMP) docs-vendor chromium
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check gnivo_trl tests examples benchmarks
-	$(PY) -m ruff format --check gnivo_trl tests examples benchmarks
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 format: $(STAMP)
-	$(PY) -m ruff check --fix gnivo_trl tests examples benchmarks
-	$(PY) -m ruff format gnivo_trl tests examples benchmarks
+	$(PY) -m ruff check --fix $(LINTED)
+	$(PY) -m ruff format $(LINTED)
+
+# The documentation site (MkDocs + Material + mkdocstrings), built into site/; --strict fails on a broken link, a
+# missing page or an API reference that does not resolve.
+docs: $(STAMP) docs-vendor
+	$(PY) -m mkdocs build --strict
+
+docs-serve: $(STAMP) docs-vendor
+	$(PY) -m mkdocs serve
+
+docs-vendor: $(KATEX)/katex.min.js
+
+$(KATEX)/katex.min.js:
+	rm -rf $(KATEX) && mkdir -p $(KATEX)
+	cd $(KATEX) && npm pack --silent katex@$(KATEX_VERSION) >/dev/null \
+		&& tar -xzf katex-$(KATEX_VERSION).tgz --strip-components=2 package/dist/katex.min.js package/dist/katex.min.css \
+			package/dist/contrib/auto-render.min.js package/dist/fonts \
+		&& rm -f katex-$(KATEX_VERSION).tgz fonts/*.ttf fonts/*.woff
+	test -s $@
+
+# Rebuild the screenshots the docs show (docs/assets/screenshots/) from the current site; look at them before committing.
+docs-screenshots: $(STAMP) docs-vendor chromium
+	GNIVO_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_docs_site.py -k chromium
+
+# Headless Chromium for the docs screenshot test (tests/test_docs_site.py), from Debian's package.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq \
+		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
+
+# Re-execute the quickstart notebook in place (a few minutes on CPU; it writes its model to a temporary directory) so
+# that its stored outputs, which the docs render, are those of the current code.
+notebook: $(STAMP)
+	$(PY) -c "import nbformat, tempfile; from nbclient import NotebookClient; \
+		path = 'examples/notebooks/quickstart.ipynb'; notebook = nbformat.read(path, as_version=4); \
+		NotebookClient(notebook, timeout=1800, kernel_name='python3', \
+			resources={'metadata': {'path': tempfile.mkdtemp()}}).execute(); nbformat.write(notebook, path)"
 
 # Offline: the demo builds its models in process (and the library itself leaves these variables alone).
 OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -52,4 +100,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo_output
+	rm -rf $(VENV) build dist *.egg-info demo_output site $(KATEX)

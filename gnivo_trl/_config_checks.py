@@ -1,4 +1,5 @@
-"""Construction-time checks shared by :class:`GNIVOConfig` and :class:`VIMPOConfig`."""
+"""Construction-time checks shared by [`GNIVOConfig`][gnivo_trl.GNIVOConfig] and
+[`VIMPOConfig`][gnivo_trl.VIMPOConfig]."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ _GRPO_FIELDS = frozenset(f.name for f in dataclasses.fields(GRPOConfig))
 
 
 def check_field_names(config_cls: type, prefix: str) -> None:
-    """Every field a subclass adds must start with ``prefix`` and must not shadow a ``GRPOConfig`` field.
+    """Every field a subclass adds must start with `prefix` and must not shadow a `GRPOConfig` field.
 
-    A shadowed field silently changes TRL's behaviour (a peer package's ``delta`` turned off TRL's clipping), so
+    A shadowed field silently changes TRL's behaviour (a peer package's `delta` turned off TRL's clipping), so
     this runs once per class, when it is defined.
     """
     for field in dataclasses.fields(config_cls):
@@ -30,10 +31,10 @@ def fail(field: str, value, fix: str) -> None:
 def policy_moves_within_generation_batch(config: GRPOConfig) -> bool:
     """Whether the policy takes an optimizer step while a generation batch is still in use.
 
-    A generation batch serves ``steps_per_generation * num_iterations`` micro-steps and an optimizer step happens
-    every ``gradient_accumulation_steps`` micro-steps; unless the latter is a multiple of the former, some
+    A generation batch serves `steps_per_generation * num_iterations` micro-steps and an optimizer step happens
+    every `gradient_accumulation_steps` micro-steps; unless the latter is a multiple of the former, some
     micro-batches are scored by an updated policy. This is the same condition under which TRL computes
-    ``old_per_token_logps``.
+    `old_per_token_logps`.
     """
     generate_every = config.steps_per_generation * config.num_iterations
     return config.gradient_accumulation_steps % generate_every != 0

@@ -1,65 +1,72 @@
 """An offline agent task: chained arithmetic mod 10 solved by calling a calculator tool once per step.
 
-The problems are those of :mod:`gnivo_trl.synthetic` (``3+4*2-5``: a start digit and ``num_steps`` operations,
+The problems are those of `gnivo_trl.synthetic` (`3+4*2-5`: a start digit and `num_steps` operations,
 evaluated left to right modulo 10, with the same disjoint train/test splits), but the model does not write the steps:
-it calls the deterministic tool :func:`calculate` once per step through TRL's tool loop (``GRPOTrainer(tools=...)``),
+it calls the deterministic tool `calculate` once per step through TRL's tool loop (`GRPOTrainer(tools=...)`),
 reads each result from the tool's response, and boxes the last one. A whole rollout, in the tokenizer's chat format
-(TRL's copy of the Qwen3 chat template; ``<|im_end|>`` ends every assistant turn)::
+(TRL's copy of the Qwen3 chat template; `<|im_end|>` ends every assistant turn):
 
-    <|im_start|>system  (the Qwen3 tool boilerplate and calculate's JSON schema)<|im_end|>
-    <|im_start|>user
-    3+4*2-5<|im_end|>
-    <|im_start|>assistant
-    <tool_call>
-    {"name": "calculate", "arguments": {"a": 3, "op": "+", "b": 4}}
-    </tool_call><|im_end|>
-    <|im_start|>user
-    <tool_response>
-    7
-    </tool_response><|im_end|>
-    <|im_start|>assistant
-    <tool_call>
-    {"name": "calculate", "arguments": {"a": 7, "op": "*", "b": 2}}
-    </tool_call><|im_end|>
-    ...  (one call and one response per step)
-    <|im_start|>assistant
-    \\boxed{9}<|im_end|>
+```text
+<|im_start|>system  (the Qwen3 tool boilerplate and calculate's JSON schema)<|im_end|>
+<|im_start|>user
+3+4*2-5<|im_end|>
+<|im_start|>assistant
+<tool_call>
+{"name": "calculate", "arguments": {"a": 3, "op": "+", "b": 4}}
+</tool_call><|im_end|>
+<|im_start|>user
+<tool_response>
+7
+</tool_response><|im_end|>
+<|im_start|>assistant
+<tool_call>
+{"name": "calculate", "arguments": {"a": 7, "op": "*", "b": 2}}
+</tool_call><|im_end|>
+...  (one call and one response per step)
+<|im_start|>assistant
+\\boxed{9}<|im_end|>
+```
 
-Everything after the first ``<|im_start|>assistant`` line is the completion: the assistant turns are the model's
-tokens (``tool_mask`` 1), the tool responses with their chat markup are the tool's (``tool_mask`` 0).
+Everything after the first `<|im_start|>assistant` line is the completion: the assistant turns are the model's
+tokens (`tool_mask` 1), the tool responses with their chat markup are the tool's (`tool_mask` 0).
 
-**Reward** (:func:`tool_chain_reward`): 1.0 only when the rollout called ``calculate`` exactly once per step, in
+**Reward** (`tool_chain_reward`): 1.0 only when the rollout called `calculate` exactly once per step, in
 order, with the step's operands (the left operand of a step is the previous step's result, the first step's is the
 start digit; operation and right operand come from the problem), and its last turn is exactly the boxed right answer
 with no further call; otherwise 0.0. So a right answer guessed without the tool, reached after a wrong call, or
 reached with extra calls scores 0: the reward checks the process as well as the answer, as
-:func:`gnivo_trl.synthetic.chain_reward` checks every written step.
+`gnivo_trl.synthetic.chain_reward` checks every written step.
 
-**Tokenizer** (:func:`build_tool_tokenizer`): the byte-level tokenizer of :func:`gnivo_trl.synthetic.build_tokenizer`
-(one token per character of the task's text) with TRL's Qwen3 chat template, so that TRL's ``add_response_schema``
+**Tokenizer** (`build_tool_tokenizer`): the byte-level tokenizer of `gnivo_trl.synthetic.build_tokenizer`
+(one token per character of the task's text) with TRL's Qwen3 chat template, so that TRL's `add_response_schema`
 recognises it and parses the tool calls, plus whole tokens for the template's fixed text: the Qwen3 tags
-(``<tool_call>``, ``<tool_response>``, ...), the tool boilerplate of the system prompt, ``calculate``'s JSON schema, and
-the fixed pieces of a call. A call is then 7 tokens (``<tool_call>\\n{"name": "calculate", "arguments": {"a": ``,
-digit, ``, "op": "``, operation, ``", "b": ``, digit, ``}}\\n</tool_call>``), the prompt 24 tokens and a 4-step
+(`<tool_call>`, `<tool_response>`, ...), the tool boilerplate of the system prompt, `calculate`'s JSON schema, and
+the fixed pieces of a call. A call is then 7 tokens (`<tool_call>\\n{"name": "calculate", "arguments": {"a": `,
+digit, `, "op": "`, operation, `", "b": `, digit, `}}\\n</tool_call>`), the prompt 24 tokens and a 4-step
 completion 80 (36 of them the model's), so a tiny model learns the format in minutes on CPU.
 
-**Warm start** (:func:`build_tool_warm_start`): a tiny Qwen2 model fine-tuned with TRL's ``SFTTrainer`` on rollouts of
-train problems laid out token for token as TRL's tool loop lays them out (:func:`rollout_token_ids`; loss on the
+**Warm start** (`build_tool_warm_start`): a tiny Qwen2 model fine-tuned with TRL's `SFTTrainer` on rollouts of
+train problems laid out token for token as TRL's tool loop lays them out (`rollout_token_ids`; loss on the
 assistant turns only), a share of which carry injected errors: a call with one wrong operand (the tool's answer to the
 wrong call is carried on), or a stop that boxes a guessed digit without the remaining calls. It therefore calls the
 tool with a slip now and then, and solves a minority of the test problems; RL has room to improve it. Cached like
-:func:`gnivo_trl.synthetic.build_warm_start`, with its accuracy measured through a multi-turn tool loop
-(:func:`evaluate_tool_accuracy`: generate a turn, parse it with TRL's parser, run the tool, append its response).
+`gnivo_trl.synthetic.build_warm_start`, with its accuracy measured through a multi-turn tool loop
+(`evaluate_tool_accuracy`: generate a turn, parse it with TRL's parser, run the tool, append its response).
 
-Example::
-
+Examples:
+    ```python
+    from gnivo_trl import GNIVOConfig, GNIVOTrainer
     from gnivo_trl.agent_task import build_tool_warm_start, calculate, make_tool_rl_dataset, tool_chain_reward
-    model_dir = build_tool_warm_start()                # 3-4 minutes on one CPU core the first time, then cached
+
+    model_dir = build_tool_warm_start()  # 3-4 minutes on one CPU core the first time, then cached
     trainer = GNIVOTrainer(
-        model=model_dir, reward_funcs=tool_chain_reward, tools=[calculate],
-        args=GNIVOConfig(..., gnivo_prefix_unit="turn", max_completion_length=128),
+        model=model_dir,
+        reward_funcs=tool_chain_reward,
+        tools=[calculate],
+        args=GNIVOConfig(output_dir="agent", gnivo_prefix_unit="turn", max_completion_length=128, use_cpu=True),
         train_dataset=make_tool_rl_dataset(4096, "train"),  # prompt (chat messages), problem, answer
     )
+    ```
 """
 
 from __future__ import annotations
@@ -146,8 +153,8 @@ def calculate(a: int, op: str, b: int) -> int:
 
 
 def reference_calls(problem: str) -> list[tuple[int, str, int]]:
-    """The ``(a, op, b)`` arguments of the right call at each step of ``problem``: ``"3+4*2"`` -> ``[(3, "+", 4),
-    (7, "*", 2)]`` (each step's left operand is the previous step's result)."""
+    """The `(a, op, b)` arguments of the right call at each step of `problem`: `"3+4*2"` ->
+    `[(3, "+", 4), (7, "*", 2)]` (each step's left operand is the previous step's result)."""
     value, steps = _parse(problem)
     calls = []
     for operation, operand in steps:
@@ -161,7 +168,7 @@ def _tool_call(a: int, op: str, b: int) -> dict:
 
 
 def prompt_messages(problem: str) -> list[dict]:
-    """The RL prompt of ``problem``: one user message holding the problem (the tool schema comes from ``tools=``)."""
+    """The RL prompt of `problem`: one user message holding the problem (the tool schema comes from `tools=`)."""
     return [{"role": "user", "content": problem}]
 
 
@@ -171,13 +178,13 @@ def solution_messages(
     guess_at: int | None = None,
     rng: random.Random | None = None,
 ) -> list[dict]:
-    """The completion messages of a rollout of ``problem``, as TRL's tool loop returns them: per step an assistant
-    message with one ``calculate`` call and the tool's response, then an assistant message ``\\boxed{d}``.
+    """The completion messages of a rollout of `problem`, as TRL's tool loop returns them: per step an assistant
+    message with one `calculate` call and the tool's response, then an assistant message `\\boxed{d}`.
 
-    With ``wrong_calls`` (0-based steps), those calls get one wrong operand (``a`` or ``b``, a uniformly drawn different
+    With `wrong_calls` (0-based steps), those calls get one wrong operand (`a` or `b`, a uniformly drawn different
     digit); the tool's answer to the wrong call is carried into the next step, as the model would carry it. With
-    ``guess_at``, the rollout stops calling at that step and boxes a uniformly drawn digit (the model skips the tool
-    and guesses). Without either, it is the reference rollout, which :func:`tool_chain_reward` scores 1.0.
+    `guess_at`, the rollout stops calling at that step and boxes a uniformly drawn digit (the model skips the tool
+    and guesses). Without either, it is the reference rollout, which `tool_chain_reward` scores 1.0.
     """
     rng = rng or random.Random(0)
     value, steps = _parse(problem)
@@ -200,7 +207,7 @@ def solution_messages(
 
 
 def _arguments_match(call: dict, expected: tuple[int, str, int]) -> bool:
-    """Whether one parsed call (``{"type": "function", "function": {"name", "arguments"}}``) is ``expected``."""
+    """Whether one parsed call (`{"type": "function", "function": {"name", "arguments"}}`) is `expected`."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or function.get("name") != TOOL_NAME:
         return False
@@ -217,7 +224,7 @@ def _arguments_match(call: dict, expected: tuple[int, str, int]) -> bool:
 
 
 def solved(problem: str, completion: list[dict] | str, answer: str | None = None) -> bool:
-    """Whether a rollout solves ``problem`` by the rule of :func:`tool_chain_reward` (a plain string never does)."""
+    """Whether a rollout solves `problem` by the rule of `tool_chain_reward` (a plain string never does)."""
     if isinstance(completion, str) or (answer is not None and str(answer).strip() != final_answer(problem)):
         return False
     assistant = [m for m in completion if m.get("role") == "assistant"]
@@ -235,15 +242,15 @@ def tool_chain_reward(
 ) -> list[float | None]:
     """Exact reward of tool-using rollouts in TRL's reward-function convention: 1.0 or 0.0 per completion.
 
-    1.0 only when the completion called ``calculate`` exactly once per step of the problem, in order, with that
-    step's operands (see :func:`reference_calls`), and its last assistant turn is exactly ``\\boxed{d}`` with the right
+    1.0 only when the completion called `calculate` exactly once per step of the problem, in order, with that
+    step's operands (see `reference_calls`), and its last assistant turn is exactly `\\boxed{d}` with the right
     digit and no call. A right digit without the calls, after a wrong call, or with extra calls scores 0.0.
 
     Args:
         completions: TRL's conversational completions with tools: lists of messages (assistant turns with their
-            parsed ``tool_calls``, tool responses, the final assistant turn).
-        problem: The ``problem`` column (e.g. ``"3+4*2-5"``).
-        answer: The ``answer`` column (the right final digit), cross-checked when present.
+            parsed `tool_calls`, tool responses, the final assistant turn).
+        problem: The `problem` column (e.g. `"3+4*2-5"`).
+        answer: The `answer` column (the right final digit), cross-checked when present.
     """
     answers = answer if answer is not None else [None] * len(completions)
     return [1.0 if solved(p, c, a) else 0.0 for c, p, a in zip(completions, problem, answers, strict=True)]
@@ -255,12 +262,12 @@ def tool_chain_reward(
 
 
 def build_tool_tokenizer() -> PreTrainedTokenizerFast:
-    """:func:`gnivo_trl.synthetic.build_tokenizer` with TRL's Qwen3 chat template and whole tokens for its fixed text.
+    """`gnivo_trl.synthetic.build_tokenizer` with TRL's Qwen3 chat template and whole tokens for its fixed text.
 
-    One token per character of the problems and answers (digits, operations), ChatML specials (``<|im_end|>`` is EOS,
-    left padding), and single tokens for: the Qwen3 tags (:data:`QWEN3_TAGS`), the system prompt's tool boilerplate
-    before and after the schema, ``calculate``'s JSON schema as the template renders it, the fixed pieces of a call
-    (:data:`CALL_PIECES`) and of a tool response (:data:`RESPONSE_PIECES`). The system prompt is then 8 tokens instead
+    One token per character of the problems and answers (digits, operations), ChatML specials (`<|im_end|>` is EOS,
+    left padding), and single tokens for: the Qwen3 tags (`QWEN3_TAGS`), the system prompt's tool boilerplate
+    before and after the schema, `calculate`'s JSON schema as the template renders it, the fixed pieces of a call
+    (`CALL_PIECES`) and of a tool response (`RESPONSE_PIECES`). The system prompt is then 8 tokens instead
     of about 840, a call 7. Added tokens match longest first, and the decoder gives every text back unchanged.
     """
     from trl.chat_template_utils import qwen3_chat_template
@@ -290,8 +297,8 @@ def _turn_ids_cached(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int
 
 
 def _assistant_turn_text(tokenizer: PreTrainedTokenizerBase, message: dict) -> str:
-    """What the model writes for ``message``: its rendering by the chat template without the
-    ``<|im_start|>assistant\\n`` header (the generation prompt) and without the newline after ``<|im_end|>``."""
+    """What the model writes for `message`: its rendering by the chat template without the
+    `<|im_start|>assistant\\n` header (the generation prompt) and without the newline after `<|im_end|>`."""
     rendered = tokenizer.apply_chat_template([message], tokenize=False)
     header = "<|im_start|>assistant\n"
     if not rendered.startswith(header):
@@ -307,7 +314,7 @@ def _training_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
 
 
 def _tool_response_ids(tokenizer: PreTrainedTokenizerBase, tool_messages: Sequence[dict]) -> list[int]:
-    """The tokens TRL appends after an assistant turn for its ``tool_messages`` (``GRPOTrainer._get_tool_suffix_ids``):
+    """The tokens TRL appends after an assistant turn for its `tool_messages` (`GRPOTrainer._get_tool_suffix_ids`):
     the chat markup of the responses and the next generation prompt, rendered with TRL's training template (the
     prefix-preserving variant it uses because Qwen3's own template is not)."""
     key = tuple((m["name"], str(m["content"])) for m in tool_messages)
@@ -347,12 +354,12 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str) -> list[int]:
 def rollout_token_ids(
     tokenizer: PreTrainedTokenizerBase, problem: str, messages: Sequence[dict]
 ) -> tuple[list[int], list[int], list[int]]:
-    """``(prompt_ids, completion_ids, tool_mask)`` of a rollout, laid out token for token as TRL's tool loop does.
+    """`(prompt_ids, completion_ids, tool_mask)` of a rollout, laid out token for token as TRL's tool loop does.
 
-    ``prompt_ids``: the chat template with the tool schema and the generation prompt. ``completion_ids``: each assistant
-    message as the model writes it (ending with ``<|im_end|>``), each run of tool messages as TRL appends it (its chat
-    markup and the next generation prompt). ``tool_mask`` (same length as ``completion_ids``): 1 on the assistant
-    tokens, 0 on the tool's. The warm start is fine-tuned on exactly these sequences (loss where ``tool_mask`` is 1), so
+    `prompt_ids`: the chat template with the tool schema and the generation prompt. `completion_ids`: each assistant
+    message as the model writes it (ending with `<|im_end|>`), each run of tool messages as TRL appends it (its chat
+    markup and the next generation prompt). `tool_mask` (same length as `completion_ids`): 1 on the assistant
+    tokens, 0 on the tool's. The warm start is fine-tuned on exactly these sequences (loss where `tool_mask` is 1), so
     that at RL time the model sees the layout it was trained on.
     """
     prompt = _prompt_ids(tokenizer, problem)
@@ -385,7 +392,7 @@ def rollout_token_ids(
 
 
 def make_tool_rl_dataset(num_problems: int, split: str = "train", num_steps: int = 4, seed: int = 0):
-    """A ``datasets.Dataset`` for RL with ``tools=[calculate]``: ``prompt`` (chat messages), ``problem``, ``answer``."""
+    """A `datasets.Dataset` for RL with `tools=[calculate]`: `prompt` (chat messages), `problem`, `answer`."""
     from datasets import Dataset
 
     problems = generate_problems(num_problems, split=split, num_steps=num_steps, seed=seed)
@@ -407,12 +414,12 @@ def make_tool_sft_dataset(
     seed: int = 0,
     problem_seed: int = 2000,
 ):
-    """Tokenized rollouts of train problems for ``SFTTrainer``: ``input_ids`` and ``assistant_masks`` (1 on the
-    model's tokens, 0 on the prompt and the tool's; the loss is on the 1s), plus ``problem`` and ``messages``.
+    """Tokenized rollouts of train problems for `SFTTrainer`: `input_ids` and `assistant_masks` (1 on the
+    model's tokens, 0 on the prompt and the tool's; the loss is on the 1s), plus `problem` and `messages`.
 
-    Each step independently, in order: with probability ``guess_rate`` the rollout boxes a guess there and stops;
-    otherwise, with probability ``error_rate``, its call gets a wrong operand (see :func:`solution_messages`). So
-    about ``(1 - error_rate - guess_rate) ** num_steps`` of the rollouts are right (32% for the defaults).
+    Each step independently, in order: with probability `guess_rate` the rollout boxes a guess there and stops;
+    otherwise, with probability `error_rate`, its call gets a wrong operand (see `solution_messages`). So
+    about `(1 - error_rate - guess_rate) ** num_steps` of the rollouts are right (32% for the defaults).
     """
     from datasets import Dataset
 
@@ -443,7 +450,7 @@ def make_tool_sft_dataset(
 
 
 def _run_tool_calls(message: dict) -> list[dict]:
-    """Run the calls of an assistant ``message`` as TRL does: a result's ``str``, or ``{"error": ...}`` on failure."""
+    """Run the calls of an assistant `message` as TRL does: a result's `str`, or `{"error": ...}` on failure."""
     responses = []
     for call in message.get("tool_calls") or []:
         function = call.get("function", {})
@@ -469,14 +476,14 @@ def generate_tool_completions(
     max_turn_tokens: int = 16,
     batch_size: int = 256,
 ) -> list[list[dict]]:
-    """One multi-turn rollout per problem, with the tool loop of TRL's ``GRPOTrainer``: the completion messages.
+    """One multi-turn rollout per problem, with the tool loop of TRL's `GRPOTrainer`: the completion messages.
 
-    Each turn: sample up to ``max_turn_tokens`` tokens (stop at ``<|im_end|>``), parse them with the tokenizer's
-    response parser (``trl.chat_template_utils.parse_response``, as TRL does; ``add_response_schema`` is applied when
+    Each turn: sample up to `max_turn_tokens` tokens (stop at `<|im_end|>`), parse them with the tokenizer's
+    response parser (`trl.chat_template_utils.parse_response`, as TRL does; `add_response_schema` is applied when
     the tokenizer has none), run the calls of a turn that has some, append the responses' tokens
-    (:func:`rollout_token_ids`' layout) and sample the next turn. A rollout ends with a turn without a call, after
-    ``max_turns`` turns (default ``num_steps + 2``), or, as in TRL, when a tool response would push the completion past
-    ``max_completion_length`` tokens. Uses the current RNG (see :func:`evaluate_tool_accuracy` for a seeded one).
+    (`rollout_token_ids`' layout) and sample the next turn. A rollout ends with a turn without a call, after
+    `max_turns` turns (default `num_steps + 2`), or, as in TRL, when a tool response would push the completion past
+    `max_completion_length` tokens. Uses the current RNG (see `evaluate_tool_accuracy` for a seeded one).
     """
     from trl.chat_template_utils import add_response_schema, parse_response
 
@@ -537,10 +544,10 @@ def evaluate_tool_accuracy(
     seed: int = 0,
     **rollout_kwargs,
 ) -> float:
-    """Share of ``problems`` whose one multi-turn rollout (:func:`generate_tool_completions`; ``rollout_kwargs`` go
-    there) scores 1.0 under :func:`tool_chain_reward`.
+    """Share of `problems` whose one multi-turn rollout (`generate_tool_completions`; `rollout_kwargs` go
+    there) scores 1.0 under `tool_chain_reward`.
 
-    Seeded, so two models evaluated with the same ``seed`` see the same random stream; the model's training mode and
+    Seeded, so two models evaluated with the same `seed` see the same random stream; the model's training mode and
     the global torch RNG state are restored afterwards (evaluation inside a training run must not perturb it).
     """
     was_training = model.training
@@ -559,8 +566,8 @@ def evaluate_tool_accuracy(
 
 
 class ToolAccuracyCallback(AccuracyCallback):
-    """:class:`gnivo_trl.synthetic.AccuracyCallback` measuring :func:`evaluate_tool_accuracy` (multi-turn, with the
-    tool) instead of single-turn accuracy: ``history`` of ``(step, accuracy)``, same seed at every evaluation."""
+    """`gnivo_trl.synthetic.AccuracyCallback` measuring `evaluate_tool_accuracy` (multi-turn, with the
+    tool) instead of single-turn accuracy: `history` of `(step, accuracy)`, same seed at every evaluation."""
 
     def _evaluate(self, step: int, model) -> None:
         started = time.perf_counter()
@@ -583,7 +590,7 @@ class ToolWarmStartConfig:
     The defaults fine-tune a ~0.1M-parameter Qwen2 model (hidden 64, 2 layers) on 16,000 noisy rollouts of 4-step
     problems for 4 epochs of 32 (2,000 steps, about 3.5 minutes on one busy CPU core). A third of the rollouts it
     learns from are right ((1 - 0.2 - 0.05) ** 4 = 32%), and slightly fewer of its own: 28% of the 256 test problems
-    (one rollout each at temperature 1, recorded in ``warm_start.json``), so RL has room to improve. (At 64 per step
+    (one rollout each at temperature 1, recorded in `warm_start.json`), so RL has room to improve. (At 64 per step
     the same model learned to find the step's operation in the problem much later: smaller, more steps.)
     """
 
@@ -616,9 +623,9 @@ def build_tool_warm_start(
 ) -> str:
     """The directory of the tool-calling warm start (tokenizer included), fine-tuning it first if it is not cached.
 
-    Written to ``cache_dir / f"tool-warm-start-{config.key()}"`` (default cache dir:
-    :func:`gnivo_trl.synthetic.default_cache_dir`) through a ``.tmp`` directory renamed when done; a finished build
-    leaves ``warm_start.json`` (config, seconds, multi-turn test accuracy), so an interrupted one is redone. Seeded:
+    Written to `cache_dir / f"tool-warm-start-{config.key()}"` (default cache dir:
+    `gnivo_trl.synthetic.default_cache_dir`) through a `.tmp` directory renamed when done; a finished build
+    leaves `warm_start.json` (config, seconds, multi-turn test accuracy), so an interrupted one is redone. Seeded:
     deterministic given the config on a given device.
     """
     config = config or ToolWarmStartConfig()

@@ -1,8 +1,8 @@
 """Where did it go wrong? The credit a policy implies for each token and each reasoning step of a completion.
 
-A policy trained with a KL-regularised objective against a reference ``pi_ref`` implies a reward for every token it
-emits: the log-ratio ``log pi_theta(y_t | y_<t) - log pi_ref(y_t | y_<t)`` (the implicit process reward, any policy),
-or, as VIMPO's value reads it, that log-ratio minus the exact ``KL(pi_theta || pi_ref)`` at the same position (the
+A policy trained with a KL-regularised objective against a reference `pi_ref` implies a reward for every token it
+emits: the log-ratio `log pi_theta(y_t | y_<t) - log pi_ref(y_t | y_<t)` (the implicit process reward, any policy),
+or, as VIMPO's value reads it, that log-ratio minus the exact `KL(pi_theta || pi_ref)` at the same position (the
 log-ratio centred on its expectation under the policy, so a token the policy merely prefers as much as it prefers
 everything at that position gets zero). Summed over the tokens of a reasoning step they give the step's credit; the
 running sum over steps is the implied prefix value. A step whose credit is low is where the policy "thinks" the
@@ -10,36 +10,53 @@ completion went wrong.
 
 Pure functions (plain tensors, float32 sums, no Python loop over positions):
 
-- :func:`token_log_ratios`, :func:`centred_token_rewards`: per-token implied rewards ``(B, T)``, in nats.
-- :func:`step_boundaries`: the tokens that close a step, exactly as ``GNIVOConfig(gnivo_prefix_unit="step")`` finds
-  them (:func:`gnivo_trl.steps.step_unit_ends` + :func:`gnivo_trl.losses.unit_boundaries`).
-- :func:`step_credit`: per-step sums and the prefix value curve ``(B, S)``; :func:`token_step_index`.
+- [`token_log_ratios`][gnivo_trl.credit.token_log_ratios],
+  [`centred_token_rewards`][gnivo_trl.credit.centred_token_rewards]: per-token implied rewards `(B, T)`, in nats.
+- [`step_boundaries`][gnivo_trl.credit.step_boundaries]: the tokens that close a step, exactly as
+  `GNIVOConfig(gnivo_prefix_unit="step")` finds them (`gnivo_trl.steps.step_unit_ends` +
+  [`gnivo_trl.losses.unit_boundaries`][gnivo_trl.losses.unit_boundaries]).
+- [`step_credit`][gnivo_trl.credit.step_credit]: per-step sums and the prefix value curve `(B, S)`;
+  [`token_step_index`][gnivo_trl.credit.token_step_index].
 
-Model level: :func:`score_completions` scores completions of prompts under a policy and its reference in batches,
-on the same TRL kernels the trainers use (:mod:`gnivo_trl.scoring`: TRL's fused-head log-prob kernel and its chunked
-divergence kernel for the exact KL), never materialising ``(B, T, V)`` logits, on CPU or GPU. Those functions read
-the logit transform (temperature, logit scale, soft-cap, float32 head) off the forward that TRL's
-``add_fused_lm_head`` installed, so a plain ``from_pretrained`` model must be prepared first::
+Model level: [`score_completions`][gnivo_trl.credit.score_completions] scores completions of prompts under a policy and
+its reference in batches, on the same TRL kernels the trainers use (`gnivo_trl.scoring`: TRL's fused-head log-prob
+kernel and its chunked divergence kernel for the exact KL), never materialising `(B, T, V)` logits, on CPU or GPU.
+Those functions read the logit transform (temperature, logit scale, soft-cap, float32 head) off the forward that TRL's
+`add_fused_lm_head` installed, so a plain `from_pretrained` model must be prepared first:
 
-    from gnivo_trl.credit import prepare_for_scoring, score_completions, completion_credit, render_html
-    policy = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(run_dir), temperature=1.0)
-    reference = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(base_dir), temperature=1.0)
-    # (prepare_for_scoring calls trl.trainer.utils.add_fused_lm_head(model, temperature=...,
-    #  cast_lm_head_to_fp32=...) unless TRL already did; generation is unchanged by it)
-    scores = score_completions(policy, reference, tokenizer, prompts, completions)
-    html = render_html(completion_credit(scores, row=0, readout="centred"))
+``python
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-Pictures: :func:`render_html` (every token shaded by its implied reward, steps boxed with their totals, a legend;
-all model text HTML-escaped) and :func:`render_png` (per-step bars and the value curve, matplotlib's Agg backend).
+from gnivo_trl.credit import completion_credit, prepare_for_scoring
+from gnivo_trl.credit import render_html, score_completions
 
-Command line (samples a completion with ``model.generate`` when ``--completion`` is not given)::
+# a trained run and the model it started from
+run_dir, base_dir = "Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Math-1.5B"
+tokenizer = AutoTokenizer.from_pretrained(base_dir)
+# prepare_for_scoring calls trl.trainer.utils.add_fused_lm_head(model, ...)
+# unless TRL already did; generation is unchanged by it
+run = AutoModelForCausalLM.from_pretrained(run_dir)
+policy = prepare_for_scoring(run, temperature=1.0)
+base = AutoModelForCausalLM.from_pretrained(base_dir)
+reference = prepare_for_scoring(base, temperature=1.0)
+scores = score_completions(policy, reference, tokenizer, ["3+4"], ["3+4=7"])
+html = render_html(completion_credit(scores, row=0, readout="centred"))
+``
 
-    python -m gnivo_trl.credit --model RUN_DIR --reference BASE_DIR --prompt "3+4*2-5" --output-dir credit_out
+Pictures: [`render_html`][gnivo_trl.credit.render_html] (every token shaded by its implied reward, steps boxed with
+their totals, a legend; all model text HTML-escaped) and [`render_png`][gnivo_trl.credit.render_png] (per-step bars and
+the value curve, matplotlib's Agg backend).
 
-writes ``credit_out/credit.html`` and ``credit_out/credit.png`` (both readouts) and ``credit_out/credit.json``.
+Command line (samples a completion with `model.generate` when `--completion` is not given):
 
-During training, :class:`CreditCallback` (a ``transformers.TrainerCallback``) renders the credit of a few freshly
-sampled completions every N optimizer steps into ``<output_dir>/credit/``.
+``bash
+python -m gnivo_trl.credit --model RUN_DIR --reference BASE_DIR --prompt "3+4*2-5" --output-dir credit_out
+``
+
+writes `credit_out/credit.html` and `credit_out/credit.png` (both readouts) and `credit_out/credit.json`.
+
+During training, [`CreditCallback`][gnivo_trl.credit.CreditCallback] (a `transformers.TrainerCallback`) renders the
+credit of a few freshly sampled completions every N optimizer steps into `<output_dir>/credit/`.
 """
 
 from __future__ import annotations
@@ -99,15 +116,15 @@ READOUT_NAMES = {
 
 
 def token_log_ratios(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The implicit process reward of every token: ``log pi_theta - log pi_ref``, 0 where ``mask`` is 0.
+    """The implicit process reward of every token: `log pi_theta - log pi_ref`, 0 where `mask` is 0.
 
     Args:
-        logp: ``(B, T)`` log pi_theta of the sampled tokens, in nats (any float dtype).
-        ref_logp: ``(B, T)`` log pi_ref of the same tokens.
-        mask: ``(B, T)`` 0/1 (or bool), 1 on completion tokens.
+        logp: `(B, T)` log pi_theta of the sampled tokens, in nats (any float dtype).
+        ref_logp: `(B, T)` log pi_ref of the same tokens.
+        mask: `(B, T)` 0/1 (or bool), 1 on completion tokens.
 
     Returns:
-        float32 ``(B, T)``, in nats; differentiable through both inputs (callers pass detached scores).
+        float32 `(B, T)`, in nats; differentiable through both inputs (callers pass detached scores).
     """
     # where() rather than a product: padded positions may hold -inf or garbage.
     return torch.where(mask.bool(), logp.float() - ref_logp.float(), 0.0)
@@ -116,19 +133,21 @@ def token_log_ratios(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Ten
 def centred_token_rewards(
     logp: torch.Tensor, ref_logp: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """VIMPO's per-token implied reward ``rho / beta - kappa / beta = log pi_theta - log pi_ref - KL(pi_theta || pi_ref)``.
+    """VIMPO's per-token implied reward `rho / beta - kappa / beta = log pi_theta - log pi_ref - KL(pi_theta ||
+    pi_ref)`.
 
     The KL is the policy's expectation of the log-ratio at that position, so this is the sampled token's log-ratio
     minus its mean over the vocabulary under the policy: positive when the policy upweighted this token more than it
-    upweighted its alternatives on average (VIMPO's ``delta = rho - kappa`` without ``beta``).
+    upweighted its alternatives on average (VIMPO's `delta = rho - kappa` without `beta`).
 
     Args:
-        logp, ref_logp: ``(B, T)`` log-probabilities of the sampled tokens under the policy and the reference.
-        token_kl: ``(B, T)`` exact per-token ``KL(pi_theta || pi_ref)`` over the full vocabulary, in nats.
-        mask: ``(B, T)`` 0/1 (or bool), 1 on completion tokens.
+        logp: `(B, T)` log-probabilities of the sampled tokens under the policy.
+        ref_logp: `(B, T)` log-probabilities of the same tokens under the reference.
+        token_kl: `(B, T)` exact per-token `KL(pi_theta || pi_ref)` over the full vocabulary, in nats.
+        mask: `(B, T)` 0/1 (or bool), 1 on completion tokens.
 
     Returns:
-        float32 ``(B, T)``, in nats, 0 where ``mask`` is 0.
+        float32 `(B, T)`, in nats, 0 where `mask` is 0.
     """
     return torch.where(mask.bool(), logp.float() - ref_logp.float() - token_kl.float(), 0.0)
 
@@ -139,19 +158,20 @@ def step_boundaries(
     token_texts: TokenTextCache | Any,
     delimiter: str = "\n\n",
 ) -> torch.Tensor:
-    """The tokens that close a reasoning step, exactly as ``GNIVOConfig(gnivo_prefix_unit="step")`` finds them.
+    """The tokens that close a reasoning step, exactly as `GNIVOConfig(gnivo_prefix_unit="step")` finds them.
 
-    :func:`gnivo_trl.steps.step_unit_ends` (a token closes a step when an occurrence of ``delimiter`` ends inside its
-    decoded text) followed by :func:`gnivo_trl.losses.unit_boundaries` (the last unmasked token always closes a step).
+    `gnivo_trl.steps.step_unit_ends` (a token closes a step when an occurrence of `delimiter` ends inside its
+    decoded text) followed by [`gnivo_trl.losses.unit_boundaries`][gnivo_trl.losses.unit_boundaries] (the last unmasked
+    token always closes a step).
 
     Args:
-        completion_ids: ``(B, T)`` token ids.
-        mask: ``(B, T)`` 0/1 completion mask.
-        token_texts: a :class:`gnivo_trl.steps.TokenTextCache`, or a tokenizer (wrapped in one).
-        delimiter: the step delimiter (``gnivo_step_delimiter``).
+        completion_ids: `(B, T)` token ids.
+        mask: `(B, T)` 0/1 completion mask.
+        token_texts: a `gnivo_trl.steps.TokenTextCache`, or a tokenizer (wrapped in one).
+        delimiter: the step delimiter (`gnivo_step_delimiter`).
 
     Returns:
-        ``(B, T)`` bool, True on the last token of every step.
+        `(B, T)` bool, True on the last token of every step.
     """
     if not isinstance(token_texts, TokenTextCache):
         token_texts = TokenTextCache(token_texts)
@@ -162,11 +182,23 @@ class StepCredit(NamedTuple):
     """Per-step credit of a batch of completions (all float32, detached only if the inputs were).
 
     Attributes:
-        step_totals: ``(B, S)`` sum of the token values of each step, in nats; 0 past a row's last step.
-        value_curve: ``(B, S)`` implied prefix value: the cumulative sum of ``step_totals`` up to and including each
+        step_totals: `(B, S)` sum of the token values of each step, in nats; 0 past a row's last step.
+        value_curve: `(B, S)` implied prefix value: the cumulative sum of `step_totals` up to and including each
             step; held at its final value past a row's last step.
-        num_steps: ``(B,)`` long, the number of steps of each row (0 for a fully masked row).
-        valid: ``(B, S)`` bool, True for the steps a row has.
+        num_steps: `(B,)` long, the number of steps of each row (0 for a fully masked row).
+        valid: `(B, S)` bool, True for the steps a row has.
+
+    Examples:
+        ``python
+        import torch
+
+        from gnivo_trl.credit import step_credit
+
+        values = torch.tensor([[0.5, -2.0, 0.1, 0.2]])  # per-token implied rewards
+        ends = torch.tensor([[False, True, False, True]])  # two steps of two tokens
+        credit = step_credit(values, torch.ones_like(values), ends)
+        print(credit.step_totals, credit.value_curve)  # [-1.5, 0.3] and [-1.5, -1.2]
+        ``
     """
 
     step_totals: torch.Tensor
@@ -178,18 +210,19 @@ class StepCredit(NamedTuple):
 def step_credit(token_values: torch.Tensor, mask: torch.Tensor, step_ends: torch.Tensor | None) -> StepCredit:
     """Per-step sums of per-token values and the prefix value curve, on the step units GN-IVO uses.
 
-    The cumulative sum is :func:`gnivo_trl.losses.prefix_log_ratios` (float32, one ``cumsum`` and one gather, no
-    Python loop over positions) applied to ``token_values`` with a zero "old" policy, so steps here are exactly the
-    loss's prefix units; step totals are the differences of consecutive prefix values.
+    The cumulative sum is [`gnivo_trl.losses.prefix_log_ratios`][gnivo_trl.losses.prefix_log_ratios] (float32, one
+    `cumsum` and one gather, no Python loop over positions) applied to `token_values` with a zero "old" policy, so
+    steps here are exactly the loss's prefix units; step totals are the differences of consecutive prefix values.
 
     Args:
-        token_values: ``(B, T)`` per-token values (e.g. :func:`token_log_ratios`), in nats.
-        mask: ``(B, T)`` 0/1 completion mask.
-        step_ends: ``(B, T)`` bool marking tokens that close a step (:func:`step_boundaries`); None makes every
-            token its own step.
+        token_values: `(B, T)` per-token values (e.g. [`token_log_ratios`][gnivo_trl.credit.token_log_ratios]), in
+            nats.
+        mask: `(B, T)` 0/1 completion mask.
+        step_ends: `(B, T)` bool marking tokens that close a step
+            ([`step_boundaries`][gnivo_trl.credit.step_boundaries]); None makes every token its own step.
 
     Returns:
-        :class:`StepCredit`, with ``S`` the largest number of steps of a row (at least 1).
+        [`StepCredit`][gnivo_trl.credit.StepCredit], with `S` the largest number of steps of a row (at least 1).
     """
     prefix = prefix_log_ratios(token_values, torch.zeros_like(token_values), mask, step_ends)
     value_curve = prefix.values
@@ -200,7 +233,7 @@ def step_credit(token_values: torch.Tensor, mask: torch.Tensor, step_ends: torch
 
 
 def token_step_index(mask: torch.Tensor, step_ends: torch.Tensor | None) -> torch.Tensor:
-    """The 0-based step each token belongs to, ``(B, T)`` long; -1 on masked positions.
+    """The 0-based step each token belongs to, `(B, T)` long; -1 on masked positions.
 
     A token belongs to the step its closing token closes (the delimiter's tokens belong to the step they end).
     """
@@ -219,11 +252,11 @@ def prepare_for_scoring(
 ) -> torch.nn.Module:
     """Install TRL's fused LM head on a plain causal LM (in place; returns it), unless TRL already did.
 
-    :mod:`gnivo_trl.scoring` reads the logit transform off the forward that ``trl.trainer.utils.add_fused_lm_head``
-    patched, as ``GRPOTrainer`` does at construction; a model loaded with ``from_pretrained`` lacks it. Use the
+    `gnivo_trl.scoring` reads the logit transform off the forward that `trl.trainer.utils.add_fused_lm_head`
+    patched, as `GRPOTrainer` does at construction; a model loaded with `from_pretrained` lacks it. Use the
     temperature the policy was trained (and sampled) at: the implied rewards are those of the tempered
-    distributions. ``model.generate`` and the plain forward are unchanged by the patch. A model that already carries
-    TRL's head (e.g. ``trainer.model``) is returned untouched, whatever the arguments.
+    distributions. `model.generate` and the plain forward are unchanged by the patch. A model that already carries
+    TRL's head (e.g. `trainer.model`) is returned untouched, whatever the arguments.
     """
     if not scoring.has_fused_head(model):  # anywhere in its forward chain: never patch TRL's head twice
         from trl.trainer.utils import add_fused_lm_head
@@ -238,13 +271,28 @@ class CreditScores:
 
     Attributes:
         prompts: the prompt text of each row (after the chat template).
-        completion_ids: ``(B, C)`` long token ids, right-padded.
-        mask: ``(B, C)`` float32, 1 on completion tokens (EOS included when it was part of the completion).
-        logp: ``(B, C)`` float32 log pi_theta of each token, nats, 0 where masked.
-        ref_logp: ``(B, C)`` float32 log pi_ref of each token.
-        token_kl: ``(B, C)`` float32 exact ``KL(pi_theta || pi_ref)`` at each position, nats.
-        step_ends: ``(B, C)`` bool, the tokens that close a step (:func:`step_boundaries`).
+        completion_ids: `(B, C)` long token ids, right-padded.
+        mask: `(B, C)` float32, 1 on completion tokens (EOS included when it was part of the completion).
+        logp: `(B, C)` float32 log pi_theta of each token, nats, 0 where masked.
+        ref_logp: `(B, C)` float32 log pi_ref of each token.
+        token_kl: `(B, C)` float32 exact `KL(pi_theta || pi_ref)` at each position, nats.
+        step_ends: `(B, C)` bool, the tokens that close a step ([`step_boundaries`][gnivo_trl.credit.step_boundaries]).
         tokens: decoded text of each row's completion tokens (masked positions left out).
+
+    Examples:
+        ``python
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from gnivo_trl.credit import prepare_for_scoring, score_completions
+        from gnivo_trl.testing import save_tiny_model
+
+        path = save_tiny_model("tiny-model")  # in practice: a run and its base model
+        policy = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(path))
+        reference = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        scores = score_completions(policy, reference, tokenizer, ["1+1"], ["2"])
+        print(scores.token_kl.shape)  # (1, C)
+        ``
     """
 
     prompts: list[str]
@@ -289,32 +337,33 @@ def score_completions(
     batch_size: int = 64,
     kl_chunk_size: int = 1024,
 ) -> CreditScores:
-    """Score ``completions`` of ``prompts`` under ``model`` and ``reference`` on the trainers' TRL kernels.
+    """Score `completions` of `prompts` under `model` and `reference` on the trainers' TRL kernels.
 
-    Per batch of ``batch_size`` rows, exactly what ``VIMPOTrainer`` computes at loss time: the backbone of each
-    model (:func:`gnivo_trl.scoring.last_hidden_state`) on prompt + completion (prompts left-padded, completions
+    Per batch of `batch_size` rows, exactly what `VIMPOTrainer` computes at loss time: the backbone of each
+    model (`gnivo_trl.scoring.last_hidden_state`) on prompt + completion (prompts left-padded, completions
     right-padded, as TRL lays them out), the sampled tokens' log-probabilities from TRL's fused-head kernel
-    (:func:`gnivo_trl.scoring.token_log_probs`) and the exact full-vocabulary KL from TRL's chunked divergence kernel
-    (:func:`gnivo_trl.scoring.exact_token_kl`, ``kl_chunk_size`` tokens per call): no ``(B, T, V)`` tensor. Both
-    models must carry TRL's fused head (see :func:`prepare_for_scoring`: call it on plain ``from_pretrained``
-    models first; it raises otherwise) and share ``tokenizer``'s vocabulary. Runs on the models' device (CPU or
-    GPU; inputs go to ``model``'s device, so put both models on one device), in eval mode (restored afterwards).
+    (`gnivo_trl.scoring.token_log_probs`) and the exact full-vocabulary KL from TRL's chunked divergence kernel
+    (`gnivo_trl.scoring.exact_token_kl`, `kl_chunk_size` tokens per call): no `(B, T, V)` tensor. Both
+    models must carry TRL's fused head (see [`prepare_for_scoring`][gnivo_trl.credit.prepare_for_scoring]: call it on
+    plain `from_pretrained` models first; it raises otherwise) and share `tokenizer`'s vocabulary. Runs on the models'
+    device (CPU or GPU; inputs go to `model`'s device, so put both models on one device), in eval mode (restored
+    afterwards).
 
     Args:
         model: the policy (a causal LM with TRL's fused head).
         reference: the reference (e.g. the warm start the policy was trained from), prepared the same way.
-        tokenizer: the tokenizer of both models.
+        tokenizer (PreTrainedTokenizerBase): the tokenizer of both models.
         prompts: chat messages (through the chat template, generation prompt added), plain text, or token ids,
             per row.
-        completions: text (tokenized without special tokens, EOS appended when ``append_eos``) or token ids (used
+        completions: text (tokenized without special tokens, EOS appended when `append_eos`) or token ids (used
             as given: pass generated ids to score exactly what was sampled), per row.
-        step_delimiter: what ends a step (``gnivo_step_delimiter``).
+        step_delimiter: what ends a step (`gnivo_step_delimiter`).
         append_eos: append the EOS token to text completions (TRL scores the EOS a completion ended with).
         batch_size: rows per forward.
         kl_chunk_size: tokens per call of the KL kernel.
 
     Returns:
-        :class:`CreditScores` on CPU, ``C`` the longest completion.
+        [`CreditScores`][gnivo_trl.credit.CreditScores] on CPU, `C` the longest completion.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion.")
@@ -387,8 +436,10 @@ def score_completions(
 
 
 def readout_token_values(scores: CreditScores, readout: Readout = "centred") -> torch.Tensor:
-    """Per-token values ``(B, C)`` float32 of one readout: ``"log_ratio"`` (:func:`token_log_ratios`),
-    ``"centred"`` (:func:`centred_token_rewards`) or ``"log_prob"`` (the policy's own log-probability, a likelihood
+    """Per-token values `(B, C)` float32 of one readout: `"log_ratio"`
+    ([`token_log_ratios`][gnivo_trl.credit.token_log_ratios]), `"centred"`
+    ([`centred_token_rewards`][gnivo_trl.credit.centred_token_rewards]) or `"log_prob"` (the policy's own
+    log-probability, a likelihood
     baseline rather than an implied reward)."""
     if readout == "log_ratio":
         return token_log_ratios(scores.logp, scores.ref_logp, scores.mask)
@@ -410,12 +461,13 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 64,
 ) -> list[list[int]]:
-    """One sampled completion per prompt (``model.generate``, plain sampling: no top-k / top-p), as token ids up to
+    """One sampled completion per prompt (`model.generate`, plain sampling: no top-k / top-p), as token ids up to
     and including the EOS token (what TRL scores), padding dropped.
 
-    Prompts follow :func:`score_completions`' convention (chat messages through the chat template). Seeded; the
-    global torch RNG state and the model's training mode are restored afterwards, so sampling inside a training run
-    does not perturb it. Prompts are left-padded (the tokenizer's padding side is restored too).
+    Prompts follow [`score_completions`][gnivo_trl.credit.score_completions]' convention (chat messages through the
+    chat template). Seeded; the global torch RNG state and the model's training mode are restored afterwards, so
+    sampling inside a training run does not perturb it. Prompts are left-padded (the tokenizer's padding side is
+    restored too).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training, padding_side = model.training, tokenizer.padding_side
@@ -471,8 +523,24 @@ class CompletionCredit:
         step_of_token: the 0-based step of each token.
         step_totals: each step's summed credit (nats).
         value_curve: the implied prefix value after each step (nats).
-        readout: ``"log_ratio"``, ``"centred"`` or ``"log_prob"``.
+        readout: `"log_ratio"`, `"centred"` or `"log_prob"`.
         label: a caption (e.g. which policy); untrusted.
+
+    Examples:
+        ``python
+        from gnivo_trl.credit import CompletionCredit, render_html
+
+        credit = CompletionCredit(
+            prompt="3+4",
+            tokens=["3", "+", "4", "=", "7"],
+            token_values=[0.0, 0.0, 0.1, 0.0, -1.2],
+            step_of_token=[0, 0, 0, 0, 0],
+            step_totals=[-1.1],
+            value_curve=[-1.1],
+            readout="log_ratio",
+        )
+        print(credit.step_texts(), len(render_html(credit)) > 0)
+        ``
     """
 
     prompt: str
@@ -495,7 +563,7 @@ class CompletionCredit:
 def completion_credit(
     scores: CreditScores, row: int, readout: Readout = "centred", label: str = ""
 ) -> CompletionCredit:
-    """Row ``row`` of ``scores`` under ``readout``, as a :class:`CompletionCredit`."""
+    """Row `row` of `scores` under `readout`, as a [`CompletionCredit`][gnivo_trl.credit.CompletionCredit]."""
     values = readout_token_values(scores, readout)[row : row + 1]
     mask = scores.mask[row : row + 1]
     ends = scores.step_ends[row : row + 1]
@@ -515,7 +583,7 @@ def completion_credit(
 
 
 def _shade(value: float, scale: float) -> str:
-    """White at 0, red for negative, green for positive, saturating at ``|value| = scale``."""
+    """White at 0, red for negative, green for positive, saturating at `|value| = scale`."""
     strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
     faded = round(255 * (1 - 0.75 * strength))
     return f"rgb(255,{faded},{faded})" if value < 0 else f"rgb({faded},255,{faded})"
@@ -542,10 +610,10 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 def render_html(examples: CompletionCredit | Sequence[CompletionCredit], title: str = "Implied credit") -> str:
     """A self-contained HTML page: each token shaded by its implied reward, each step boxed with its total.
 
-    Red is negative, green positive, white zero; the colour saturates at the largest ``|token value|`` of each
+    Red is negative, green positive, white zero; the colour saturates at the largest `|token value|` of each
     example (the legend gives the scale). The step with the lowest total is drawn with a red border. Every piece of
-    model or user text (prompt, tokens, labels, title) goes through ``html.escape(..., quote=True)``: completions are
-    untrusted and must not inject markup or break out of the ``title`` attributes.
+    model or user text (prompt, tokens, labels, title) goes through `html.escape(..., quote=True)`: completions are
+    untrusted and must not inject markup or break out of the `title` attributes.
     """
     examples = [examples] if isinstance(examples, CompletionCredit) else list(examples)
     escape = lambda text: html.escape(str(text), quote=True)  # noqa: E731
@@ -591,7 +659,7 @@ def render_html(examples: CompletionCredit | Sequence[CompletionCredit], title: 
 
 
 def _plain_label(text: str, width: int = 14) -> str:
-    """A step's text as a matplotlib tick label: one line, shortened, ``$`` escaped (no mathtext from model text)."""
+    """A step's text as a matplotlib tick label: one line, shortened, `$` escaped (no mathtext from model text)."""
     text = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))  # no glyph for control bytes
     text = text if len(text) <= width else text[: width - 1] + "\u2026"
     return text.replace("$", r"\$")
@@ -635,29 +703,39 @@ def render_png(
 
 
 class CreditCallback(TrainerCallback):
-    """Every ``every`` optimizer steps, render the implied credit of a few freshly sampled completions to
-    ``<output_dir>/credit/step-<N>.html`` and ``.png`` (and the picture at the start of training).
+    """Every `every` optimizer steps, render the implied credit of a few freshly sampled completions to
+    `<output_dir>/credit/step-<N>.html` and `.png` (and the picture at the start of training).
 
     The policy is the trainer's model (under PEFT its base model with the adapter active). The reference is
-    ``reference`` (a prepared causal LM, see :func:`prepare_for_scoring`) or, when None, a frozen copy of the policy
-    as it is when training begins: the initial model for a fresh run, but the checkpoint's policy when training
-    resumes from a checkpoint (a warning says so; pass the initial model as ``reference`` to score against it). The
-    copy costs one model's memory and is used for scoring only. Sampling restores the RNG state and the training
-    mode (:func:`sample_completions`), so the run is unchanged, and the trainer's model is never patched again (it
-    already carries TRL's fused head, also under mixed precision). Runs on the main process only, on a model it
-    holds whole: DeepSpeed ZeRO-3 and FSDP, which shard it over processes, are refused with an error when the
-    trainer is built (or when training starts, for a callback added later), since sampling on one rank would hang
-    the others.
+    `reference` (a prepared causal LM, see [`prepare_for_scoring`][gnivo_trl.credit.prepare_for_scoring]) or, when
+    None, a frozen copy of the policy as it is when training begins: the initial model for a fresh run, but the
+    checkpoint's policy when training resumes from a checkpoint (a warning says so; pass the initial model as
+    `reference` to score against it). The copy costs one model's memory and is used for scoring only. Sampling
+    restores the RNG state and the training mode ([`sample_completions`][gnivo_trl.credit.sample_completions]), so
+    the run is unchanged, and the trainer's model is never patched again (it already carries TRL's fused head, also
+    under mixed precision). Runs on the main process only, on a model it holds whole: DeepSpeed ZeRO-3 and FSDP,
+    which shard it over processes, are refused with an error when the trainer is built (or when training starts,
+    for a callback added later), since sampling on one rank would hang the others.
 
     Args:
-        tokenizer: the policy's tokenizer.
+        tokenizer (PreTrainedTokenizerBase): the policy's tokenizer.
         prompts: a few prompts (chat messages or text), one completion each.
         every: optimizer steps between renders.
         reference: the reference model; None copies the policy at the start of training.
-        readout: ``"centred"`` (log-ratio minus KL) or ``"log_ratio"``.
+        readout: `"centred"` (log-ratio minus KL) or `"log_ratio"`.
         max_new_tokens: sampling length limit.
         step_delimiter: what ends a step.
         seed: sampling seed (the same at every render, so the pictures differ by the policy only).
+
+    Examples:
+        ``python
+        from gnivo_trl.credit import CreditCallback
+        from gnivo_trl.testing import build_tiny_tokenizer
+
+        callback = CreditCallback(build_tiny_tokenizer(), prompts=["3+4*2-5"], every=50)
+        # GNIVOTrainer(..., callbacks=[callback]) then writes
+        # <output_dir>/credit/step-<N>.html and .png
+        ``
     """
 
     def __init__(
@@ -784,7 +862,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """The command line; returns what it wrote to ``credit.json``."""
+    """The command line; returns what it wrote to `credit.json`."""
     args = _parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

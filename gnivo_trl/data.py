@@ -1,58 +1,61 @@
-r"""Loaders that turn the usual math sources into TRL's ``prompt`` / ``solution`` columns.
+r"""Loaders that turn the usual math sources into TRL's `prompt` / `solution` columns.
 
-Every loader returns a :class:`datasets.Dataset` with exactly three columns:
+Every loader returns a `datasets.Dataset` with exactly three columns:
 
-* ``prompt``: chat messages, ``[{"role": "user", "content": question + "\n" + INSTRUCTION}]``, preceded by
-  ``{"role": "system", "content": system_prompt}`` when a system prompt is given;
-* ``solution``: the gold *final answer* as a string (not a worked solution), ready for
-  :func:`gnivo_trl.rewards.math_accuracy_reward`;
-* ``source``: the registry name (or, for Guru, the row's ``data_source``), for per-source metrics. TRL passes it to
+* `prompt`: chat messages, `[{"role": "user", "content": question + "\n" + INSTRUCTION}]`, preceded by
+  `{"role": "system", "content": system_prompt}` when a system prompt is given;
+* `solution`: the gold *final answer* as a string (not a worked solution), ready for
+  [`gnivo_trl.rewards.math_accuracy_reward`][gnivo_trl.rewards.math_accuracy_reward];
+* `source`: the registry name (or, for Guru, the row's `data_source`), for per-source metrics. TRL passes it to
   reward functions as a keyword argument, which they ignore.
 
-Rows whose gold answer cannot be extracted (e.g. a MATH solution without ``\boxed``) are dropped with a warning.
+Rows whose gold answer cannot be extracted (e.g. a MATH solution without `\boxed`) are dropped with a warning.
 
-Usage::
-
+Examples:
+    ```python
     from gnivo_trl.data import load_math_dataset
-    train = load_math_dataset("math")                        # from the Hub
-    test = load_math_dataset("math500", "math500.jsonl")      # from a local .jsonl / .json / .parquet file
 
-Registered sources (:data:`DATASETS`) and the layouts assumed. Column layouts were checked against the dataset cards
+    train = load_math_dataset("math")  # MATH from the Hub
+    test = load_math_dataset("math500")  # or ("math500", "math500.jsonl"): a local file
+    print(train.column_names)  # ['prompt', 'solution', 'source']
+    ```
+
+Registered sources (`DATASETS`) and the layouts assumed. Column layouts were checked against the dataset cards
 where they could be found; confidence is stated per source, and loaders accept a few alternative column names so
-that mirrors with ``problem`` instead of ``question`` (or the reverse) load too.
+that mirrors with `problem` instead of `question` (or the reverse) load too.
 
-* ``math``: ``DigitalLearningGmbH/MATH-lighteval`` (config ``default``), split ``train``. Columns ``problem``,
-  ``solution`` (worked solution; the gold answer is its last ``\boxed{}``), ``level``, ``type``. Confidence: high.
-* ``hendrycks_math``: ``EleutherAI/hendrycks_math``, its seven subject configs (``algebra`` ...
-  ``precalculus``) concatenated, split ``train``; same columns as ``math``. Confidence: high.
-* ``math500``: ``HuggingFaceH4/MATH-500``, split ``test``. Columns ``problem``, ``solution``, ``answer`` (used),
-  ``subject``, ``level``, ``unique_id``. Confidence: high.
-* ``gsm8k``: ``openai/gsm8k`` (config ``main``), split ``train``. Columns ``question``, ``answer`` (worked solution
-  ending in ``#### 42``; the gold answer is what follows the last ``####``, thousands commas removed).
+* `math`: `DigitalLearningGmbH/MATH-lighteval` (config `default`), split `train`. Columns `problem`,
+  `solution` (worked solution; the gold answer is its last `\boxed{}`), `level`, `type`. Confidence: high.
+* `hendrycks_math`: `EleutherAI/hendrycks_math`, its seven subject configs (`algebra` ...
+  `precalculus`) concatenated, split `train`; same columns as `math`. Confidence: high.
+* `math500`: `HuggingFaceH4/MATH-500`, split `test`. Columns `problem`, `solution`, `answer` (used),
+  `subject`, `level`, `unique_id`. Confidence: high.
+* `gsm8k`: `openai/gsm8k` (config `main`), split `train`. Columns `question`, `answer` (worked solution
+  ending in `#### 42`; the gold answer is what follows the last `####`, thousands commas removed).
   Confidence: high.
-* ``aime24``: ``HuggingFaceH4/aime_2024``, split ``train``. Columns ``id``, ``problem``, ``solution``, ``answer``
-  (string), ``url``, ``year``. Confidence: high.
-* ``aime25``: ``yentinglin/aime_2025``, split ``train``, assumed ``problem`` + ``answer`` like ``aime_2024``
-  (confidence: medium). ``opencompass/AIME2025`` (``question`` + ``answer``) loads with
-  ``config=["AIME2025-I", "AIME2025-II"], split="test"`` (confidence: medium).
-* ``amc23``: ``math-ai/amc23``, split ``test``. Columns ``question`` + ``answer``, the answer possibly a float
-  (``27.0`` becomes ``"27"``). Confidence: medium.
-* ``minerva``: ``math-ai/minervamath``, split ``test``. Columns ``question``, ``answer``. Confidence: high.
-* ``olympiadbench``: ``Hothan/OlympiadBench`` (config ``OE_TO_maths_en_COMP``: the 675 English, text-only,
-  open-ended maths problems), split ``train``. Columns ``question`` and ``final_answer`` (a list of ``$...$``
-  strings, joined with ``, ``), plus ``solution``, ``context``, ``image_1``..``image_5``, ``is_multiple_answer``,
-  ``unit``, ``answer_type`` and more. Confidence: medium. ``math-ai/olympiadbench`` (split ``test``) is assumed to
-  have ``question`` + ``final_answer`` too (low: one revision of its card lists ``problem``, ``solution``,
-  ``domain``; ``problem`` is accepted, a ``solution``-only file is rejected with an error naming the column).
-* ``guru_math``: ``LLM360/guru-RL-92k``, file ``train/math__combined_54.4k.parquet``, split ``train``.
+* `aime24`: `HuggingFaceH4/aime_2024`, split `train`. Columns `id`, `problem`, `solution`, `answer`
+  (string), `url`, `year`. Confidence: high.
+* `aime25`: `yentinglin/aime_2025`, split `train`, assumed `problem` + `answer` like `aime_2024`
+  (confidence: medium). `opencompass/AIME2025` (`question` + `answer`) loads with
+  `config=["AIME2025-I", "AIME2025-II"], split="test"` (confidence: medium).
+* `amc23`: `math-ai/amc23`, split `test`. Columns `question` + `answer`, the answer possibly a float
+  (`27.0` becomes `"27"`). Confidence: medium.
+* `minerva`: `math-ai/minervamath`, split `test`. Columns `question`, `answer`. Confidence: high.
+* `olympiadbench`: `Hothan/OlympiadBench` (config `OE_TO_maths_en_COMP`: the 675 English, text-only,
+  open-ended maths problems), split `train`. Columns `question` and `final_answer` (a list of `$...$`
+  strings, joined with `, `), plus `solution`, `context`, `image_1`..`image_5`, `is_multiple_answer`,
+  `unit`, `answer_type` and more. Confidence: medium. `math-ai/olympiadbench` (split `test`) is assumed to
+  have `question` + `final_answer` too (low: one revision of its card lists `problem`, `solution`,
+  `domain`; `problem` is accepted, a `solution`-only file is rejected with an error naming the column).
+* `guru_math`: `LLM360/guru-RL-92k`, file `train/math__combined_54.4k.parquet`, split `train`.
   Confidence: medium (layout from the verl format and Reasoning360's preprocessing scripts, not from the file).
 
-Guru (the VIMPO training set) is verl-formatted: ``data_source``, ``prompt`` (a list of chat messages whose user
-message is the question followed by " Please output the final answer within \boxed{}."), ``ability``,
-``reward_model`` (``{"ground_truth": ..., "style": "rule"}``) and ``extra_info`` (``index``, ``split`` and, from
-Reasoning360's scripts, ``original_question``); in the "extra-info-compressed" variant ``reward_model`` and
-``extra_info`` are JSON strings, which are decoded. The question is ``extra_info["original_question"]`` when present,
-else the user message without that trailing instruction. Its prompts are rebuilt with :data:`INSTRUCTION` like every
+Guru (the VIMPO training set) is verl-formatted: `data_source`, `prompt` (a list of chat messages whose user
+message is the question followed by " Please output the final answer within \boxed{}."), `ability`,
+`reward_model` (`{"ground_truth": ..., "style": "rule"}`) and `extra_info` (`index`, `split` and, from
+Reasoning360's scripts, `original_question`); in the "extra-info-compressed" variant `reward_model` and
+`extra_info` are JSON strings, which are decoded. The question is `extra_info["original_question"]` when present,
+else the user message without that trailing instruction. Its prompts are rebuilt with `INSTRUCTION` like every
 other source, so all sources share one prompt format (the original instruction differs only in wording).
 """
 
@@ -89,14 +92,22 @@ class DatasetSpec:
 
     Attributes:
         hub_id: Default Hub dataset id.
-        default_split: Split used when ``load_math_dataset`` gets none (local files always have ``train``).
+        default_split: Split used when `load_math_dataset` gets none (local files always have `train`).
         question_columns: Candidate question columns; the first one present is used.
         answer_columns: Candidate answer columns; the first one present is used.
-        answer_from_value: Turns the answer column's value into the gold final answer (``None`` drops the row).
-        configs: Hub configs, loaded and concatenated (``(None,)`` for the default config).
-        hub_data_files: ``data_files`` for ``load_dataset`` on the Hub (``None`` for the dataset's own layout).
-        question_from_row: Overrides ``question_columns`` for sources whose question must be dug out of the row.
+        answer_from_value: Turns the answer column's value into the gold final answer (`None` drops the row).
+        configs: Hub configs, loaded and concatenated (`(None,)` for the default config).
+        hub_data_files: `data_files` for `load_dataset` on the Hub (`None` for the dataset's own layout).
+        question_from_row: Overrides `question_columns` for sources whose question must be dug out of the row.
         description: One line for error messages and docs.
+
+    Examples:
+        ```python
+        from gnivo_trl.data import DATASETS
+
+        spec = DATASETS["gsm8k"]
+        print(spec.hub_id, spec.default_split, spec.answer_from_value("#### 1,234"))
+        ```
     """
 
     hub_id: str
@@ -116,7 +127,7 @@ class DatasetSpec:
 
 
 def _answer_from_boxed_solution(solution: Any) -> str | None:
-    """MATH: the last ``\\boxed{}`` of the worked solution."""
+    """MATH: the last `\\boxed{}` of the worked solution."""
     if not isinstance(solution, str):
         return None
     answer = last_boxed_content(solution)
@@ -124,7 +135,7 @@ def _answer_from_boxed_solution(solution: Any) -> str | None:
 
 
 def _answer_from_gsm8k(answer: Any) -> str | None:
-    """GSM8K: what follows the last ``####``, thousands commas removed (``"#### 1,234"`` -> ``"1234"``)."""
+    """GSM8K: what follows the last `####`, thousands commas removed (`"#### 1,234"` -> `"1234"`)."""
     if not isinstance(answer, str) or "####" not in answer:
         return None
     final = answer.rsplit("####", 1)[1].strip().replace(",", "").replace("$", "").strip()
@@ -132,12 +143,12 @@ def _answer_from_gsm8k(answer: Any) -> str | None:
 
 
 def _answer_as_is(answer: Any) -> str | None:
-    """A final-answer column: numbers formatted (``27.0`` -> ``"27"``), ``$...$`` stripped, lists joined."""
+    """A final-answer column: numbers formatted (`27.0` -> `"27"`), `$...$` stripped, lists joined."""
     return extract_gold_answer(answer)
 
 
 def _decode_json_field(value: Any) -> Any:
-    """Guru's compressed variant stores ``reward_model`` / ``extra_info`` as JSON strings."""
+    """Guru's compressed variant stores `reward_model` / `extra_info` as JSON strings."""
     if isinstance(value, str):
         try:
             return json.loads(value)
@@ -147,7 +158,7 @@ def _decode_json_field(value: Any) -> Any:
 
 
 def _answer_from_reward_model(reward_model: Any) -> str | None:
-    """verl / Guru: ``reward_model["ground_truth"]``."""
+    """verl / Guru: `reward_model["ground_truth"]`."""
     reward_model = _decode_json_field(reward_model)
     if isinstance(reward_model, Mapping):
         return extract_gold_answer(reward_model.get("ground_truth"))
@@ -155,7 +166,7 @@ def _answer_from_reward_model(reward_model: Any) -> str | None:
 
 
 def _question_from_verl_row(row: Mapping[str, Any]) -> str | None:
-    """verl / Guru: ``extra_info["original_question"]`` when present, else the last user message of ``prompt``
+    """verl / Guru: `extra_info["original_question"]` when present, else the last user message of `prompt`
     without its trailing boxed-answer instruction."""
     extra_info = _decode_json_field(row.get("extra_info"))
     if isinstance(extra_info, Mapping):
@@ -278,7 +289,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def build_prompt(question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The chat messages for one question: an optional system message, then ``question + "\\n" + INSTRUCTION``."""
+    """The chat messages for one question: an optional system message, then `question + "\\n" + INSTRUCTION`."""
     messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     messages.append({"role": "user", "content": question.strip() + "\n" + INSTRUCTION})
     return messages
@@ -335,20 +346,20 @@ def load_math_dataset(
     config: str | Sequence[str] | None = None,
     cache_dir: str | None = None,
 ) -> Any:
-    """Load a registered math source as a :class:`datasets.Dataset` with ``prompt``, ``solution`` and ``source``.
+    """Load a registered math source as a `datasets.Dataset` with `prompt`, `solution` and `source`.
 
     Args:
-        name: A key of :data:`DATASETS`.
-        path_or_hub_id: A local ``.jsonl`` / ``.json`` / ``.parquet`` file in the source's layout, or a Hub dataset id;
+        name: A key of `DATASETS`.
+        path_or_hub_id: A local `.jsonl` / `.json` / `.parquet` file in the source's layout, or a Hub dataset id;
             defaults to the source's Hub id.
-        split: Hub split; defaults to the source's usual one. Ignored for local files (their only split is ``train``).
+        split: Hub split; defaults to the source's usual one. Ignored for local files (their only split is `train`).
         system_prompt: Optional system message put before the user message.
-        num_proc: Processes for ``Dataset.map``.
+        num_proc: Processes for `Dataset.map`.
         config: Hub config(s), overriding the source's (several are concatenated).
-        cache_dir: ``datasets`` cache directory.
+        cache_dir: `datasets` cache directory.
 
     Raises:
-        KeyError: ``name`` is not registered (the message lists the known names).
+        KeyError: `name` is not registered (the message lists the known names).
         ValueError: The data lacks a question or answer column (the message names the column and the file).
     """
     if name not in DATASETS:

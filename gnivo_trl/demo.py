@@ -1,27 +1,29 @@
-"""``make demo``: GN-IVO improves a warm-started model on a multi-step reasoning task, offline, on CPU.
+"""`make demo`: GN-IVO improves a warm-started model on a multi-step reasoning task, offline, on CPU.
 
-The task is :mod:`gnivo_trl.synthetic`: chained arithmetic mod 10 (``3+4*2-5``), solved one step per line, steps
-separated by ``"\\n\\n"``, with an exact verifier (every step and the boxed answer must be right). The first run
-fine-tunes a ~0.1M-parameter Qwen2 model with TRL's ``SFTTrainer`` on noisy solutions (a few minutes, then cached in
-``~/.cache/gnivo-trl``); it slips on about a fifth of the steps, so it solves a minority of the problems. GN-IVO then
+The task is `gnivo_trl.synthetic`: chained arithmetic mod 10 (`3+4*2-5`), solved one step per line, steps
+separated by `"\\n\\n"`, with an exact verifier (every step and the boxed answer must be right). The first run
+fine-tunes a ~0.1M-parameter Qwen2 model with TRL's `SFTTrainer` on noisy solutions (a few minutes, then cached in
+`~/.cache/gnivo-trl`); it slips on about a fifth of the steps, so it solves a minority of the problems. GN-IVO then
 trains it with the exact-match reward for a short budget, and the demo prints test accuracy (one sample per held-out
 problem at temperature 1) before and after, the reward curve, and writes a PNG plot and the trained model.
 
-Usage::
+Usage:
 
-    python -m gnivo_trl.demo --output-dir demo_output [--steps 100] [--prefix-unit step]
-    python -m gnivo_trl.demo --task tools --output-dir demo_tools   # an agent calling a calculator tool
+```bash
+python -m gnivo_trl.demo --output-dir demo_output [--steps 100] [--prefix-unit step]
+python -m gnivo_trl.demo --task tools --output-dir demo_tools   # an agent calling a calculator tool
+```
 
-``--task tools`` runs the agent task of :mod:`gnivo_trl.agent_task` instead: the same problems solved by calling the
-``calculate`` tool once per step through TRL's tool loop (``tools=[calculate]``), rewarded only when every call and
+`--task tools` runs the agent task of `gnivo_trl.agent_task` instead: the same problems solved by calling the
+`calculate` tool once per step through TRL's tool loop (`tools=[calculate]`), rewarded only when every call and
 the boxed answer are right, with a tool-calling warm start (cached like the other) and one GN-IVO unit per assistant
-turn (``gnivo_prefix_unit="turn"``); test accuracy is measured through the same multi-turn tool loop. With the
+turn (`gnivo_prefix_unit="turn"`); test accuracy is measured through the same multi-turn tool loop. With the
 defaults it goes from about 30% to about 90% of the held-out problems in 100 steps (5 minutes on CPU, the 3.5-minute
 warm start included).
 
 The whole demo (warm start included) takes a few minutes on two CPU cores. Whether GN-IVO learns *faster* than GRPO
-on this task is measured, over seeds and tuned per method, by ``benchmarks/fair_comparison.py`` (results in
-``benchmarks/results/learning.md``).
+on this task is measured, over seeds and tuned per method, by `benchmarks/fair_comparison.py` (results in
+`benchmarks/results/learning.md`).
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ _BARS = " ▁▂▃▄▅▆▇█"
 
 
 def reward_sparkline(values: list[float], low: float = 0.0, high: float = 1.0) -> str:
-    """One character per value, from ``" "`` (``low``) to ``"█"`` (``high``): a text reward curve."""
+    """One character per value, from `" "` (`low`) to `"█"` (`high`): a text reward curve."""
     span = max(high - low, 1e-12)
     return "".join(_BARS[min(max(round((v - low) / span * (len(_BARS) - 1)), 0), len(_BARS) - 1)] for v in values)
 
 
 def _plot(path: Path, rewards: list[float], accuracy: list[tuple[int, float]], title: str) -> bool:
-    """Write the reward and accuracy curves to ``path``; False (and no file) when matplotlib is not installed."""
+    """Write the reward and accuracy curves to `path`; False (and no file) when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:  # matplotlib is a test extra, not a dependency of the package
@@ -67,8 +69,8 @@ def _plot(path: Path, rewards: list[float], accuracy: list[tuple[int, float]], t
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    """The demo's command line; ``--prefix-unit`` defaults by ``--task`` (``step`` for ``arithmetic``, ``turn`` for
-    ``tools``)."""
+    """The demo's command line; `--prefix-unit` defaults by `--task` (`step` for `arithmetic`, `turn` for
+    `tools`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--task",
@@ -102,7 +104,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the demo; returns a summary (also written to ``<output-dir>/summary.json``)."""
+    """Run the demo; returns a summary (also written to `<output-dir>/summary.json`)."""
     args = parse_arguments(argv)
 
     import torch

@@ -1,21 +1,22 @@
 """Sampling-based metrics for maths benchmarks: pass@k (unbiased estimator), avg@n, and their report formats.
 
-For a problem with ``n`` sampled completions of which ``c`` are correct, the unbiased estimator of pass@k
+For a problem with `n` sampled completions of which `c` are correct, the unbiased estimator of pass@k
 (Chen et al., 2021, "Evaluating Large Language Models Trained on Code") is
 
     pass@k = 1 - C(n - c, k) / C(n, k),
 
-the probability that a random subset of ``k`` of the ``n`` samples contains at least one correct one; avg@n is the
-mean accuracy ``c / n`` (so pass@1 estimated from ``n`` samples equals avg@n). Benchmark scores are the means of the
-per-problem values. Problems without a usable gold answer (the reward function returned ``None``) are excluded
+the probability that a random subset of `k` of the `n` samples contains at least one correct one; avg@n is the
+mean accuracy `c / n` (so pass@1 estimated from `n` samples equals avg@n). Benchmark scores are the means of the
+per-problem values. Problems without a usable gold answer (the reward function returned `None`) are excluded
 and counted separately.
 
-Example::
+Examples:
+    ```python
+    from gnivo_trl.evaluation import pass_at_k, summarize_benchmark
 
-    >>> pass_at_k(num_samples=4, num_correct=1, k=2)
-    0.5
-    >>> summarize_benchmark([[True, False], [False, False]], ks=(1, 2))["pass@2"]
-    0.5
+    print(pass_at_k(num_samples=4, num_correct=1, k=2))  # 0.5
+    print(summarize_benchmark([[True, False], [False, False]], ks=(1, 2))["pass@2"])  # 0.5
+    ```
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ __all__ = ["format_markdown_table", "pass_at_k", "score_samples", "summarize_ben
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    """Unbiased pass@k estimate ``1 - C(n - c, k) / C(n, k)`` for one problem.
+    """Unbiased pass@k estimate `1 - C(n - c, k) / C(n, k)` for one problem.
 
-    Computed as ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``, which is exact in exact arithmetic and stable for large
-    ``n`` (no huge binomials).
+    Computed as `1 - prod_{i = n - c + 1}^{n} (1 - k / i)`, which is exact in exact arithmetic and stable for large
+    `n` (no huge binomials).
 
     Args:
-        num_samples: ``n``, the completions sampled for the problem.
-        num_correct: ``c``, how many of them are correct (``0 <= c <= n``).
-        k: The ``k`` of pass@k (``1 <= k <= n``).
+        num_samples: `n`, the completions sampled for the problem.
+        num_correct: `c`, how many of them are correct (`0 <= c <= n`).
+        k: The `k` of pass@k (`1 <= k <= n`).
 
     Raises:
-        ValueError: ``k`` outside ``[1, n]`` or ``c`` outside ``[0, n]``.
+        ValueError: `k` outside `[1, n]` or `c` outside `[0, n]`.
     """
     if num_samples < 1 or not 1 <= k <= num_samples:
         raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={num_samples}")
@@ -56,14 +57,14 @@ def summarize_benchmark(
     """Benchmark-level metrics from per-problem, per-sample correctness.
 
     Args:
-        correct: One sequence per problem, one entry per sampled completion: truthy when correct, ``None`` when the
+        correct: One sequence per problem, one entry per sampled completion: truthy when correct, `None` when the
             problem's gold answer is unusable (the whole problem is then excluded). Every scored problem must have
-            the same number of samples ``n``.
-        ks: The ``k`` values of pass@k to report (each ``<= n``).
+            the same number of samples `n`.
+        ks: The `k` values of pass@k to report (each `<= n`).
 
     Returns:
-        ``{"num_problems", "num_skipped", "num_samples", "avg@n", "pass@k" for each k}``, where ``avg@n`` is
-        literally keyed with the value of n (e.g. ``"avg@4"``). Scores are in [0, 1]; with no scored problem they
+        `{"num_problems", "num_skipped", "num_samples", "avg@n", "pass@k" for each k}`, where `avg@n` is
+        literally keyed with the value of n (e.g. `"avg@4"`). Scores are in [0, 1]; with no scored problem they
         are NaN.
     """
     scored = [row for row in correct if len(row) and all(value is not None for value in row)]
@@ -86,10 +87,10 @@ def summarize_benchmark(
 
 
 def format_markdown_table(results: Mapping[str, Mapping[str, Any]], percent: bool = True) -> str:
-    """A Markdown table with one row per benchmark and one column per metric (``avg@n``, ``pass@k``, problems).
+    """A Markdown table with one row per benchmark and one column per metric (`avg@n`, `pass@k`, problems).
 
     Args:
-        results: ``{benchmark: summarize_benchmark(...)}``.
+        results: `{benchmark: summarize_benchmark(...)}`.
         percent: Show scores as percentages with one decimal (else as fractions with three decimals).
     """
     metric_names: list[str] = []
@@ -116,16 +117,17 @@ def format_markdown_table(results: Mapping[str, Mapping[str, Any]], percent: boo
 def score_samples(
     completions: Sequence[Sequence[Any]], solutions: Sequence[Any], reward_func: Any = None
 ) -> list[list[float | None]]:
-    """Grade ``completions[p][j]`` (sample ``j`` of problem ``p``) against ``solutions[p]``.
+    """Grade `completions[p][j]` (sample `j` of problem `p`) against `solutions[p]`.
 
     Args:
         completions: Per problem, its sampled completions (strings or chat messages).
         solutions: Per problem, the gold answer.
-        reward_func: A TRL-style reward function ``f(completions, solution) -> list[float | None]``; defaults to
-            :func:`gnivo_trl.rewards.math_accuracy_reward`. All samples are graded in one call.
+        reward_func: A TRL-style reward function `f(completions, solution) -> list[float | None]`; defaults to
+            [`gnivo_trl.rewards.math_accuracy_reward`][gnivo_trl.rewards.math_accuracy_reward]. All samples are graded
+            in one call.
 
     Returns:
-        Per problem, per sample: 1.0 / 0.0, or ``None`` where the gold answer is unusable.
+        Per problem, per sample: 1.0 / 0.0, or `None` where the gold answer is unusable.
     """
     if reward_func is None:
         from .rewards import math_accuracy_reward as reward_func

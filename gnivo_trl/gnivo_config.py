@@ -1,4 +1,4 @@
-"""Configuration of :class:`gnivo_trl.GNIVOTrainer`."""
+"""Configuration of `gnivo_trl.GNIVOTrainer`."""
 
 from __future__ import annotations
 
@@ -14,31 +14,38 @@ WEIGHT_NORMALIZATIONS = ("softmax", "none")
 
 @dataclass
 class GNIVOConfig(GRPOConfig):
-    r"""
-    Configuration of [`GNIVOTrainer`]: Group-Normalized Implicit Value Optimization (Choi et al., ICLR 2026).
+    r"""Configuration of [`GNIVOTrainer`][gnivo_trl.GNIVOTrainer]: Group-Normalized Implicit Value Optimization.
 
-    Inherits every [`trl.GRPOConfig`] field. GN-IVO replaces GRPO's clipped-ratio loss, so `loss_type`, `epsilon`,
+    Inherits every `trl.GRPOConfig` field. GN-IVO replaces GRPO's clipped-ratio loss, so `loss_type`, `epsilon`,
     `epsilon_high`, `delta`, `importance_sampling_level`, `scale_rewards` and the other GRPO loss knobs have no
-    effect. What still applies: generation (including vLLM), reward functions and `reward_weights`, `beta` (TRL's
-    per-token KL penalty to the frozen initial model, token-averaged as with `loss_type="dapo"`), `num_iterations`,
-    batching, logging and saving. GRPO options that cannot carry over are refused at construction.
+    effect. Generation (vLLM included), reward functions and `reward_weights`, `beta` (TRL's per-token KL penalty to
+    the frozen initial model), `num_iterations`, batching, logging and saving still apply. GRPO options that cannot
+    carry over are refused at construction, with a `ValueError` naming the field and the fix. The only default that
+    differs from `GRPOConfig` is `num_generations=4`, the paper's K. The
+    [GN-IVO trainer page](https://gnivo-trl.github.io/gnivo-trl/gnivo_trainer/#configuration-reference) lists every
+    field with its default.
 
-    The only default that differs from `GRPOConfig` is `num_generations=4`, the paper's K.
+    Args:
+        gnivo_alpha (float): Reward temperature alpha of the target `pi_old * exp(R / alpha) / Z`; > 0. Defaults to
+            0.2, the paper's.
+        gnivo_prefix_unit (str): What closes a prefix. `"token"` (default): every completion token. `"step"`: a
+            token whose decoded text completes an occurrence of `gnivo_step_delimiter` (the paper's reasoning steps).
+            `"turn"`: the last model token of each assistant turn of a multi-turn rollout with `tools=` or
+            `environment_factory=` (without tool output this is `"sequence"`). `"sequence"`: only the last token,
+            the paper's one-step variant. Tool output never takes part in the loss.
+        gnivo_step_delimiter (str): Text that separates reasoning steps when `gnivo_prefix_unit="step"`. Defaults
+            to `"\n\n"`.
+        gnivo_weight_normalization (str): `"softmax"` (default): target weights `softmax(R / alpha)` over the group,
+            what the authors ran. `"none"`: the paper's Eq. 9 weights `exp(R / alpha) / K`, the only form whose
+            minimiser is exact at every prefix; rewards with `R / alpha > 60` are refused.
 
-    Parameters:
-        gnivo_alpha (`float`, *optional*, defaults to `0.2`):
-            Reward temperature alpha of the target pi_old * exp(R / alpha) / Z. Must be > 0.
-        gnivo_prefix_unit (`str`, *optional*, defaults to `"token"`):
-            What closes a prefix: `"token"` (every completion token), `"step"` (a token whose decoded text ends an
-            occurrence of `gnivo_step_delimiter`; the paper's reasoning steps), `"turn"` (the last model token of each
-            assistant turn of a multi-turn rollout with `tools=` or `environment_factory=`: the last token before each
-            tool response, and the completion's last token; without tool output this is the same as `"sequence"`), or
-            `"sequence"` (only the last token; the paper's one-step variant). Tool output never takes part in the loss.
-        gnivo_step_delimiter (`str`, *optional*, defaults to `"\n\n"`):
-            Text that separates reasoning steps when `gnivo_prefix_unit="step"`.
-        gnivo_weight_normalization (`str`, *optional*, defaults to `"softmax"`):
-            `"softmax"`: target weights softmax(R / alpha) over the group (what the authors ran). `"none"`: the
-            paper's Eq. 9 weights exp(R / alpha) / K, the only form whose minimiser is exact at every prefix.
+    Examples:
+        ```python
+        from gnivo_trl import GNIVOConfig
+
+        args = GNIVOConfig(output_dir="qwen-gnivo", gnivo_prefix_unit="step", learning_rate=1e-6)
+        print(args.num_generations)  # 4, the paper's K
+        ```
     """
 
     num_generations: int | None = field(

@@ -1,4 +1,22 @@
-"""GN-IVO as a TRL ``GRPOTrainer`` subclass."""
+"""GN-IVO as a TRL `GRPOTrainer` subclass.
+
+Implementation notes (users read the class docstring and the GN-IVO trainer page of the docs):
+
+* At generation time, `_add_group_statistics` computes on the gathered, global rewards every group quantity the loss
+  needs (target weights, membership, weight sums, group sizes, the horizon `T_g`) and slices it back to the local rows.
+* When `per_device_train_batch_size` is a multiple of `num_generations`, whole groups are shuffled (never single rows),
+  every micro-batch holds complete groups, and the exact loss is computed with the current policy's group softmax.
+  This is required whenever the policy moves while a generation batch is in use (`num_iterations > 1`, or
+  `steps_per_generation` not dividing `gradient_accumulation_steps`).
+* Otherwise the policy cannot have moved since generation (the config refuses the other case), the group softmax is
+  uniform, and each row's gradient needs only the generation-time group quantities
+  (`gnivo_trl.losses.gnivo_linearized_row_loss`), so groups may be split over micro-batches and processes.
+* Either way the gradient of an optimizer step equals that of the mean of `L_g` over all groups of the global batch
+  (docs/algorithms.md#layout-independence). Rows with a NaN reward and rows masked by vLLM's sequence-level
+  importance sampling leave their group; with `"sequence_truncate"` the ratio multiplies the row's target weight.
+* Tool output (`tool_mask` 0) takes no part in the loss, its prefix sums or its units; `gnivo_prefix_unit="turn"`
+  closes a unit at the last model token of each assistant turn (`gnivo_trl.steps.turn_unit_ends`).
+"""
 
 from __future__ import annotations
 
@@ -31,39 +49,41 @@ _GROUP_FIELDS = ("gnivo_weights", "gnivo_member", "gnivo_weight_sum", "gnivo_gro
 
 
 class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
-    """Trainer for Group-Normalized Implicit Value Optimization (GN-IVO).
+    """Trainer for Group-Normalized Implicit Value Optimization (GN-IVO), a drop-in subclass of TRL's `GRPOTrainer`.
 
-    GN-IVO (Choi et al., ICLR 2026) fits the prefix log-ratio ``log pi_theta(y_<=t) / pi_old(y_<=t)`` of the K
-    completions of a prompt, through a softmax over the group, to the target weights ``softmax(R / alpha)``: a
-    cross-entropy averaged exactly over every prefix ``t`` of the group's horizon. The implied soft value of each
-    prefix gives credit assignment without a critic. The loss is :func:`gnivo_trl.losses.gnivo_loss` (SPEC section 3).
+    GN-IVO ([Choi et al., ICLR 2026](https://openreview.net/forum?id=eFXmrCun0c)) reads a soft value for every prefix
+    of a completion off the policy itself, the prefix log-ratio `log pi_theta(y_<=t) / pi_old(y_<=t)`. It fits these
+    values, through a softmax over the K completions of a prompt, to the target weights `softmax(R / alpha)`,
+    averaged exactly over every prefix. The loss is [`gnivo_loss`][gnivo_trl.losses.gnivo_loss]. Everything else is
+    `GRPOTrainer`'s: generation (transformers or vLLM), reward functions, `beta`'s KL penalty to the frozen initial
+    model, DeepSpeed ZeRO, PEFT, logging, checkpoints and Hub pushes.
 
-    Everything but the loss is ``GRPOTrainer``'s: generation (transformers or vLLM), reward functions, ``beta``'s KL
-    penalty to the frozen initial model, DeepSpeed / FSDP, PEFT, logging, checkpoints and Hub pushes.
+    The [GN-IVO trainer page](https://gnivo-trl.github.io/gnivo-trl/gnivo_trainer/) explains the prefix units, the
+    batch layout, the logged metrics and what is refused.
 
-    How the batch layout is handled:
+    Args:
+        model (str | PreTrainedModel): The policy, as for `GRPOTrainer`: a Hub id, a local directory or a loaded
+            causal LM.
+        reward_funcs (Callable | list[Callable] | str | None): The reward functions, as for `GRPOTrainer`.
+        args (GNIVOConfig): The configuration. Defaults to `GNIVOConfig("<model name>-GNIVO")`. A plain `GRPOConfig`
+            is refused (`TypeError`): it lacks the `gnivo_*` fields.
+        **kwargs (Any): Every other `GRPOTrainer` argument (`train_dataset`, `processing_class`, `peft_config`,
+            `tools`, `environment_factory`, `callbacks`, ...).
 
-    * When ``per_device_train_batch_size`` is a multiple of ``num_generations``, whole groups are shuffled (never
-      single rows), every micro-batch holds complete groups, and the exact loss is computed with the current
-      policy's group softmax. This is required whenever the policy moves while a generation batch is in use
-      (``num_iterations > 1``, or ``steps_per_generation`` not dividing ``gradient_accumulation_steps``).
-    * Otherwise the policy cannot have moved since generation (the config refuses the other case), the group softmax
-      is uniform, and each row's gradient needs only group quantities computed at generation time
-      (:func:`gnivo_trl.losses.gnivo_linearized_row_loss`), so groups may be split over micro-batches and processes.
+    Examples:
+        ```python
+        from gnivo_trl import GNIVOConfig, GNIVOTrainer
+        from gnivo_trl.data import load_math_dataset
+        from gnivo_trl.rewards import math_accuracy_reward
 
-    Either way the gradient of an optimizer step equals that of the mean of ``L_g`` over all groups of the global
-    batch. Rows with a NaN reward (every reward function returned None) and rows masked by vLLM's sequence-level
-    importance-sampling correction leave their group; with ``"sequence_truncate"`` the ratio multiplies the row's
-    target weight. Token-level importance-sampling modes are refused by :class:`GNIVOConfig`.
-
-    Multi-turn rollouts (TRL's ``tools=`` or ``environment_factory=``): tool output appended between assistant turns
-    (``tool_mask`` 0) takes no part in the loss, its prefix sums or its units; ``gnivo_prefix_unit="turn"`` closes a
-    unit at the last model token of each assistant turn (:func:`gnivo_trl.steps.turn_unit_ends`).
-
-    Logged metrics (all reduced over processes): ``gnivo/loss``, ``gnivo/weight_entropy`` (entropy of the normalised
-    target weights, averaged over groups; ``log K`` means no preference), ``gnivo/prefix_horizon`` (mean ``T_g``),
-    ``gnivo/member_fraction``, ``entropy``, ``kl`` when ``beta > 0`` and ``aux_loss`` for MoE models (whose router
-    load-balancing loss is added as GRPO adds it).
+        trainer = GNIVOTrainer(
+            model="Qwen/Qwen2.5-Math-1.5B",
+            reward_funcs=math_accuracy_reward,
+            args=GNIVOConfig(output_dir="qwen-gnivo", gnivo_prefix_unit="step"),
+            train_dataset=load_math_dataset("math"),
+        )
+        trainer.train()
+        ```
     """
 
     _tag_names = ["trl", "gnivo"]
@@ -108,7 +128,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _unit_ends(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor | None:
-        """Unit boundaries ``(B, T)`` bool as the loss expects them, for the rows of ``mask`` (the ``(B, T)`` loss
+        """Unit boundaries `(B, T)` bool as the loss expects them, for the rows of `mask` (the `(B, T)` loss
         mask, tool output 0): None for tokens, all-False for whole sequences (the loss adds each row's last token),
         the last model token before each tool response for turns, the decoded delimiters for steps."""
         unit = self.args.gnivo_prefix_unit

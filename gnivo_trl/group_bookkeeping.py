@@ -1,24 +1,24 @@
 """Trainer plumbing shared by GNIVOTrainer and VIMPOTrainer: raw rewards, group identity and whole-group batches.
 
-TRL's ``GRPOTrainer`` turns rewards into advantages inside ``_generate_and_score_completions`` and then shuffles the
+TRL's `GRPOTrainer` turns rewards into advantages inside `_generate_and_score_completions` and then shuffles the
 rows of a generation batch one by one before cutting it into micro-batches. Both of our losses need more than an
 advantage per row: the raw reward, the row's group, and statistics of the whole group, which may be spread over
 processes. This mixin
 
-* stashes the gathered per-function rewards (``_calculate_rewards`` is the only hook that sees them) and attaches
-  to every row its raw reward (``row_rewards``) and global group index (``row_group_index``);
+* stashes the gathered per-function rewards (`_calculate_rewards` is the only hook that sees them) and attaches
+  to every row its raw reward (`row_rewards`) and global group index (`row_group_index`);
 * hands the subclass the gathered, global rewards so that it can attach per-row group statistics computed on whole
-  groups (``_add_group_statistics``), then sliced back to the local rows;
-* when ``per_device_train_batch_size`` is a multiple of the group size, shuffles whole groups instead of rows, so
+  groups (`_add_group_statistics`), then sliced back to the local rows;
+* when `per_device_train_batch_size` is a multiple of the group size, shuffles whole groups instead of rows, so
   that every micro-batch holds complete groups;
 * builds the reference of a policy passed as an instance as a copy of it, taken before TRL patches the policy and
-  then prepared exactly as TRL prepares its own (TRL would reload ``config._name_or_path``, which an instance changed
+  then prepared exactly as TRL prepares its own (TRL would reload `config._name_or_path`, which an instance changed
   in memory no longer is, or which a model built from a config does not have); under DeepSpeed ZeRO-3, where the
   instance's weights may already be shards, the copy is rebuilt from the config and filled from gathered weights;
-* turns bad input into clear errors or documented behaviour: a dataset without a ``prompt`` column is refused at
-  construction (unless an ``environment_factory`` supplies the prompts, as TRL allows), an exception in a reward function is re-raised as :class:`RewardFunctionError` naming the function,
-  and a row whose weighted reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning
-  for infinities.
+* turns bad input into clear errors or documented behaviour: a dataset without a `prompt` column is refused at
+  construction (unless an `environment_factory` supplies the prompts, as TRL allows), an exception in a reward function
+  is re-raised as [`RewardFunctionError`][gnivo_trl.RewardFunctionError] naming the function, and a row whose weighted
+  reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning for infinities.
 
 Every value attached to the batch is a tensor with the batch as its first dimension, so TRL's shuffling, splitting
 and buffering carry it along.
@@ -81,13 +81,24 @@ _MULTIMODAL_INPUTS = (
 
 
 class RewardFunctionError(RuntimeError):
-    """A reward function raised. The message names the function; the original exception is the ``__cause__``."""
+    """A reward function raised. The message names the function; the original exception is the `__cause__`.
+
+    Examples:
+        ``python
+        from gnivo_trl import RewardFunctionError
+
+        try:
+            raise RewardFunctionError("reward function 'my_reward' raised KeyError")
+        except RewardFunctionError as error:
+            print(error)  # in training, error.__cause__ is the original exception
+        ``
+    """
 
 
 def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
-    """Permute the groups of a batch (rows ``[g*K, (g+1)*K)``), keeping each group's rows together and in order.
+    """Permute the groups of a batch (rows `[g*K, (g+1)*K)`), keeping each group's rows together and in order.
 
-    Like TRL's ``shuffle_sequence_dict``, tensors with ``ndim >= 1`` and lists are permuted along their first
+    Like TRL's `shuffle_sequence_dict`, tensors with `ndim >= 1` and lists are permuted along their first
     dimension, 0-d tensors and None are left alone, and the permutation comes from the global torch RNG.
     """
     num_rows = len(next(v for v in batch.values() if v is not None and not _is_scalar(v)))
@@ -107,13 +118,13 @@ def shuffle_whole_groups(batch: dict[str, Any], group_size: int) -> dict[str, An
 
 
 def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
-    """The ``(B, T)`` mask of tokens that take part in the loss: completion tokens, less tool output."""
+    """The `(B, T)` mask of tokens that take part in the loss: completion tokens, less tool output."""
     mask = batch["completion_mask"]
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
 
 
 def prompt_completion_sequences(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(prompt + completion ids, their attention mask, number of completion positions)`` of a scored batch."""
+    """`(prompt + completion ids, their attention mask, number of completion positions)` of a scored batch."""
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     return input_ids, attention_mask, batch["completion_ids"].size(1)
@@ -124,10 +135,10 @@ def _is_scalar(value) -> bool:
 
 
 def _check_prompt_column(dataset, argument: str, has_environment: bool = False) -> None:
-    """Refuse a dataset (or a dict of datasets) whose known columns do not include ``prompt``.
+    """Refuse a dataset (or a dict of datasets) whose known columns do not include `prompt`.
 
-    With an ``environment_factory`` (``has_environment``) the column is optional, as in TRL: a row without it starts
-    from an empty user message and the environment's ``reset()`` supplies the prompt, so any columns are accepted.
+    With an `environment_factory` (`has_environment`) the column is optional, as in TRL: a row without it starts
+    from an empty user message and the environment's `reset()` supplies the prompt, so any columns are accepted.
     """
     if dataset is None or has_environment:
         return
@@ -146,7 +157,7 @@ def _check_prompt_column(dataset, argument: str, has_environment: bool = False) 
 
 
 def _failing_reward_function(error: BaseException) -> str | None:
-    """Name of the reward function an exception escaped from, read off TRL's ``_calculate_rewards`` frames.
+    """Name of the reward function an exception escaped from, read off TRL's `_calculate_rewards` frames.
 
     Returns None when the exception was raised by TRL itself (its own errors already name the function) or when no
     reward-function frame is on the traceback.
@@ -165,16 +176,16 @@ def _failing_reward_function(error: BaseException) -> str | None:
 
 
 def _is_zero3_partitioned(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s parameters are DeepSpeed ZeRO-3 shards: loaded while a ZeRO-3 config was alive (a
-    ``TrainingArguments`` built before ``from_pretrained``, with ``zero3_init_flag``), which ``zero.Init`` partitions."""
+    """Whether `model`'s parameters are DeepSpeed ZeRO-3 shards: loaded while a ZeRO-3 config was alive (a
+    `TrainingArguments` built before `from_pretrained`, with `zero3_init_flag`), which `zero.Init` partitions."""
     return any(hasattr(parameter, "ds_id") for parameter in model.parameters())
 
 
 def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``model`` as it is now, for the reference of a policy passed as an instance.
+    """A frozen copy of `model` as it is now, for the reference of a policy passed as an instance.
 
     A plain model is deep-copied. A model whose parameters are ZeRO-3 shards cannot be (a copy of a shard is not a
-    model): its architecture is rebuilt from its config (``zero.Init`` partitions it the same way) and each
+    model): its architecture is rebuilt from its config (`zero.Init` partitions it the same way) and each
     parameter is copied from the policy's gathered values, one parameter at a time; every rank must call this.
     """
     if not _is_zero3_partitioned(model):
@@ -199,7 +210,7 @@ def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def cast_output_head_to_float32(model: torch.nn.Module) -> None:
-    """What ``cast_lm_head_to_fp32`` does to a model: its output head's weights in float32 and its projection
+    """What `cast_lm_head_to_fp32` does to a model: its output head's weights in float32 and its projection
     computed in float32; a tied input embedding (which shares the weights) keeps handing the rest of the model
     activations of the model's own dtype."""
     head = model.get_output_embeddings()
@@ -217,7 +228,7 @@ def cast_output_head_to_float32(model: torch.nn.Module) -> None:
 
 
 class GroupBookkeepingMixin:
-    """Mixed in before ``GRPOTrainer``; subclasses implement :meth:`_add_group_statistics` and ``_compute_loss``."""
+    """Mixed in before `GRPOTrainer`; subclasses implement `_add_group_statistics` and `_compute_loss`."""
 
     _stashed_rewards_per_func: torch.Tensor | None = None
 
@@ -260,10 +271,10 @@ class GroupBookkeepingMixin:
         return config.beta != 0.0
 
     def _prepared_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
-        """A copy of the initial policy made into the reference exactly as ``GRPOTrainer`` makes its own: dropout off
-        (``disable_dropout``), the head in float32 (``cast_lm_head_to_fp32``), TRL's fused LM head at the sampling
+        """A copy of the initial policy made into the reference exactly as `GRPOTrainer` makes its own: dropout off
+        (`disable_dropout`), the head in float32 (`cast_lm_head_to_fp32`), TRL's fused LM head at the sampling
         temperature, prepared by DeepSpeed (sharded under ZeRO-3), FSDP or accelerate for evaluation, and kept in
-        step with the policy by ``sync_ref_model``."""
+        step with the policy by `sync_ref_model`."""
         args = self.args
         if args.disable_dropout:
             disable_dropout_in_model(reference)
@@ -341,16 +352,16 @@ class GroupBookkeepingMixin:
     def _add_group_statistics(
         self, output: dict[str, Any], global_rewards: torch.Tensor, local: slice, group_size: int, mode: str
     ) -> None:
-        """Attach per-row tensors computed on whole groups. ``global_rewards`` is ``(P * B,)`` in global order."""
+        """Attach per-row tensors computed on whole groups. `global_rewards` is `(P * B,)` in global order."""
         raise NotImplementedError
 
     def _policy_token_logps(
         self, model, inputs: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs and entropies ``(B, C)`` of the completion tokens under ``model`` (with gradient), and
-        the MoE router's load-balancing loss (0-d, None unless GRPO would add it: ``self.aux_loss_enabled``).
+        """Per-token log-probs and entropies `(B, C)` of the completion tokens under `model` (with gradient), and
+        the MoE router's load-balancing loss (0-d, None unless GRPO would add it: `self.aux_loss_enabled`).
 
-        GRPO's own forward (the fused LM head: no ``(B, T, V)`` logits), with every multimodal input it accepts.
+        GRPO's own forward (the fused LM head: no `(B, T, V)` logits), with every multimodal input it accepts.
         """
         return self._get_per_token_logps_and_entropies(
             model,
@@ -361,8 +372,8 @@ class GroupBookkeepingMixin:
         )
 
     def _add_aux_loss(self, loss: torch.Tensor, aux_loss: torch.Tensor | None, mode: str) -> torch.Tensor:
-        """``loss`` plus the MoE load-balancing loss exactly as GRPO adds it (``router_aux_loss_coef``, scaled for
-        gradient accumulation), logged as ``aux_loss``; ``loss`` unchanged for a dense model."""
+        """`loss` plus the MoE load-balancing loss exactly as GRPO adds it (`router_aux_loss_coef`, scaled for
+        gradient accumulation), logged as `aux_loss`; `loss` unchanged for a dense model."""
         if aux_loss is None:
             return loss
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -371,13 +382,13 @@ class GroupBookkeepingMixin:
 
     @staticmethod
     def _multimodal_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-        """The multimodal inputs of a batch that ``_get_per_token_logps_and_entropies`` accepts (None if absent)."""
+        """The multimodal inputs of a batch that `_get_per_token_logps_and_entropies` accepts (None if absent)."""
         return {name: batch.get(name) for name in _MULTIMODAL_INPUTS}
 
     def _token_mean_normalizer(self, inputs: dict[str, Any], mode: str) -> torch.Tensor:
         """Divisor that makes a per-micro-batch token sum the token mean over the generation batch.
 
-        Exactly GRPO's ``loss_type="dapo"`` normalisation: the global token count of the generation batch, shared
+        Exactly GRPO's `loss_type="dapo"` normalisation: the global token count of the generation batch, shared
         among processes (DDP averages gradients) and among the micro-steps of an optimizer step.
         """
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -390,7 +401,7 @@ class GroupBookkeepingMixin:
         return self.accelerator.gather(tensor.contiguous())
 
     def _log_mean_over_processes(self, mode: str, name: str, value_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Log ``sum / count`` of a quantity summed over every process (every rank must call this)."""
+        """Log `sum / count` of a quantity summed over every process (every rank must call this)."""
         stats = torch.stack([value_sum.detach().float().reshape(()), count.detach().float().reshape(())])
         total, total_count = self.accelerator.reduce(stats, reduction="sum").tolist()
         self._metrics[mode][name].append(total / total_count if total_count > 0 else float("nan"))

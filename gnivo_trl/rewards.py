@@ -1,50 +1,51 @@
-r"""Verifiable math rewards for TRL trainers: :func:`math_accuracy_reward` and :func:`format_reward`.
+r"""Verifiable math rewards for TRL trainers: [`math_accuracy_reward`][gnivo_trl.rewards.math_accuracy_reward] and
+[`format_reward`][gnivo_trl.rewards.format_reward].
 
-Both follow TRL's reward-function convention: they take ``completions`` (plain strings, or conversational lists such
-as ``[{"role": "assistant", "content": "..."}]``), the dataset columns as keyword arguments (``solution`` holds the
-gold answers, one per completion) and return one float per completion. Extra keyword arguments (``trainer_state``,
-``log_metric``, other dataset columns) are ignored; ``log_extra``, when the trainer passes it, receives the extracted
-answers as the ``math_answer`` column of the completions table.
+Both follow TRL's reward-function convention: they take `completions` (plain strings, or conversational lists such
+as `[{"role": "assistant", "content": "..."}]`), the dataset columns as keyword arguments (`solution` holds the
+gold answers, one per completion) and return one float per completion. Extra keyword arguments (`trainer_state`,
+`log_metric`, other dataset columns) are ignored; `log_extra`, when the trainer passes it, receives the extracted
+answers as the `math_answer` column of the completions table.
 
-Equivalence is decided symbolically by `math-verify <https://github.com/huggingface/Math-Verify>`_ (``parse`` +
-``verify`` with its LaTeX and plain-expression extraction configs), which is built on ``latex2sympy2_extended``, the
-maintained fork of latex2sympy2. The original ``latex2sympy2`` on PyPI pins ``antlr4`` 4.7.2 and cannot be installed
+Equivalence is decided symbolically by `math-verify <https://github.com/huggingface/Math-Verify>`_ (`parse` +
+`verify` with its LaTeX and plain-expression extraction configs), which is built on `latex2sympy2_extended`, the
+maintained fork of latex2sympy2. The original `latex2sympy2` on PyPI pins `antlr4` 4.7.2 and cannot be installed
 beside math-verify or TRL; it is not used. math-verify is imported lazily: install it with
-``pip install gnivo-trl[math]``.
+`pip install gnivo-trl[math]`.
 
 Decisions, in the order a completion meets them:
 
-* **Final text.** If the completion contains ``</think>``, only the text after the *last* ``</think>`` counts. If it
-  opens ``<think>`` and never closes it, the reasoning was cut off and there is no final answer (reward 0.0). An
+* **Final text.** If the completion contains `</think>`, only the text after the *last* `</think>` counts. If it
+  opens `<think>` and never closes it, the reasoning was cut off and there is no final answer (reward 0.0). An
   answer that only appears inside the reasoning earns nothing.
-* **Extraction.** The *last* ``\boxed{...}`` (or ``\fbox{...}``, or ``\boxed 5``) of the final text is the answer;
-  braces are matched with nesting, and escaped braces (``\{``, ``\}``) are content. If that last box is empty or its
+* **Extraction.** The *last* `\boxed{...}` (or `\fbox{...}`, or `\boxed 5`) of the final text is the answer;
+  braces are matched with nesting, and escaped braces (`\{`, `\}`) are content. If that last box is empty or its
   braces never close (truncated output), the answer is missing (0.0): the model's last committed answer is broken, and
   falling back to an earlier box or to prose would reward something it retracted. Only when there is no box at all are
-  fallbacks tried, on the last :data:`FALLBACK_WINDOW_CHARS` characters: the last "final answer is X" / "the answer
-  is X" / "Answer: X" line, then the last GSM8K-style "#### X", then a math span (``$...$``, ``$$...$$``, ``\(...\)``,
-  ``\[...\]``) that ends the text. A bare number somewhere in the prose is *not* taken: that would reward guessing.
+  fallbacks tried, on the last `FALLBACK_WINDOW_CHARS` characters: the last "final answer is X" / "the answer
+  is X" / "Answer: X" line, then the last GSM8K-style "#### X", then a math span (`$...$`, `$$...$$`, `\(...\)`,
+  `\[...\]`) that ends the text. A bare number somewhere in the prose is *not* taken: that would reward guessing.
 * **Normalisation** (ours, before math-verify's own, each fixing a case math-verify gets wrong): outer math
-  delimiters are stripped; ``°`` becomes ``^\circ``; thin-space thousands separators are removed (math-verify reads
-  ``1\,000`` as ``1 \cdot 000 = 0``); a number set in text mode is taken out of it (``\text{5 cm}`` becomes
-  ``5\text{ cm}``, whose unit math-verify drops); a repeating decimal ``0.1\overline{6}`` becomes the exact fraction.
-* **Gold answers** may be bare (``"1/2"``, ``"\frac{1}{2}"``), boxed, a full MATH-style solution containing a box (the
-  last box is the answer), a GSM8K answer ending in ``#### 42``, a number, or a list of answers (joined with ``, ``,
+  delimiters are stripped; `°` becomes `^\circ`; thin-space thousands separators are removed (math-verify reads
+  `1\,000` as `1 \cdot 000 = 0`); a number set in text mode is taken out of it (`\text{5 cm}` becomes
+  `5\text{ cm}`, whose unit math-verify drops); a repeating decimal `0.1\overline{6}` becomes the exact fraction.
+* **Gold answers** may be bare (`"1/2"`, `"\frac{1}{2}"`), boxed, a full MATH-style solution containing a box (the
+  last box is the answer), a GSM8K answer ending in `#### 42`, a number, or a list of answers (joined with `, `,
   which math-verify reads as a set). A gold answer that is empty, or that math-verify cannot turn into a sympy object
-  (broken LaTeX such as ``\frac{1}{``, bare symbols such as ``@@@``), gets reward ``None``: TRL's convention for
+  (broken LaTeX such as `\frac{1}{`, bare symbols such as `@@@`), gets reward `None`: TRL's convention for
   "no reward for this function on this row", so the row does not count as a failure. A warning is logged once.
-* **Verdict.** 1.0 when ``verify(gold, answer)`` holds, else 0.0. An answer longer than :data:`MAX_ANSWER_CHARS` is
-  0.0 without parsing. Anything raised while scoring one answer is caught and scores 0.0 (or ``None`` when it was the
+* **Verdict.** 1.0 when `verify(gold, answer)` holds, else 0.0. An answer longer than `MAX_ANSWER_CHARS` is
+  0.0 without parsing. Anything raised while scoring one answer is caught and scores 0.0 (or `None` when it was the
   gold answer that failed): model output never raises. Behaviours inherited from math-verify worth knowing: numeric
-  comparison rounds to 6 decimals (``0.3333333`` equals ``\frac{1}{3}``, ``0.333`` does not, nor does ``3.14`` equal
-  ``\pi``); percentages compare either way (``50\%`` equals both ``50`` and ``0.5``); ``(1, 2)`` is read as an open
-  interval, which math-verify lets equal the set ``\{1, 2\}``; an assignment ``x = 5`` equals ``5``; degrees are
-  never converted to radians. We pass ``allow_set_relation_comp=True`` so that an inequality such as ``x > 3`` equals
-  the interval ``(3, \infty)`` whichever side is the gold answer (math-verify's default only allows it one way).
-* **Time bound.** math-verify bounds parsing (:data:`PARSING_TIMEOUT_SECONDS`) and each comparison
-  (:data:`VERIFY_TIMEOUT_SECONDS`) with ``signal.alarm``, so one answer costs at most about
-  ``PARSING_TIMEOUT_SECONDS + VERIFY_TIMEOUT_SECONDS`` seconds (plus once per distinct gold answer, whose parse is
-  cached). The constants are read at call time; assign them on this module to change the bound. ``signal.alarm``
+  comparison rounds to 6 decimals (`0.3333333` equals `\frac{1}{3}`, `0.333` does not, nor does `3.14` equal
+  `\pi`); percentages compare either way (`50\%` equals both `50` and `0.5`); `(1, 2)` is read as an open
+  interval, which math-verify lets equal the set `\{1, 2\}`; an assignment `x = 5` equals `5`; degrees are
+  never converted to radians. We pass `allow_set_relation_comp=True` so that an inequality such as `x > 3` equals
+  the interval `(3, \infty)` whichever side is the gold answer (math-verify's default only allows it one way).
+* **Time bound.** math-verify bounds parsing (`PARSING_TIMEOUT_SECONDS`) and each comparison
+  (`VERIFY_TIMEOUT_SECONDS`) with `signal.alarm`, so one answer costs at most about
+  `PARSING_TIMEOUT_SECONDS + VERIFY_TIMEOUT_SECONDS` seconds (plus once per distinct gold answer, whose parse is
+  cached). The constants are read at call time; assign them on this module to change the bound. `signal.alarm`
   works only in the main thread (TRL calls synchronous reward functions there). Called from any other thread, the
   batch is scored in a child Python process, whose main thread can use the alarm, under a hard wall-clock limit; if
   the child cannot run or overruns, the batch scores 0.0 and a warning is logged. Timeouts need a POSIX system.
@@ -119,7 +120,7 @@ _warned_thread = False
 
 def completion_text(completion: Any) -> str:
     """The text of one completion: a string as is; for a conversational completion, the content of its last
-    assistant message (or of its last message if none has a role). ``None`` and unknown shapes give ``""``."""
+    assistant message (or of its last message if none has a role). `None` and unknown shapes give `""`."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
@@ -142,8 +143,8 @@ def _content_text(content: Any) -> str:
 
 
 def final_response_text(text: str) -> str:
-    """The part of a completion that carries its final answer: the text after the last ``</think>``; ``""`` when a
-    ``<think>`` block was opened and never closed; otherwise the whole text."""
+    """The part of a completion that carries its final answer: the text after the last `</think>`; `""` when a
+    `<think>` block was opened and never closed; otherwise the whole text."""
     if _THINK_CLOSE in text:
         return text.rsplit(_THINK_CLOSE, 1)[1]
     if _THINK_OPEN in text:
@@ -152,8 +153,8 @@ def final_response_text(text: str) -> str:
 
 
 def _box_argument(text: str, start: int) -> str | None:
-    """The argument of a box command whose name ends at ``start``: the brace group (nesting allowed, escaped braces
-    are content) or, for ``\\boxed 5``, the next token. ``None`` if the braces never close or nothing follows."""
+    """The argument of a box command whose name ends at `start`: the brace group (nesting allowed, escaped braces
+    are content) or, for `\\boxed 5`, the next token. `None` if the braces never close or nothing follows."""
     position = start
     while position < len(text) and text[position] in " \t":
         position += 1
@@ -177,7 +178,7 @@ def _box_argument(text: str, start: int) -> str | None:
 
 
 def last_boxed_content(text: str) -> str | None:
-    r"""The content of the last ``\boxed{...}`` / ``\fbox{...}`` in ``text`` (``""`` for an empty box), or ``None``
+    r"""The content of the last `\boxed{...}` / `\fbox{...}` in `text` (`""` for an empty box), or `None`
     when there is no box or the last one is malformed (unbalanced braces)."""
     last = None
     for last in _BOX_COMMAND_RE.finditer(text):  # noqa: B007  (the loop keeps the last match)
@@ -217,7 +218,7 @@ def _trailing_math_answer(text: str) -> str | None:
 
 
 def extract_final_answer(completion: Any) -> str | None:
-    """The final answer of a completion (string or conversational), as a string, or ``None`` when it gives none.
+    """The final answer of a completion (string or conversational), as a string, or `None` when it gives none.
     See the module docstring for the order of the rules."""
     text = final_response_text(completion_text(completion))
     if not text.strip():
@@ -255,9 +256,9 @@ def _repeating_decimal_as_fraction(match: re.Match[str]) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    r"""Our few normalisations before math-verify's: outer math delimiters; ``°`` -> ``^\circ``; thin-space
-    thousands separators (``1\,000`` -> ``1000``); a number set in text mode (``\text{5 cm}`` -> ``5\text{ cm}``);
-    repeating decimals (``0.1\overline{6}`` -> ``\frac{15}{90}``)."""
+    r"""Our few normalisations before math-verify's: outer math delimiters; `°` -> `^\circ`; thin-space
+    thousands separators (`1\,000` -> `1000`); a number set in text mode (`\text{5 cm}` -> `5\text{ cm}`);
+    repeating decimals (`0.1\overline{6}` -> `\frac{15}{90}`)."""
     answer = _strip_outer_delimiters(answer.strip())
     answer = answer.replace("°", "^\\circ")
     answer = _THIN_SPACE_THOUSANDS_RE.sub(r"\1", answer)
@@ -267,8 +268,8 @@ def normalize_answer(answer: str) -> str:
 
 
 def extract_gold_answer(solution: Any) -> str | None:
-    """The gold final answer from a ``solution`` value: the last box of a solution text, what follows the last
-    ``####`` of a GSM8K answer, or the value itself (numbers formatted, lists joined with ``, ``). ``None`` if empty."""
+    """The gold final answer from a `solution` value: the last box of a solution text, what follows the last
+    `####` of a GSM8K answer, or the value itself (numbers formatted, lists joined with `, `). `None` if empty."""
     if isinstance(solution, bool) or solution is None:
         return None
     if isinstance(solution, int):
@@ -325,13 +326,13 @@ def _parse(answer: str, parsing_timeout: int | None) -> list[Any]:
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str, parsing_timeout: int | None) -> tuple[Any, ...] | None:
-    """Parsed gold answer, or ``None`` when math-verify yields no sympy object (only a string or nothing)."""
+    """Parsed gold answer, or `None` when math-verify yields no sympy object (only a string or nothing)."""
     parsed = _parse(gold, parsing_timeout)
     return tuple(parsed) if any(not isinstance(item, str) for item in parsed) else None
 
 
 def _score_answer(answer: str | None, gold: str | None, parsing_timeout: int | None, verify_timeout: int | None):
-    """1.0 / 0.0 for one extracted answer against one extracted gold answer; ``None`` for an unusable gold answer."""
+    """1.0 / 0.0 for one extracted answer against one extracted gold answer; `None` for an unusable gold answer."""
     if gold is None:
         return None
     try:
@@ -378,7 +379,7 @@ print(json.dumps(module._score_answers(job["answers"], job["golds"], job["parsin
 def _score_answers_in_child(
     answers: list[str | None], golds: list[str | None], parsing_timeout: int, verify_timeout: int
 ) -> list[float | None]:
-    """Score in a fresh interpreter, whose main thread can use ``signal.alarm``; used off the main thread."""
+    """Score in a fresh interpreter, whose main thread can use `signal.alarm`; used off the main thread."""
     per_answer = parsing_timeout + verify_timeout
     limit = SUBPROCESS_STARTUP_SECONDS + per_answer * len(answers) + parsing_timeout * len(set(golds))
     job = json.dumps({"answers": answers, "golds": golds, "parsing": parsing_timeout, "verify": verify_timeout})
@@ -401,14 +402,19 @@ def _score_answers_in_child(
 
 
 def math_accuracy_reward(completions: Sequence[Any], solution: Sequence[Any], **kwargs: Any) -> list[float | None]:
-    r"""1.0 if a completion's final answer is mathematically equivalent to the gold answer, else 0.0; ``None`` where
+    r"""1.0 if a completion's final answer is mathematically equivalent to the gold answer, else 0.0; `None` where
     the gold answer is unusable. See the module docstring for every rule.
 
-    Example::
+    Examples:
+        ```python
+        from gnivo_trl.rewards import math_accuracy_reward
 
-        >>> completions = [r"so \boxed{\frac{1}{2}}", [{"role": "assistant", "content": "The answer is $0.4$."}]]
-        >>> math_accuracy_reward(completions, solution=["0.5", "1/2"])
-        [1.0, 0.0]
+        completions = [
+            r"so \boxed{\frac{1}{2}}",
+            [{"role": "assistant", "content": "The answer is $0.4$."}],
+        ]
+        print(math_accuracy_reward(completions, solution=["0.5", "1/2"]))  # [1.0, 0.0]
+        ```
     """
     global _warned_unparseable_gold, _warned_thread
     _import_math_verify()
@@ -455,7 +461,7 @@ def math_accuracy_reward(completions: Sequence[Any], solution: Sequence[Any], **
 
 
 def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    r"""1.0 if the final text (after the last ``</think>``) holds exactly one ``\boxed{}``/``\fbox{}`` and it is
+    r"""1.0 if the final text (after the last `</think>`) holds exactly one `\boxed{}`/`\fbox{}` and it is
     well-formed and non-empty, else 0.0."""
     rewards = []
     for completion in completions:

@@ -1,24 +1,24 @@
 """Per-token scores of completion tokens on TRL's own kernels: log-probabilities, entropy and the exact KL.
 
 VIMPO needs, at every completion position, the sampled token's log-probability under the policy (with gradient) and
-under the frozen reference, and the exact full-vocabulary ``KL(pi_theta || pi_ref)``. None of these may materialise
-``(B, T, V)`` logits. TRL 1.16 ships what computes them, in vocabulary tiles:
+under the frozen reference, and the exact full-vocabulary `KL(pi_theta || pi_ref)`. None of these may materialise
+`(B, T, V)` logits. TRL 1.16 ships what computes them, in vocabulary tiles:
 
-* the fused LM head that ``GRPOTrainer`` installs on the policy and the reference (``add_fused_lm_head``): a
-  forward that returns the sampled tokens' log-probabilities (and, on request, the entropy and ``log sum_v p_v^2``)
-  instead of logits, together with the MoE router's load-balancing loss. :func:`fused_forward_scores` calls that
-  forward exactly as ``GRPOTrainer`` does, and reads the backbone's final hidden states on the way (a forward hook
+* the fused LM head that `GRPOTrainer` installs on the policy and the reference (`add_fused_lm_head`): a
+  forward that returns the sampled tokens' log-probabilities (and, on request, the entropy and `log sum_v p_v^2`)
+  instead of logits, together with the MoE router's load-balancing loss. `fused_forward_scores` calls that
+  forward exactly as `GRPOTrainer` does, and reads the backbone's final hidden states on the way (a forward hook
   on the backbone the fused head runs), because the KL kernel needs them;
-* ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``, the kernel of TRL's ``DistillationTrainer``: with
-  ``beta=1.0`` the reverse KL ``KL(student || teacher)``, here ``KL(pi_theta || pi_ref)`` with the policy as student.
-  :func:`exact_token_kl` feeds it both models' hidden states and heads as ``DistillationTrainer`` does.
+* `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, the kernel of TRL's `DistillationTrainer`: with
+  `beta=1.0` the reverse KL `KL(student || teacher)`, here `KL(pi_theta || pi_ref)` with the policy as student.
+  `exact_token_kl` feeds it both models' hidden states and heads as `DistillationTrainer` does.
 
 The official code's candidate-set KL (a top-k over the whole vocabulary) has no TRL kernel: it is computed here in
 chunks of tokens from both heads' full logits, projected and transformed exactly as the divergence kernel does.
 
-The logit transform (scale, soft-cap, temperature, float32 head) of each model is the one TRL's ``add_fused_lm_head``
-installed on it, read off the forward it patched (:func:`fused_head_settings`) rather than re-derived from a list of
-config attribute names that would drift from TRL's. Heads are passed as :class:`LMHead` tensors, read by the caller
+The logit transform (scale, soft-cap, temperature, float32 head) of each model is the one TRL's `add_fused_lm_head`
+installed on it, read off the forward it patched (`fused_head_settings`) rather than re-derived from a list of
+config attribute names that would drift from TRL's. Heads are passed as `LMHead` tensors, read by the caller
 in the context that selects them (a PEFT reference's head is read with the adapter disabled), and gathered under
 DeepSpeed ZeRO-3 once per call by every rank, never once per chunk.
 """
@@ -66,7 +66,7 @@ def trl_private(module: str, name: str) -> Any:
     """A private TRL helper, imported when first used, with an error naming the TRL versions that have it.
 
     A rename in a TRL release then breaks only the feature that uses the helper, with a message that says what to
-    install, instead of ``import gnivo_trl``.
+    install, instead of `import gnivo_trl`.
     """
     try:
         return getattr(importlib.import_module(module), name)
@@ -83,10 +83,10 @@ class FusedHeadSettings(NamedTuple):
     """What TRL's fused LM head applies between the final hidden states and the softmax of one model.
 
     Attributes:
-        temperature: the logits are divided by it (GRPO's ``temperature``).
-        logit_scale: multiplies the logits before the soft-cap (Cohere's ``logit_scale``, Granite's
-            ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``, ...; 1.0 for most models).
-        final_logit_softcapping: ``softcap * tanh(logits / softcap)`` when not None (Gemma 2).
+        temperature: the logits are divided by it (GRPO's `temperature`).
+        logit_scale: multiplies the logits before the soft-cap (Cohere's `logit_scale`, Granite's
+            `1 / logits_scaling`, Falcon-H1's `lm_head_multiplier`, ...; 1.0 for most models).
+        final_logit_softcapping: `softcap * tanh(logits / softcap)` when not None (Gemma 2).
         cast_lm_head_to_fp32: the head projects in float32, outside autocast.
         backbone_attr: attribute of the causal LM holding the backbone that TRL's fused head runs.
     """
@@ -99,8 +99,8 @@ class FusedHeadSettings(NamedTuple):
 
 
 def _forward_chain(model: torch.nn.Module):
-    """``model.forward`` and every function it wraps (``__wrapped__``: accelerate's mixed-precision wrapper,
-    ``torch.autocast`` and ``functools.wraps`` decorators), outermost first, as plain functions."""
+    """`model.forward` and every function it wraps (`__wrapped__`: accelerate's mixed-precision wrapper,
+    `torch.autocast` and `functools.wraps` decorators), outermost first, as plain functions."""
     function = model.forward
     seen = set()
     while function is not None and id(function) not in seen:
@@ -111,7 +111,7 @@ def _forward_chain(model: torch.nn.Module):
 
 
 def _fused_forward(model: torch.nn.Module):
-    """TRL's fused forward in ``model``'s forward chain, or None."""
+    """TRL's fused forward in `model`'s forward chain, or None."""
     for function in _forward_chain(model):
         names = getattr(getattr(function, "__code__", None), "co_freevars", ())
         if all(name in names for name in _FUSED_HEAD_FREE_VARIABLES):
@@ -120,22 +120,22 @@ def _fused_forward(model: torch.nn.Module):
 
 
 def has_fused_head(model: torch.nn.Module) -> bool:
-    """Whether TRL's ``add_fused_lm_head`` patched ``model`` (anywhere in its forward chain: accelerate and autocast
+    """Whether TRL's `add_fused_lm_head` patched `model` (anywhere in its forward chain: accelerate and autocast
     wrap the patched forward under mixed precision)."""
     return _fused_forward(model) is not None
 
 
 def fused_head_settings(causal_lm: torch.nn.Module) -> FusedHeadSettings:
-    """The settings TRL's ``add_fused_lm_head`` installed on ``causal_lm`` (read off the forward it patched).
+    """The settings TRL's `add_fused_lm_head` installed on `causal_lm` (read off the forward it patched).
 
-    ``GRPOTrainer`` adds the fused head to the policy (the base model under PEFT) and to the reference model at
+    `GRPOTrainer` adds the fused head to the policy (the base model under PEFT) and to the reference model at
     construction; the values it derived from the model's config live in that forward's closure. Reading them there
     keeps every model family TRL supports (and future ones) exactly as TRL treats them. The forward may be wrapped
-    (accelerate wraps it in autocast and an fp32 output cast under ``bf16``/``fp16``): the chain of ``__wrapped__``
+    (accelerate wraps it in autocast and an fp32 output cast under `bf16`/`fp16`): the chain of `__wrapped__`
     functions is followed down to TRL's.
 
     Raises:
-        RuntimeError: if no function in ``causal_lm.forward``'s chain is TRL's fused forward.
+        RuntimeError: if no function in `causal_lm.forward`'s chain is TRL's fused forward.
     """
     forward = _fused_forward(causal_lm)
     if forward is None:
@@ -154,22 +154,22 @@ def fused_head_settings(causal_lm: torch.nn.Module) -> FusedHeadSettings:
 
 
 class LMHead(NamedTuple):
-    """One model's output projection: ``weight`` ``(V, H)`` and ``bias`` ``(V,)`` or None (ZeRO-3 shards allowed)."""
+    """One model's output projection: `weight` `(V, H)` and `bias` `(V,)` or None (ZeRO-3 shards allowed)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
 
 
 def output_head(causal_lm: torch.nn.Module) -> LMHead:
-    """``causal_lm``'s output embedding, read now: under PEFT with ``modules_to_save=["lm_head"]`` the head is the
-    trainable copy while the adapter is enabled and the original inside ``disable_adapter()`` (read the reference's
+    """`causal_lm`'s output embedding, read now: under PEFT with `modules_to_save=["lm_head"]` the head is the
+    trainable copy while the adapter is enabled and the original inside `disable_adapter()` (read the reference's
     head there)."""
     head = causal_lm.get_output_embeddings()
     return LMHead(head.weight, head.bias)
 
 
 def check_heads_on_one_device(policy_head: LMHead, ref_head: LMHead) -> None:
-    """Refuse heads on different devices (a ``device_map`` that put them apart): the KL kernels project both heads'
+    """Refuse heads on different devices (a `device_map` that put them apart): the KL kernels project both heads'
     logits tile by tile side by side, on one device."""
     if policy_head.weight.device != ref_head.weight.device:
         raise ValueError(
@@ -185,12 +185,12 @@ class FusedForwardScores(NamedTuple):
     """What one fused forward of a model gives for the completion tokens of a batch.
 
     Attributes:
-        log_probs: ``(B, C)`` float32 log-probabilities of the completion tokens, 0 where the token is not valid;
+        log_probs: `(B, C)` float32 log-probabilities of the completion tokens, 0 where the token is not valid;
             differentiable when the forward ran with gradient.
-        entropy: ``(B, C)`` entropy of the tempered distribution, or None when the head does not compute it.
-        log_sum_sq_probs: ``(B, C)`` ``log sum_v p_v^2`` of the tempered distribution, or None likewise.
+        entropy: `(B, C)` entropy of the tempered distribution, or None when the head does not compute it.
+        log_sum_sq_probs: `(B, C)` `log sum_v p_v^2` of the tempered distribution, or None likewise.
         aux_loss: the MoE router's load-balancing loss (0-d), or None unless router logits were requested.
-        hidden: ``(N, H)`` final hidden states that predict the ``N`` valid completion tokens (row-major order),
+        hidden: `(N, H)` final hidden states that predict the `N` valid completion tokens (row-major order),
             detached, on the device the backbone produced them.
     """
 
@@ -210,21 +210,21 @@ def fused_forward_scores(
     valid: torch.Tensor,
     output_router_logits: bool = False,
 ) -> FusedForwardScores:
-    """Score the completion tokens of ``input_ids`` with TRL's fused forward of ``model``, as ``GRPOTrainer`` does.
+    """Score the completion tokens of `input_ids` with TRL's fused forward of `model`, as `GRPOTrainer` does.
 
-    ``model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)`` with the labels of the valid
-    completion tokens (``-100`` elsewhere): the backbone runs once and the head is projected in vocabulary tiles, so
-    no ``(B, T, V)`` tensor exists. A forward hook on the backbone of ``causal_lm`` (``settings.backbone_attr``)
+    `model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)` with the labels of the valid
+    completion tokens (`-100` elsewhere): the backbone runs once and the head is projected in vocabulary tiles, so
+    no `(B, T, V)` tensor exists. A forward hook on the backbone of `causal_lm` (`settings.backbone_attr`)
     keeps its final hidden states for the KL kernels. Runs with or without gradient as the caller's mode is, and
     under the caller's autocast.
 
     Args:
-        model: what is called: ``causal_lm`` itself or a wrapper of it (DDP, a DeepSpeed engine, a PEFT model).
+        model: what is called: `causal_lm` itself or a wrapper of it (DDP, a DeepSpeed engine, a PEFT model).
         causal_lm: the causal LM that carries TRL's fused head (under PEFT the base model).
-        settings: :func:`fused_head_settings` of ``causal_lm``.
-        input_ids: ``(B, L)`` prompt + completion ids; the completion is the last ``C = valid.size(1)`` positions.
-        attention_mask: ``(B, L)``.
-        valid: ``(B, C)`` bool, the completion tokens to score.
+        settings: `fused_head_settings` of `causal_lm`.
+        input_ids: `(B, L)` prompt + completion ids; the completion is the last `C = valid.size(1)` positions.
+        attention_mask: `(B, L)`.
+        valid: `(B, C)` bool, the completion tokens to score.
         output_router_logits: ask a MoE model for its load-balancing loss.
     """
     num_completion = valid.size(1)
@@ -264,7 +264,7 @@ def fused_forward_scores(
 
 
 def _projection_precision(settings: FusedHeadSettings, hidden: torch.Tensor):
-    """The precision TRL's fused head projects in: float32 outside autocast with ``cast_lm_head_to_fp32``."""
+    """The precision TRL's fused head projects in: float32 outside autocast with `cast_lm_head_to_fp32`."""
     if settings.cast_lm_head_to_fp32:
         return hidden.float(), torch.autocast(hidden.device.type, enabled=False)
     return hidden, contextlib.nullcontext()
@@ -280,11 +280,11 @@ def _per_chunk_with_gathered_heads(
     chunk_size: int,
     chunk_kl: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
-    """``chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> (n,)`` over chunks of ``chunk_size`` tokens,
-    float32 ``(N,)`` on the heads' device. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank
+    """`chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> (n,)` over chunks of `chunk_size` tokens,
+    float32 `(N,)` on the heads' device. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank
     issues the same collectives however many tokens it holds; the hidden states move to the heads' device (the
     backbone of a split model can end elsewhere, as TRL's fused head allows) in the precision TRL's fused head
-    projects in (float32 outside autocast with ``cast_lm_head_to_fp32``)."""
+    projects in (float32 outside autocast with `cast_lm_head_to_fp32`)."""
     check_heads_on_one_device(policy_head, ref_head)
     device = policy_head.weight.device
     policy_hidden, precision = _projection_precision(policy_settings, policy_hidden.to(device))
@@ -307,21 +307,21 @@ def exact_token_kl(
     ref_settings: FusedHeadSettings,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Exact per-token ``KL(pi_theta || pi_ref)`` over the full vocabulary at the sampling temperature, no gradient.
+    """Exact per-token `KL(pi_theta || pi_ref)` over the full vocabulary at the sampling temperature, no gradient.
 
-    TRL's ``ChunkedDivergenceFunction`` with ``beta=1.0`` (the reverse KL, the policy as student), called on chunks of
-    ``chunk_size`` tokens: its working memory is two float32 ``(min(chunk_size, 4096), 32768)`` tiles (256 MiB at the
+    TRL's `ChunkedDivergenceFunction` with `beta=1.0` (the reverse KL, the policy as student), called on chunks of
+    `chunk_size` tokens: its working memory is two float32 `(min(chunk_size, 4096), 32768)` tiles (256 MiB at the
     default 1024 tokens), whatever the vocabulary. Both heads are gathered (ZeRO-3) once around the whole loop, so
     every rank issues the same collectives however many tokens it holds.
 
     Args:
-        policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
-        policy_head, ref_head: the models' output projections (:func:`output_head`), on one device.
-        policy_settings, ref_settings: their :func:`fused_head_settings`.
+        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens.
+        policy_head, ref_head: the models' output projections (`output_head`), on one device.
+        policy_settings, ref_settings: their `fused_head_settings`.
         chunk_size: tokens per kernel call.
 
     Returns:
-        float32 ``(N,)``, in nats.
+        float32 `(N,)`, in nats.
     """
 
     def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
@@ -345,10 +345,10 @@ def exact_token_kl(
 
 
 def _log_probs(hidden: torch.Tensor, head: LMHead, settings: FusedHeadSettings) -> torch.Tensor:
-    """Float32 ``(n, V)`` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
-    ``ChunkedDivergenceFunction`` projection (hidden states and head rounded to the compute dtype, float32 logits,
-    its vocabulary tiles), then its logit transform in float32 (``* logit_scale``, soft-cap ``cap * tanh(z / cap)``,
-    ``* (1 / temperature)``), in place on one buffer."""
+    """Float32 `(n, V)` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
+    `ChunkedDivergenceFunction` projection (hidden states and head rounded to the compute dtype, float32 logits,
+    its vocabulary tiles), then its logit transform in float32 (`* logit_scale`, soft-cap `cap * tanh(z / cap)`,
+    `* (1 / temperature)`), in place on one buffer."""
     module = "trl.kernels.chunked_divergence"
     compute_dtype, project = trl_private(module, "_compute_dtype"), trl_private(module, "_project")
     dtype = compute_dtype(hidden)
@@ -376,26 +376,26 @@ def candidate_set_token_kl(
     topk: int,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """The official candidate-set approximation of per-token ``KL(pi_theta || pi_ref)``, no gradient.
+    """The official candidate-set approximation of per-token `KL(pi_theta || pi_ref)`, no gradient.
 
-    Per token, :func:`gnivo_trl.losses.candidate_set_kl_from_log_probs`: ``sum_{v in C} p(v) (log p(v) - log q(v))``
-    over the ``topk`` tokens ``C`` of largest policy probability, ``p`` and ``q`` normalised over the full
+    Per token, `gnivo_trl.losses.candidate_set_kl_from_log_probs`: `sum_{v in C} p(v) (log p(v) - log q(v))`
+    over the `topk` tokens `C` of largest policy probability, `p` and `q` normalised over the full
     vocabulary at the sampling temperature (both heads' logits transformed as TRL's fused head does). Computed on
-    chunks of ``chunk_size`` tokens; each chunk holds three float32 ``(chunk_size, V)`` buffers (the two models'
+    chunks of `chunk_size` tokens; each chunk holds three float32 `(chunk_size, V)` buffers (the two models'
     log-probabilities and a logsumexp temporary). The logits are projected as the exact KL's kernel projects them,
-    so that over the whole vocabulary (``topk >= V``) this is :func:`exact_token_kl` to float32 rounding.
+    so that over the whole vocabulary (`topk >= V`) this is `exact_token_kl` to float32 rounding.
     Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives however
     many tokens it holds.
 
     Args:
-        policy_hidden, ref_hidden: ``(N, H)`` final hidden states of each model that predict the same ``N`` tokens.
-        policy_head, ref_head: the models' output projections (:func:`output_head`), on one device.
-        policy_settings, ref_settings: their :func:`fused_head_settings`.
-        topk: candidate-set size (``vimpo_candidate_kl_topk``); the whole vocabulary when larger.
+        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens.
+        policy_head, ref_head: the models' output projections (`output_head`), on one device.
+        policy_settings, ref_settings: their `fused_head_settings`.
+        topk: candidate-set size (`vimpo_candidate_kl_topk`); the whole vocabulary when larger.
         chunk_size: tokens per chunk.
 
     Returns:
-        float32 ``(N,)``, in nats (a truncated sum: can be slightly negative).
+        float32 `(N,)`, in nats (a truncated sum: can be slightly negative).
     """
 
     def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:

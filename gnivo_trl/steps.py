@@ -1,8 +1,8 @@
 """Unit boundaries of GN-IVO's prefix units beyond single tokens.
 
-* ``gnivo_prefix_unit="step"``: reasoning-step boundaries from the decoded completion tokens (:func:`step_unit_ends`).
-* ``gnivo_prefix_unit="turn"``: assistant-turn boundaries from the loss mask of a multi-turn (tool-calling) rollout
-  (:func:`turn_unit_ends`).
+* `gnivo_prefix_unit="step"`: reasoning-step boundaries from the decoded completion tokens (`step_unit_ends`).
+* `gnivo_prefix_unit="turn"`: assistant-turn boundaries from the loss mask of a multi-turn (tool-calling) rollout
+  (`turn_unit_ends`).
 """
 
 from __future__ import annotations
@@ -45,19 +45,20 @@ def step_unit_ends(
 ) -> torch.Tensor:
     """Mark the tokens that close a reasoning step.
 
-    A token closes a step when an occurrence of ``delimiter`` in the decoded completion ends inside that token's text,
-    so a delimiter split over two tokens (``"\\n"`` + ``"\\n"``) is found as well as one inside a merged token
-    (``".\\n\\n"``). Occurrences are found left to right without overlap. Only unmasked tokens are decoded; the last
-    unmasked token is added as a boundary by the loss itself (:func:`gnivo_trl.losses.unit_boundaries`).
+    A token closes a step when an occurrence of `delimiter` in the decoded completion ends inside that token's text,
+    so a delimiter split over two tokens (`"\\n"` + `"\\n"`) is found as well as one inside a merged token
+    (`".\\n\\n"`). Occurrences are found left to right without overlap. Only unmasked tokens are decoded; the last
+    unmasked token is added as a boundary by the loss itself
+    ([`gnivo_trl.losses.unit_boundaries`][gnivo_trl.losses.unit_boundaries]).
 
     Args:
-        completion_ids: ``(B, T)`` token ids.
-        mask: ``(B, T)`` 0/1 loss mask.
-        token_texts: decoder of single token ids (a :class:`TokenTextCache`).
-        delimiter: non-empty step delimiter, e.g. ``"\\n\\n"``.
+        completion_ids: `(B, T)` token ids.
+        mask: `(B, T)` 0/1 loss mask.
+        token_texts: decoder of single token ids (a `TokenTextCache`).
+        delimiter: non-empty step delimiter, e.g. `"\\n\\n"`.
 
     Returns:
-        ``(B, T)`` bool tensor on the device of ``completion_ids``.
+        `(B, T)` bool tensor on the device of `completion_ids`.
     """
     if not delimiter:
         raise ValueError("The step delimiter must be a non-empty string.")
@@ -85,20 +86,21 @@ def step_unit_ends(
 def turn_unit_ends(mask: torch.Tensor) -> torch.Tensor:
     """Mark the tokens that close an assistant turn of a multi-turn rollout.
 
-    In a completion built by TRL's tool loop (``tools=`` or ``environment_factory=``) the loss mask
-    (``completion_mask * tool_mask``) is 1 on the model's own tokens and 0 on the tool output that TRL appended
+    In a completion built by TRL's tool loop (`tools=` or `environment_factory=`) the loss mask
+    (`completion_mask * tool_mask`) is 1 on the model's own tokens and 0 on the tool output that TRL appended
     between two assistant turns. A turn closes at the last unmasked token before each run of masked tokens, which
     is the last model token before a tool response; the trailing padding is such a run too, so the completion's last
-    unmasked token closes the final turn (:func:`gnivo_trl.losses.unit_boundaries` adds it in any case). A row
-    without tool output therefore has exactly one turn: turn units then equal ``"sequence"`` units.
+    unmasked token closes the final turn ([`gnivo_trl.losses.unit_boundaries`][gnivo_trl.losses.unit_boundaries] adds
+    it in any case). A row without tool output therefore has exactly one turn: turn units then equal `"sequence"`
+    units.
 
     Vectorised (one comparison of each position with the next), no loop over positions or rows.
 
     Args:
-        mask: ``(B, T)`` 0/1 loss mask (any dtype): 1 on model tokens, 0 on tool output and padding.
+        mask: `(B, T)` 0/1 loss mask (any dtype): 1 on model tokens, 0 on tool output and padding.
 
     Returns:
-        ``(B, T)`` bool tensor on the device of ``mask``, True where an unmasked token is followed by a masked
+        `(B, T)` bool tensor on the device of `mask`, True where an unmasked token is followed by a masked
         position or by the end of the row.
     """
     valid = mask.bool()

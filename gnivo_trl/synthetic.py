@@ -3,44 +3,50 @@
 Nobody can download a pretrained model here, and a randomly initialised tiny model cannot show that an RL algorithm
 works: it solves nothing, so every group's rewards are equal and no algorithm has a signal. This module provides what
 a pretrained model would: a task with several reasoning steps and an exact verifier, and a small Qwen2-architecture
-model fine-tuned (TRL's ``SFTTrainer``) to partial skill, so that RL has something to improve.
+model fine-tuned (TRL's `SFTTrainer`) to partial skill, so that RL has something to improve.
 
-**The task: chained arithmetic mod 10.** A problem is a start digit followed by ``num_steps`` operations, evaluated
-left to right modulo 10 (no precedence), e.g. ``3+4*2-5``. The solution takes one line per step, steps separated by
-``"\\n\\n"`` (so ``GNIVOConfig(gnivo_prefix_unit="step")`` sees them), and ends with the boxed answer::
+**The task: chained arithmetic mod 10.** A problem is a start digit followed by `num_steps` operations, evaluated
+left to right modulo 10 (no precedence), e.g. `3+4*2-5`. The solution takes one line per step, steps separated by
+`"\\n\\n"` (so `GNIVOConfig(gnivo_prefix_unit="step")` sees them), and ends with the boxed answer:
 
-    3+4=7
+```text
+3+4=7
 
-    7*2=4
+7*2=4
 
-    4-5=9
+4-5=9
 
-    \\boxed{9}
+\\boxed{9}
+```
 
-**Verifier.** :func:`chain_reward` scores 1.0 only when the completion reproduces every step exactly and boxes the
+**Verifier.** `chain_reward` scores 1.0 only when the completion reproduces every step exactly and boxes the
 right answer; a corrupted step (even one whose error is later undone) or a wrong answer scores 0.0.
 
 **Splits.** Whether a problem belongs to the test split is a fixed function of its text (a SHA-256 hash), so the
 train and test splits are disjoint by construction whatever the seeds, and each is a deterministic function of
-``(seed, num_steps)``.
+`(seed, num_steps)`.
 
 **Tokenizer.** One token per byte (a byte-level BPE without merges; the task's text is ASCII, so one token per
-character), plus ChatML specials and ``\\boxed{`` and the role names as single tokens, with the ChatML chat template
-of :mod:`gnivo_trl.testing`: 265 tokens, so the model stays tiny and fast on CPU.
+character), plus ChatML specials and `\\boxed{` and the role names as single tokens, with the ChatML chat template
+of `gnivo_trl.testing`: 265 tokens, so the model stays tiny and fast on CPU.
 
-**Warm start.** :func:`build_warm_start` fine-tunes a randomly initialised model on reference solutions of train
+**Warm start.** `build_warm_start` fine-tunes a randomly initialised model on reference solutions of train
 problems, a share of which carry injected step errors (a wrong result, carried consistently into the following
 steps). The model therefore learns a *noisy* solver: at temperature 1 it makes step errors at about the injected
 rate, and solves a moderate fraction of test problems. RL must sharpen it towards the correct steps. The result is
-cached on disk (default ``~/.cache/gnivo-trl/``) under a name that encodes every setting, and rebuilt
+cached on disk (default `~/.cache/gnivo-trl/`) under a name that encodes every setting, and rebuilt
 deterministically (seeded) when missing.
 
-Example::
-
+Examples:
+    ```python
+    from gnivo_trl import GNIVOConfig, GNIVOTrainer
     from gnivo_trl.synthetic import build_warm_start, chain_reward, make_rl_dataset
-    model_dir = build_warm_start()                     # minutes on 2 CPU cores the first time, then cached
-    train = make_rl_dataset(512, split="train")        # prompt (chat messages), problem, answer
-    trainer = GNIVOTrainer(model=model_dir, reward_funcs=chain_reward, args=..., train_dataset=train)
+
+    model_dir = build_warm_start()  # minutes on 2 CPU cores the first time, then cached
+    train = make_rl_dataset(512, split="train")  # prompt (chat messages), problem, answer
+    args = GNIVOConfig(output_dir="synthetic", gnivo_prefix_unit="step", use_cpu=True, bf16=False)
+    trainer = GNIVOTrainer(model=model_dir, reward_funcs=chain_reward, args=args, train_dataset=train)
+    ```
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ TEST_MODULUS = 5
 
 
 def apply_operation(value: int, operation: str, operand: int) -> int:
-    """One step of the chain: ``value operation operand`` modulo 10."""
+    """One step of the chain: `value operation operand` modulo 10."""
     if operation == "+":
         return (value + operand) % 10
     if operation == "-":
@@ -106,7 +112,7 @@ def apply_operation(value: int, operation: str, operand: int) -> int:
 
 
 def _parse(problem: str) -> tuple[int, list[tuple[str, int]]]:
-    """``"3+4*2"`` -> ``(3, [("+", 4), ("*", 2)])``."""
+    """`"3+4*2"` -> `(3, [("+", 4), ("*", 2)])`."""
     if len(problem) < 3 or len(problem) % 2 == 0 or not problem[0].isdigit():
         raise ValueError(f"Not a chained-arithmetic problem: {problem!r}")
     steps = [(problem[i], int(problem[i + 1])) for i in range(1, len(problem), 2)]
@@ -116,15 +122,15 @@ def _parse(problem: str) -> tuple[int, list[tuple[str, int]]]:
 
 
 def is_test_problem(problem: str) -> bool:
-    """Whether ``problem`` belongs to the test split: a fixed function of its text, so the splits never overlap."""
+    """Whether `problem` belongs to the test split: a fixed function of its text, so the splits never overlap."""
     return hashlib.sha256(problem.encode()).digest()[0] % TEST_MODULUS == 0
 
 
 def generate_problems(num_problems: int, split: str = "train", num_steps: int = 4, seed: int = 0) -> list[str]:
-    """``num_problems`` distinct problems of ``num_steps`` operations from ``split`` ("train" or "test").
+    """`num_problems` distinct problems of `num_steps` operations from `split` ("train" or "test").
 
-    Deterministic in ``(num_problems, split, num_steps, seed)``; a larger ``num_problems`` extends a smaller one's
-    list. The difficulty knob is ``num_steps`` (there are ``10 * 30**num_steps`` problems in all, a fifth of them in
+    Deterministic in `(num_problems, split, num_steps, seed)`; a larger `num_problems` extends a smaller one's
+    list. The difficulty knob is `num_steps` (there are `10 * 30**num_steps` problems in all, a fifth of them in
     the test split).
     """
     if split not in ("train", "test"):
@@ -155,7 +161,7 @@ def generate_problems(num_problems: int, split: str = "train", num_steps: int = 
 
 
 def solution_text(problem: str, error_steps: Sequence[int] = (), rng: random.Random | None = None) -> str:
-    """The step-by-step solution of ``problem``; with ``error_steps``, those steps (0-based) get a wrong result.
+    """The step-by-step solution of `problem`; with `error_steps`, those steps (0-based) get a wrong result.
 
     A wrong result is a uniformly drawn different digit, carried consistently into the following steps (a student
     who slips keeps computing from the slip), so the final answer is usually wrong too.
@@ -173,7 +179,7 @@ def solution_text(problem: str, error_steps: Sequence[int] = (), rng: random.Ran
 
 
 def final_answer(problem: str) -> str:
-    """The correct final digit of ``problem``, as a string."""
+    """The correct final digit of `problem`, as a string."""
     value, steps = _parse(problem)
     for operation, operand in steps:
         value = apply_operation(value, operation, operand)
@@ -188,10 +194,10 @@ def completion_text(completion: str | list[dict]) -> str:
 
 
 def verify(problem: str, completion: str, answer: str | None = None) -> bool:
-    """Exact check: every step of ``completion`` is the correct one and the boxed answer is right.
+    """Exact check: every step of `completion` is the correct one and the boxed answer is right.
 
     Surrounding whitespace is ignored; anything else (a wrong step result, a wrong operand, a missing or extra step,
-    text after the boxed answer) fails. ``answer``, when given, must equal the correct final digit as well.
+    text after the boxed answer) fails. `answer`, when given, must equal the correct final digit as well.
     """
     reference = solution_text(problem)
     if answer is not None and str(answer).strip() != final_answer(problem):
@@ -200,18 +206,18 @@ def verify(problem: str, completion: str, answer: str | None = None) -> bool:
 
 
 def earliest_wrong_step(problem: str, completion: str) -> int | None:
-    """Index of the first wrong step of ``completion`` (0-based), or None when :func:`verify` accepts it.
+    """Index of the first wrong step of `completion` (0-based), or None when `verify` accepts it.
 
-    The label of ProcessBench ("where did it go wrong?") for this task. Steps are the pieces of ``completion`` split
-    at :data:`STEP_DELIMITER`, exactly the units of ``GNIVOConfig(gnivo_prefix_unit="step")``: piece ``k`` is unit
-    ``k`` (the delimiter closes the piece before it), and the boxed answer is the last step (index ``num_steps`` of a
+    The label of ProcessBench ("where did it go wrong?") for this task. Steps are the pieces of `completion` split
+    at `STEP_DELIMITER`, exactly the units of `GNIVOConfig(gnivo_prefix_unit="step")`: piece `k` is unit
+    `k` (the delimiter closes the piece before it), and the boxed answer is the last step (index `num_steps` of a
     complete solution). A piece is wrong when it differs from the reference solution's piece at the same index (a
     wrong result, a wrong operand, or a piece beyond the reference's last); surrounding whitespace of the whole
-    completion is ignored, as :func:`verify` ignores it. Steps after the first wrong one are not judged: a slip is
+    completion is ignored, as `verify` ignores it. Steps after the first wrong one are not judged: a slip is
     carried into the next lines, which are then "wrong" only because of it. A completion that is a strict prefix of
     the reference (it stopped early) went wrong at its last piece, where it stopped instead of going on.
 
-    Consistent with :func:`verify`: None exactly when ``verify(problem, completion)`` is True.
+    Consistent with `verify`: None exactly when `verify(problem, completion)` is True.
     """
     if verify(problem, completion):
         return None
@@ -232,9 +238,9 @@ def chain_reward(
     """Exact-match reward in TRL's reward-function convention: 1.0 for a fully correct solution, else 0.0.
 
     Args:
-        completions: Plain strings or conversational completions (lists of ``{"role", "content"}`` messages).
-        problem: The ``problem`` column of the dataset (e.g. ``"3+4*2-5"``): every step is checked against it.
-        answer: The ``answer`` column (the correct final digit), cross-checked when present.
+        completions: Plain strings or conversational completions (lists of `{"role", "content"}` messages).
+        problem: The `problem` column of the dataset (e.g. `"3+4*2-5"`): every step is checked against it.
+        answer: The `answer` column (the correct final digit), cross-checked when present.
     """
     answers = answer if answer is not None else [None] * len(completions)
     return [
@@ -248,9 +254,9 @@ def chain_reward(
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with ChatML specials and chat template (``<|im_end|>`` is EOS, left padding).
+    """A byte-level tokenizer with ChatML specials and chat template (`<|im_end|>` is EOS, left padding).
 
-    Every byte is one token (the task's text is ASCII, so one token per character), and ``\\boxed{`` and the chat
+    Every byte is one token (the task's text is ASCII, so one token per character), and `\\boxed{` and the chat
     roles are one token each: a 4-step solution is 31 tokens plus EOS, and the vocabulary has 265 entries.
     """
     # A byte-level BPE with no merges: one token per byte (every text round-trips). Byte-level rather than a plain
@@ -274,7 +280,7 @@ def _prompt(problem: str, conversational: bool):
 def make_rl_dataset(
     num_problems: int, split: str = "train", num_steps: int = 4, seed: int = 0, conversational: bool = True
 ):
-    """A ``datasets.Dataset`` for RL: ``prompt`` (chat messages or plain text), ``problem`` and ``answer`` columns."""
+    """A `datasets.Dataset` for RL: `prompt` (chat messages or plain text), `problem` and `answer` columns."""
     from datasets import Dataset
 
     problems = generate_problems(num_problems, split=split, num_steps=num_steps, seed=seed)
@@ -290,10 +296,10 @@ def make_rl_dataset(
 def make_sft_dataset(
     num_examples: int, num_steps: int = 4, error_rate: float = 0.15, seed: int = 0, problem_seed: int = 1000
 ):
-    """Conversational prompt-completion pairs for ``SFTTrainer``: train problems with noisy reference solutions.
+    """Conversational prompt-completion pairs for `SFTTrainer`: train problems with noisy reference solutions.
 
-    Each step of each solution is independently corrupted with probability ``error_rate``, so the fine-tuned model
-    learns to slip at about that rate. Problems come from the train split only, drawn with ``problem_seed`` (distinct
+    Each step of each solution is independently corrupted with probability `error_rate`, so the fine-tuned model
+    learns to slip at about that rate. Problems come from the train split only, drawn with `problem_seed` (distinct
     from the RL prompts' default seed 0, though the two streams may share a few problems: the split is what matters).
     """
     from datasets import Dataset
@@ -327,9 +333,9 @@ def evaluate_accuracy(
     batch_size: int = 256,
     max_new_tokens: int | None = None,
 ) -> float:
-    """Share of ``problems`` solved exactly by one sample each (temperature 1 by default; 0 means greedy).
+    """Share of `problems` solved exactly by one sample each (temperature 1 by default; 0 means greedy).
 
-    Seeded, so two models evaluated with the same ``seed`` see the same random stream; the model's training mode
+    Seeded, so two models evaluated with the same `seed` see the same random stream; the model's training mode
     and the global torch RNG state are restored afterwards (evaluation inside a training run must not perturb it).
     """
     was_training = model.training
@@ -378,8 +384,8 @@ class WarmStartConfig:
     """Everything that determines the warm-start model; the cache directory's name is a hash of it.
 
     The defaults fine-tune a ~0.1M-parameter Qwen2 model (hidden 64, 2 layers) for 1,500 steps of 64 examples: a few
-    minutes on one CPU core. At temperature 1 it then slips on about ``error_rate`` of the steps, so it solves about
-    ``(1 - error_rate) ** num_steps`` of the problems (41% for the defaults) and RL has room to improve.
+    minutes on one CPU core. At temperature 1 it then slips on about `error_rate` of the steps, so it solves about
+    `(1 - error_rate) ** num_steps` of the problems (41% for the defaults) and RL has room to improve.
     """
 
     num_steps: int = 4
@@ -402,7 +408,7 @@ class WarmStartConfig:
 
 
 def default_cache_dir() -> Path:
-    """``$GNIVO_TRL_CACHE`` if set, else ``$XDG_CACHE_HOME/gnivo-trl`` (``~/.cache/gnivo-trl``)."""
+    """`$GNIVO_TRL_CACHE` if set, else `$XDG_CACHE_HOME/gnivo-trl` (`~/.cache/gnivo-trl`)."""
     if os.environ.get("GNIVO_TRL_CACHE"):
         return Path(os.environ["GNIVO_TRL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gnivo-trl"
@@ -416,8 +422,8 @@ def build_warm_start(
 ) -> str:
     """The directory of the warm-started model (tokenizer included), fine-tuning it first if it is not cached.
 
-    The model is written to ``cache_dir / f"synthetic-warm-start-{config.key()}"`` (default cache dir: see
-    :func:`default_cache_dir`); a finished build leaves a ``warm_start.json`` there, so an interrupted one is redone.
+    The model is written to `cache_dir / f"synthetic-warm-start-{config.key()}"` (default cache dir: see
+    `default_cache_dir`); a finished build leaves a `warm_start.json` there, so an interrupted one is redone.
     Building is deterministic given the config on a given device (seeded data, initialisation and data order).
     """
     config = config or WarmStartConfig()
@@ -468,13 +474,13 @@ def fine_tune_into_cache(
     check,
     verbose: bool = True,
 ) -> dict:
-    """The warm-start recipe shared by this module and :mod:`gnivo_trl.agent_task`: fine-tune ``model`` with TRL's
-    ``SFTTrainer`` and cache it in ``directory``.
+    """The warm-start recipe shared by this module and `gnivo_trl.agent_task`: fine-tune `model` with TRL's
+    `SFTTrainer` and cache it in `directory`.
 
-    ``config`` supplies ``epochs``, ``num_examples``, ``batch_size``, ``learning_rate`` and ``seed`` (AdamW, cosine
-    schedule with 5% warm-up, seeded data order). The model and tokenizer are written to ``directory`` + ``.tmp``,
-    then ``check(model, tokenizer) -> dict`` measures the result, and ``warm_start.json`` (``config``, ``seconds``,
-    ``sft_seconds`` and ``check``'s entries) marks the build finished before the rename to ``directory``, so an
+    `config` supplies `epochs`, `num_examples`, `batch_size`, `learning_rate` and `seed` (AdamW, cosine
+    schedule with 5% warm-up, seeded data order). The model and tokenizer are written to `directory` + `.tmp`,
+    then `check(model, tokenizer) -> dict` measures the result, and `warm_start.json` (`config`, `seconds`,
+    `sft_seconds` and `check`'s entries) marks the build finished before the rename to `directory`, so an
     interrupted build is redone. Returns that json's contents.
     """
     from transformers import PrinterCallback
@@ -541,10 +547,10 @@ def fine_tune_into_cache(
 
 
 class AccuracyCallback(TrainerCallback):
-    """A ``transformers.TrainerCallback`` that measures test accuracy before training and every ``every`` steps.
+    """A `transformers.TrainerCallback` that measures test accuracy before training and every `every` steps.
 
-    ``history`` collects ``(step, accuracy)``; ``eval_seconds`` the time spent evaluating (so wall times can be
-    reported with and without it). Every evaluation uses the same ``seed``, so all methods and all checkpoints see
+    `history` collects `(step, accuracy)`; `eval_seconds` the time spent evaluating (so wall times can be
+    reported with and without it). Every evaluation uses the same `seed`, so all methods and all checkpoints see
     the same random stream on the same problems (common random numbers: differences are less noisy).
     """
 

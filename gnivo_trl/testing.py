@@ -1,16 +1,21 @@
 """Offline tiny models and tokenizers for tests, examples and demos: nothing here touches the network.
 
 A tokenizer is trained in process (byte-level BPE, so any text round-trips) and given a ChatML chat template; a tiny
-Qwen2-architecture causal LM is built from a config with random weights. :func:`save_tiny_model` writes both to a
-directory, because TRL builds the reference model (``beta > 0``, VIMPO) and vLLM loads the policy from the model's
-``name_or_path``: pass that directory as ``model=`` to a trainer. :func:`save_tiny_tool_model` does the same with
-TRL's Qwen3 chat template, whose tool calls TRL can parse, for ``tools=`` and ``environment_factory=``.
+Qwen2-architecture causal LM is built from a config with random weights. `save_tiny_model` writes both to a
+directory, because TRL builds the reference model (`beta > 0`, VIMPO) and vLLM loads the policy from the model's
+`name_or_path`: pass that directory as `model=` to a trainer. `save_tiny_tool_model` does the same with
+TRL's Qwen3 chat template, whose tool calls TRL can parse, for `tools=` and `environment_factory=`.
 
-Example::
-
+Examples:
+    ``python
+    from gnivo_trl import GNIVOConfig, GNIVOTrainer
     from gnivo_trl.testing import save_tiny_model, tiny_prompt_dataset
+
     model_dir = save_tiny_model("tiny-model")
-    trainer = GNIVOTrainer(model=model_dir, reward_funcs=my_reward, args=args, train_dataset=tiny_prompt_dataset(16))
+    args = GNIVOConfig(output_dir="tiny-run", use_cpu=True, bf16=False, max_steps=1, max_completion_length=8)
+    trainer = GNIVOTrainer(model=model_dir, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+                           args=args, train_dataset=tiny_prompt_dataset(16))
+    ``
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ _DEFAULT_CORPUS = [
 def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in process, with ChatML special tokens and chat template.
 
-    ``<|im_end|>`` is the EOS token and ``<|pad|>`` the padding token; padding is on the left, as generation needs.
+    `<|im_end|>` is the EOS token and `<|pad|>` the padding token; padding is on the left, as generation needs.
     """
     backend = Tokenizer(models.BPE(unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,8 +74,8 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
 
 
 def chatml_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
-    """Wrap a ``tokenizers`` backend that holds :data:`SPECIAL_TOKENS` as a transformers tokenizer with the ChatML
-    chat template: ``<|im_end|>`` is EOS, ``<|pad|>`` pads, padding and truncation on the left (as generation needs).
+    """Wrap a `tokenizers` backend that holds `SPECIAL_TOKENS` as a transformers tokenizer with the ChatML
+    chat template: `<|im_end|>` is EOS, `<|pad|>` pads, padding and truncation on the left (as generation needs).
     """
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -98,8 +103,8 @@ def _example_tool(a: int, b: int) -> int:
 def build_tiny_tool_tokenizer(vocab_size: int = 500) -> PreTrainedTokenizerFast:
     """A tiny tokenizer with TRL's copy of the Qwen3 chat template, for multi-turn training with tools.
 
-    TRL's ``tools=`` / ``environment_factory=`` need a chat template it recognises: ``add_response_schema`` then sets
-    the Qwen3 response parser (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``), and, since that template
+    TRL's `tools=` / `environment_factory=` need a chat template it recognises: `add_response_schema` then sets
+    the Qwen3 response parser (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`), and, since that template
     is not prefix-preserving, TRL renders prompts and tool responses with its Qwen3 training template. The BPE is
     trained on a rendered tool-calling conversation as well as the default corpus, so that the tool boilerplate of
     the system prompt takes about 250 tokens instead of 500.
@@ -159,7 +164,7 @@ def build_tiny_model(
 def save_tiny_model(
     directory: str | os.PathLike, seed: int = 0, corpus: Iterable[str] | None = None, **model_kwargs
 ) -> str:
-    """Build a tiny tokenizer and model and save both to ``directory``; returns the directory as a string."""
+    """Build a tiny tokenizer and model and save both to `directory`; returns the directory as a string."""
     tokenizer = build_tiny_tokenizer(corpus)
     model = build_tiny_model(tokenizer, seed=seed, **model_kwargs)
     directory = Path(directory)
@@ -170,7 +175,7 @@ def save_tiny_model(
 
 
 def tiny_prompt_dataset(num_prompts: int = 16, conversational: bool = True):
-    """A ``datasets.Dataset`` with a ``prompt`` column (chat messages or plain strings) and a ``solution`` column."""
+    """A `datasets.Dataset` with a `prompt` column (chat messages or plain strings) and a `solution` column."""
     from datasets import Dataset
 
     questions = [f"What is {i} + {i % 5}?" for i in range(num_prompts)]
@@ -182,8 +187,8 @@ def tiny_prompt_dataset(num_prompts: int = 16, conversational: bool = True):
 def save_tiny_tool_model(
     directory: str | os.PathLike, seed: int = 0, max_position_embeddings: int = 1024, **model_kwargs
 ) -> str:
-    """:func:`save_tiny_model` with :func:`build_tiny_tool_tokenizer` (TRL's Qwen3 chat template, for ``tools=`` and
-    ``environment_factory=``) and room for the tool schema in the prompt; returns the directory as a string."""
+    """`save_tiny_model` with `build_tiny_tool_tokenizer` (TRL's Qwen3 chat template, for `tools=` and
+    `environment_factory=`) and room for the tool schema in the prompt; returns the directory as a string."""
     tokenizer = build_tiny_tool_tokenizer()
     model = build_tiny_model(tokenizer, seed=seed, max_position_embeddings=max_position_embeddings, **model_kwargs)
     directory = Path(directory)

@@ -1,4 +1,4 @@
-"""Configuration of :class:`gnivo_trl.VIMPOTrainer`."""
+"""Configuration of `gnivo_trl.VIMPOTrainer`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ VALUE_LOSS_TYPES = ("squared_error", "huber")
 
 
 class _DefaultActorCoeff(float):
-    """``vimpo_actor_coeff``'s default value (5e-3), of its own type so that a value the user sets, even 5e-3 itself,
-    can be told from the default when the deprecated alias ``vimpo_actor_coef`` is set too."""
+    """`vimpo_actor_coeff`'s default value (5e-3), of its own type so that a value the user sets, even 5e-3 itself,
+    can be told from the default when the deprecated alias `vimpo_actor_coef` is set too."""
 
 
 _DEFAULT_ACTOR_COEFF = _DefaultActorCoeff(5e-3)
@@ -25,91 +25,94 @@ _DEFAULT_ACTOR_COEFF = _DefaultActorCoeff(5e-3)
 
 @dataclass
 class VIMPOConfig(GRPOConfig):
-    r"""
-    Configuration of [`VIMPOTrainer`]: Value-Implicit Policy Optimization (Kang et al., arXiv 2606.20008), with the
-    semantics of the authors' official implementation.
+    r"""Configuration of [`VIMPOTrainer`][gnivo_trl.VIMPOTrainer]: Value-Implicit Policy Optimization.
 
-    Inherits every [`trl.GRPOConfig`] field. Defaults that differ from `GRPOConfig`: `num_generations=8`,
-    `epsilon_high=0.28` (the official run's clip range 0.2 / 0.28) and `use_bias_correction_kl=False` (there is no
-    GRPO KL term to correct). `epsilon` and `epsilon_high` clip the actor's PPO ratio; `beta` must stay 0.0 (VIMPO's
-    KL coefficient lives inside the value, `vimpo_beta`); `scale_rewards` has no effect (the value target is
-    `R - mean_group(R)`). GRPO loss options that VIMPO would otherwise ignore silently (`loss_type` other than its
-    token mean `"dapo"`, `importance_sampling_level="sequence"`, `delta`, `use_bias_correction_kl`) and FSDP are
-    refused at construction.
+    The semantics are those of the authors' official implementation. Inherits every `trl.GRPOConfig` field. Defaults
+    that differ from `GRPOConfig`: `num_generations=8`, `epsilon_high=0.28` (the official run's clip range 0.2 /
+    0.28) and `use_bias_correction_kl=False` (there is no GRPO KL term to correct). `epsilon` and `epsilon_high` clip
+    the actor's PPO ratio. `beta` must stay 0.0: VIMPO's KL coefficient lives inside the value (`vimpo_beta`).
+    `scale_rewards` has no effect: the value target is `R - mean_group(R)`. GRPO loss options that VIMPO would
+    otherwise ignore silently (`loss_type` other than its token mean `"dapo"`, `importance_sampling_level="sequence"`,
+    `delta`, `use_bias_correction_kl`) and FSDP are refused at construction. The
+    [VIMPO trainer page](https://gnivo-trl.github.io/gnivo-trl/vimpo_trainer/#configuration-reference) lists every
+    field with its default and compares them with the official options.
 
-    Parameters:
-        vimpo_beta (`float`, *optional*, defaults to `5e-4`):
-            KL coefficient beta of the policy-implied value `beta * (log pi_theta / pi_ref - KL)`.
-        vimpo_actor_coeff (`float`, *optional*, defaults to `5e-3`):
-            Weight c_A of the actor loss in `L = L_V + c_A * L_A`; 0 gives the "value-only" variant (the official
-            `vimpo_actor_coeff`). Ignored with `vimpo_adaptive_actor_coeff=True`, which computes c_A per micro-batch.
-        vimpo_actor_coef (`float` or `None`, *optional*, defaults to `None`):
-            Deprecated alias of `vimpo_actor_coeff`, removed in the next release: when set, it warns (FutureWarning)
-            and is copied into `vimpo_actor_coeff`; setting both to different values is refused.
-        vimpo_gae_lambda (`float`, *optional*, defaults to `1.0`):
-            lambda of the reverse accumulation of `rho - kappa` into the actor advantage, in [0, 1].
-        vimpo_kl_estimator (`str`, *optional*, defaults to `"exact"`):
-            Per-token KL(pi_theta || pi_ref): `"exact"` (full vocabulary at the sampling temperature, computed in
-            chunks), `"candidate_set"` (the official approximation: the sum of `p (log p - log q)` over the
-            `vimpo_candidate_kl_topk` tokens of largest policy probability, both distributions normalised over the
-            full vocabulary; it can be slightly negative and equals the exact KL once the set covers the
+    Args:
+        vimpo_beta (float): KL coefficient beta of the policy-implied value `beta * (log pi_theta / pi_ref - KL)`.
+            Defaults to `5e-4`.
+        vimpo_actor_coeff (float): Weight c_A of the actor loss in `L = L_V + c_A * L_A`; 0 gives the "value-only"
+            variant (the official `vimpo_actor_coeff`). Ignored with `vimpo_adaptive_actor_coeff=True`, which computes
+            c_A per micro-batch. Defaults to `5e-3`.
+        vimpo_actor_coef (float | None): Deprecated alias of `vimpo_actor_coeff`, removed in the next release: when
+            set, it warns (FutureWarning) and is copied into `vimpo_actor_coeff`; setting both to different values is
+            refused. Defaults to `None`.
+        vimpo_gae_lambda (float): lambda of the reverse accumulation of `rho - kappa` into the actor advantage, in [0,
+            1]. Defaults to `1.0`.
+        vimpo_kl_estimator (str): Per-token KL(pi_theta || pi_ref): `"exact"` (full vocabulary at the sampling
+            temperature, computed in chunks), `"candidate_set"` (the official approximation: the sum of `p (log p - log
+            q)` over the `vimpo_candidate_kl_topk` tokens of largest policy probability, both distributions normalised
+            over the full vocabulary; it can be slightly negative and equals the exact KL once the set covers the
             vocabulary), or the sampled estimators `"k2"` / `"k3"`. `"k1"` is refused (it makes `rho - kappa` zero).
-        vimpo_candidate_kl_topk (`int`, *optional*, defaults to `32`):
-            Size of the candidate set of `vimpo_kl_estimator="candidate_set"` (the official `candidate_kl_topk`).
-            32 is the value of the authors' run script (`run_vimpo.sh`), which passes it explicitly, so the yaml's
-            128 never took effect on their path; a larger set is closer to the exact KL at about the same cost.
-        vimpo_kl_chunk_size (`int`, *optional*, defaults to `1024`):
-            Completion tokens whose full-vocabulary log-probabilities are held at once by the exact and the
-            candidate-set KL (the candidate set holds three float32 `(chunk, vocabulary)` buffers per chunk).
-        vimpo_value_loss_type (`str`, *optional*, defaults to `"squared_error"`):
-            Per-completion value loss of the terminal residual `r`: `"squared_error"` (`0.5 r^2`) or `"huber"`
-            (`0.5 r^2` for `|r| <= delta`, else `delta (|r| - delta / 2)`; PyTorch's `huber_loss`, gradient
-            `clamp(r, -delta, delta)`), as the official `vimpo_value_loss_type`.
-        vimpo_value_huber_delta (`float`, *optional*, defaults to `0.005`):
-            Huber threshold `delta` (> 0, checked whatever the loss type, as the official code does). 0.005 is the
-            value of the authors' run script, the only one they ran with (yaml 0.5, code fallback 1.0). The residual
-            is in reward units and starts at `-(R - mean_g R)`, so for 0/1 rewards 0.005 makes the value loss
-            essentially an L1 loss (per-row gradient `0.005 * sign(r)`), while 0.5 or 1.0 would be nearly the
-            squared error.
-        vimpo_value_type (`str`, *optional*, defaults to `"raw"`):
-            `"raw"`: the policy-implied value `sum_t (rho - kappa)` regressed onto `R - V0`. The official `"soft"`
-            value (prediction `beta * sum_t log pi_theta / pi_ref` onto `R - V0_soft`, with `V0_soft` the group mean
-            of `R - beta * sum_t KL(pi_old || pi_ref)` measured at generation time) is refused: it needs a
-            generation-time pass of both models over the whole generation batch (the KL sums of every row of a
-            group before any loss step), which this trainer's single loss-time scoring path does not run, and the
-            official code allows it only for the value-only variant. The pure functions
-            `gnivo_trl.losses.soft_value_baselines` / `soft_vimpo_value_loss` implement its math.
-        vimpo_cap_v0 (`float` or `None`, *optional*, defaults to `None`):
-            Upper bound on the per-prompt baseline: the value target is `R - min(mean_g R, vimpo_cap_v0)` (the
-            official `vimpo_cap_v0`); None does not cap.
-        vimpo_update_ref_freq (`int`, *optional*, defaults to `0`):
-            Replace the reference by a hard copy of the policy after every `vimpo_update_ref_freq` generation
-            batches (the official training steps: the first copy follows the update of batch N); 0 never does. Runs
-            TRL's `SyncRefModelCallback` with `ref_model_mixup_alpha=1.0` and `ref_model_sync_steps` set to N times
-            the optimizer steps per generation batch (`steps_per_generation * num_iterations /
-            gradient_accumulation_steps`, which must come out whole); those two fields are derived from this one.
-            TRL's own `sync_ref_model=True` (a TR-DPO mixture of policy and reference) stays refused: it is not
-            VIMPO's semantics. Refused with PEFT (the reference is the policy with its adapter disabled; a refresh
-            would have to merge the adapter) as by the official code. The reference is not checkpointed: after a
-            resume it is the initial model until the next refresh (as in the official code).
-        vimpo_dual_clip (`float`, *optional*, defaults to `10.0`):
-            Dual-clip constant c (> 1) bounding the actor loss of tokens with negative advantage.
-        vimpo_adaptive_actor_coeff (`bool`, *optional*, defaults to `False`):
-            Replace the fixed `vimpo_actor_coeff` (then ignored) by the official adaptive coefficient: per
-            micro-batch, the RMS over valid tokens (all processes) of the logit-gradient norm of the value loss and of
-            the actor loss taken with weight 1 (the analytic `|dL/dlog p_y| * ||e_y - p||_2`), each exponentially
-            averaged without bias correction, give `c_A = alpha * EMA_value / (EMA_actor + eps)`, used for that same
-            micro-batch; a micro-batch without actor gradient gets `c_A = 0` and leaves the averages unchanged. The
-            averages are not checkpointed (after a resume both restart from 0, which changes only the smoothing).
-            Unlike the official code, which silently keeps the fixed coefficient with the sampled `k2`/`k3` KL, it
-            works with every `vimpo_kl_estimator` (`sum_v p_v^2` comes from the policy's own fused-head pass).
-        vimpo_adaptive_actor_alpha (`float`, *optional*, defaults to `0.025`):
-            Target ratio alpha (>= 0) of the actor's to the value's logit-gradient RMS. 0.025 is the value of the
-            authors' run script (`run_vimpo.sh`); their yaml says 0.15.
-        vimpo_adaptive_actor_ema_decay (`float`, *optional*, defaults to `0.9`):
-            Decay d in [0, 1) of both averages: `EMA <- d * EMA + (1 - d) * RMS`, once per micro-batch.
-        vimpo_adaptive_actor_eps (`float`, *optional*, defaults to `1e-12`):
-            Added (> 0) to the actor average in the coefficient's denominator.
+            Defaults to `"exact"`.
+        vimpo_candidate_kl_topk (int): Size of the candidate set of `vimpo_kl_estimator="candidate_set"` (the official
+            `candidate_kl_topk`). 32 is the value of the authors' run script (`run_vimpo.sh`), which passes it
+            explicitly, so the yaml's 128 never took effect on their path; a larger set is closer to the exact KL at
+            about the same cost. Defaults to `32`.
+        vimpo_kl_chunk_size (int): Completion tokens whose full-vocabulary log-probabilities are held at once by the
+            exact and the candidate-set KL (the candidate set holds three float32 `(chunk, vocabulary)` buffers per
+            chunk). Defaults to `1024`.
+        vimpo_value_loss_type (str): Per-completion value loss of the terminal residual `r`: `"squared_error"` (`0.5
+            r^2`) or `"huber"` (`0.5 r^2` for `|r| <= delta`, else `delta (|r| - delta / 2)`; PyTorch's `huber_loss`,
+            gradient `clamp(r, -delta, delta)`), as the official `vimpo_value_loss_type`. Defaults to
+            `"squared_error"`.
+        vimpo_value_huber_delta (float): Huber threshold `delta` (> 0, checked whatever the loss type, as the official
+            code does). 0.005 is the value of the authors' run script, the only one they ran with (yaml 0.5, code
+            fallback 1.0). The residual is in reward units and starts at `-(R - mean_g R)`, so for 0/1 rewards 0.005
+            makes the value loss essentially an L1 loss (per-row gradient `0.005 * sign(r)`), while 0.5 or 1.0 would be
+            nearly the squared error. Defaults to `0.005`.
+        vimpo_value_type (str): `"raw"`: the policy-implied value `sum_t (rho - kappa)` regressed onto `R - V0`. The
+            official `"soft"` value (prediction `beta * sum_t log pi_theta / pi_ref` onto `R - V0_soft`, with `V0_soft`
+            the group mean of `R - beta * sum_t KL(pi_old || pi_ref)` measured at generation time) is refused: it needs
+            a generation-time pass of both models over the whole generation batch (the KL sums of every row of a group
+            before any loss step), which this trainer's single loss-time scoring path does not run, and the official
+            code allows it only for the value-only variant. The pure functions `gnivo_trl.losses.soft_value_baselines`
+            / `soft_vimpo_value_loss` implement its math. Defaults to `"raw"`.
+        vimpo_cap_v0 (float | None): Upper bound on the per-prompt baseline: the value target is `R - min(mean_g R,
+            vimpo_cap_v0)` (the official `vimpo_cap_v0`); None does not cap. Defaults to `None`.
+        vimpo_update_ref_freq (int): Replace the reference by a hard copy of the policy after every
+            `vimpo_update_ref_freq` generation batches (the official training steps: the first copy follows the update
+            of batch N); 0 never does. Runs TRL's `SyncRefModelCallback` with `ref_model_mixup_alpha=1.0` and
+            `ref_model_sync_steps` set to N times the optimizer steps per generation batch (`steps_per_generation *
+            num_iterations / gradient_accumulation_steps`, which must come out whole); those two fields are derived
+            from this one. TRL's own `sync_ref_model=True` (a TR-DPO mixture of policy and reference) stays refused: it
+            is not VIMPO's semantics. Refused with PEFT (the reference is the policy with its adapter disabled; a
+            refresh would have to merge the adapter) as by the official code. The reference is not checkpointed: after
+            a resume it is the initial model until the next refresh (as in the official code). Defaults to `0`.
+        vimpo_dual_clip (float): Dual-clip constant c (> 1) bounding the actor loss of tokens with negative advantage.
+            Defaults to `10.0`.
+        vimpo_adaptive_actor_coeff (bool): Replace the fixed `vimpo_actor_coeff` (then ignored) by the official
+            adaptive coefficient: per micro-batch, the RMS over valid tokens (all processes) of the logit-gradient norm
+            of the value loss and of the actor loss taken with weight 1 (the analytic `|dL/dlog p_y| * ||e_y - p||_2`),
+            each exponentially averaged without bias correction, give `c_A = alpha * EMA_value / (EMA_actor + eps)`,
+            used for that same micro-batch; a micro-batch without actor gradient gets `c_A = 0` and leaves the averages
+            unchanged. The averages are not checkpointed (after a resume both restart from 0, which changes only the
+            smoothing). Unlike the official code, which silently keeps the fixed coefficient with the sampled `k2`/`k3`
+            KL, it works with every `vimpo_kl_estimator` (`sum_v p_v^2` comes from the policy's own fused-head pass).
+            Defaults to `False`.
+        vimpo_adaptive_actor_alpha (float): Target ratio alpha (>= 0) of the actor's to the value's logit-gradient RMS.
+            0.025 is the value of the authors' run script (`run_vimpo.sh`); their yaml says 0.15. Defaults to `0.025`.
+        vimpo_adaptive_actor_ema_decay (float): Decay d in [0, 1) of both averages: `EMA <- d * EMA + (1 - d) * RMS`,
+            once per micro-batch. Defaults to `0.9`.
+        vimpo_adaptive_actor_eps (float): Added (> 0) to the actor average in the coefficient's denominator. Defaults
+            to `1e-12`.
+
+    Examples:
+        ``python
+        from gnivo_trl import VIMPOConfig
+
+        paper = VIMPOConfig(output_dir="qwen-vimpo")  # beta 5e-4, actor weight 5e-3, K=8
+        short = VIMPOConfig(output_dir="vimpo-short", vimpo_adaptive_actor_coeff=True)
+        ``
     """
 
     num_generations: int | None = field(
@@ -364,7 +367,7 @@ class VIMPOConfig(GRPOConfig):
             )
 
     def _apply_deprecated_actor_coef(self) -> None:
-        """Copy the deprecated ``vimpo_actor_coef`` into ``vimpo_actor_coeff`` (with a FutureWarning)."""
+        """Copy the deprecated `vimpo_actor_coef` into `vimpo_actor_coeff` (with a FutureWarning)."""
         if self.vimpo_actor_coef is None:
             return
         warnings.warn(
@@ -384,7 +387,7 @@ class VIMPOConfig(GRPOConfig):
         self.vimpo_actor_coeff = float(self.vimpo_actor_coef)
 
     def _check_adaptive_actor_coeff(self) -> None:
-        """The ``vimpo_adaptive_actor_*`` settings, checked whether or not the option is on (as the Huber delta is)."""
+        """The `vimpo_adaptive_actor_*` settings, checked whether or not the option is on (as the Huber delta is)."""
 
         def is_real(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -413,8 +416,8 @@ class VIMPOConfig(GRPOConfig):
             )
 
     def _derive_reference_refresh(self) -> None:
-        """TRL's ``SyncRefModelCallback`` settings of ``vimpo_update_ref_freq``: a hard copy (alpha 1) every N
-        generation batches, counted in the optimizer steps the callback sees (``TrainerState.global_step``)."""
+        """TRL's `SyncRefModelCallback` settings of `vimpo_update_ref_freq`: a hard copy (alpha 1) every N
+        generation batches, counted in the optimizer steps the callback sees (`TrainerState.global_step`)."""
         micro_steps = self.vimpo_update_ref_freq * self.steps_per_generation * self.num_iterations
         if micro_steps % self.gradient_accumulation_steps:
             fail(

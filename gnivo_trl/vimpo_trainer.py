@@ -1,4 +1,56 @@
-"""VIMPO as a TRL ``GRPOTrainer`` subclass."""
+"""VIMPO as a TRL `GRPOTrainer` subclass.
+
+Implementation notes (users read the class docstring and the VIMPO trainer page of the docs).
+
+One scoring path, at loss time, on TRL's kernels (`gnivo_trl.scoring`):
+
+* Each model runs TRL's fused forward once, as GRPO scores its policy and its reference
+  (`gnivo_trl.scoring.fused_forward_scores`): the reference without gradient (the frozen model, or under PEFT the
+  policy with its adapter disabled, whose LM head is read in that same context, so a head in `modules_to_save` is
+  the original one), the policy with gradient through its DDP / DeepSpeed wrapper. The sampled tokens'
+  log-probabilities come from TRL's fused LM head (`ChunkedLogProbFunction`), with the MoE router's
+  load-balancing loss where GRPO adds it; a forward hook keeps each backbone's final hidden states. `rho` and the
+  KL are therefore exactly 0 while the policy equals the reference. The exact KL is TRL's
+  `ChunkedDivergenceFunction` (reverse KL) on those hidden states and both heads, in chunks of
+  `vimpo_kl_chunk_size` tokens, without gradient (or the official candidate-set approximation,
+  `gnivo_trl.scoring.candidate_set_token_kl`, in the same chunks). No `(B, T, V)` tensor exists. Each model's
+  logit transform is read once, at construction, off the forward TRL patched (through accelerate's
+  mixed-precision wrapper). Heads on different devices (a `device_map`) are refused.
+* `rho`, `kappa`, the advantage and its whitening come from that forward, per micro-batch, whitened over the
+  micro-batch's valid tokens on every process, as the official code does. In TRL's default layout (one micro-batch
+  holds the process's generation batch) this is whitening over the whole generation batch. Only the value
+  target `R - mean_group(R)` is fixed at generation time, on whole groups, so the value loss does not depend on
+  how the batch is split over micro-batches and processes; with gradient accumulation the actor term whitens
+  each micro-batch on its own.
+* Cost: one reference forward (as GRPO with `beta > 0`), the policy's forward and backward (as GRPO), the
+  reference's head once and both heads once more for the exact KL. Nothing is computed at generation time.
+* Rows without a reward (every reward function returned None) and rows masked by vLLM's sequence-level
+  importance-sampling correction (`"sequence_mask"`, ratio 0) leave their group, as in GN-IVO: they are out of
+  the group mean, the value loss, the actor loss and the whitening statistics. A non-zero sequence ratio
+  (`"sequence_truncate"`) weights the actor's tokens only (and the actor's logit-gradient RMS of the adaptive
+  weight), as the official code does: the value loss regresses each completion's implied value onto its reward
+  unweighted. Token-level modes are refused by `VIMPOConfig`.
+* The actor loss is a token mean over the generation batch (TRL's `num_items_in_batch`), the value loss a mean
+  over rows (`0.5 r^2` or Huber per row, `vimpo_value_loss_type`), both scaled for accumulation; MoE models
+  add their router's load-balancing loss as GRPO does.
+* Options of the official code: `vimpo_cap_v0` caps the group-mean baseline of the value target;
+  `vimpo_update_ref_freq=N` hard-copies the policy into the reference after every N generation batches, with
+  TRL's `SyncRefModelCallback` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT).
+* `vimpo_adaptive_actor_coeff` (official `compute_vimpo_adaptive_actor_coeff`) replaces `vimpo_actor_coeff`
+  by `alpha * EMA_value / (EMA_actor + eps)`, computed per micro-batch before its loss. Both losses depend on a
+  position's tempered logits only through `log p_y`, so each one's logit gradient there is `c_t (e_y - p)`
+  with norm `|c_t| sqrt(1 - 2 p_y + sum_v p_v^2)`: for the value loss
+  `c_t = vimpo_beta * g(r_i) * w_i / B_micro` (`g(r) = r`, or `clamp(r, +-delta)` for Huber; `w_i` 1 for a row
+  with a reward, else 0), for the actor loss at weight 1 the derivative of the per-token dual-clip loss (times the importance ratio) divided by this process's
+  valid tokens in the micro-batch (the official token mean), by autograd, so that clipping and the dual clip
+  count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
+  `vimpo_adaptive_actor_ema_decay`); a micro-batch without actor gradient gets coefficient 0 and leaves the
+  EMAs unchanged. `sum_v p_v^2` comes from the policy's own fused-head pass (TRL's `log_sum_sq_probs`
+  output, which the trainer asks TRL's head for when the option is on). The EMAs live on the trainer, start at 0 and are
+  not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
+  together). Evaluation uses `alpha * EMA_value / (EMA_actor + eps)` and updates nothing. Unlike the official
+  code, which silently keeps the fixed coefficient with the k2/k3 KL, it works with every KL estimator.
+"""
 
 from __future__ import annotations
 
@@ -39,22 +91,22 @@ logger = logging.getLogger(__name__)
 
 # The fixed actor weight dominates the value when vimpo_beta * (mean completion length) / vimpo_actor_coeff is below
 # this: the value loss's logit gradient per token scales with beta, the token-mean actor's with
-# vimpo_actor_coeff / length. Measured in benchmarks/results/learning_vimpo_map.md (see VIMPOTrainer's docstring).
+# vimpo_actor_coeff / length. Measured in benchmarks/results/learning_vimpo_map.md (docs/vimpo_trainer.md, "Tips").
 ACTOR_BALANCE_WARNING_THRESHOLD = 20.0
 
 
 class TokenScores(NamedTuple):
-    """Per-token scores of a micro-batch's completion tokens, each ``(B, C)`` and 0 where the completion is padding.
+    """Per-token scores of a micro-batch's completion tokens, each `(B, C)` and 0 where the completion is padding.
 
     Attributes:
         logp: log pi_theta of the sampled tokens, float32, differentiable (the loss's only gradient path).
         entropy: entropy of pi_theta at each position, float32, detached.
         ref_logp: log pi_ref of the sampled tokens, float32, no gradient.
         token_kl: per-token KL(pi_theta || pi_ref) in nats, float32, no gradient: exact (full vocabulary), the
-            official candidate-set approximation, or the k2/k3 estimate, as ``vimpo_kl_estimator`` says.
+            official candidate-set approximation, or the k2/k3 estimate, as `vimpo_kl_estimator` says.
         aux_loss: the MoE load-balancing loss of the policy forward (0-d, differentiable), or None.
-        probability_square_sums: ``sum_v p_v^2`` of pi_theta's tempered distribution at each position, float32, no
-            gradient, for ``vimpo_adaptive_actor_coeff``; None when that option is off.
+        probability_square_sums: `sum_v p_v^2` of pi_theta's tempered distribution at each position, float32, no
+            gradient, for `vimpo_adaptive_actor_coeff`; None when that option is off.
     """
 
     logp: torch.Tensor
@@ -66,76 +118,47 @@ class TokenScores(NamedTuple):
 
 
 class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
-    """Trainer for Value-Implicit Policy Optimization (VIMPO), as the authors' official implementation computes it.
+    """Trainer for Value-Implicit Policy Optimization (VIMPO), a drop-in subclass of TRL's `GRPOTrainer`.
 
-    VIMPO (Kang et al., 2026) reads a value function off the policy itself: per token ``rho = beta * log(pi_theta /
-    pi_ref)`` and ``kappa = beta * KL(pi_theta || pi_ref)``; the policy-implied terminal value
-    ``sum_t (rho - sg[kappa])`` is regressed onto the group-centred reward ``R - mean_group(R)`` (value loss), and a
-    PPO-clipped actor (dual clip) follows the reward-free advantage ``A_t = sum_l lambda^l (rho - kappa)_{t+l}``,
-    whitened over the micro-batch. Total loss ``L_V + vimpo_actor_coeff * L_A`` (SPEC section 4).
+    VIMPO ([Kang et al., 2026](https://arxiv.org/abs/2606.20008)) reads a value function off the policy itself,
+    relative to the frozen initial model. Per token, `rho = beta * log(pi_theta / pi_ref)` and
+    `kappa = beta * KL(pi_theta || pi_ref)`. The policy-implied terminal value `sum_t (rho - sg[kappa])` is regressed
+    onto the group-centred reward `R - mean_group(R)` (the value loss), and a dual-clip PPO actor follows the
+    reward-free advantage `sum_l lambda^l (rho - kappa)_{t+l}`, whitened per micro-batch. The total loss is
+    `L_V + vimpo_actor_coeff * L_A`, with the semantics of the authors' official implementation. The KL is exact over
+    the full vocabulary, computed in chunks on TRL's kernels, without a `(B, T, V)` tensor. Everything else is
+    `GRPOTrainer`'s: generation, reward functions, DeepSpeed ZeRO, PEFT, logging, checkpoints and Hub pushes.
 
-    One scoring path, at loss time, on TRL's kernels (:mod:`gnivo_trl.scoring`):
+    The [VIMPO trainer page](https://gnivo-trl.github.io/gnivo-trl/vimpo_trainer/) explains the scoring path, the KL
+    estimators, the logged metrics, what is refused, the options of the official code, and the beta x length rule
+    that keeps the authors' defaults from collapsing training on short answers.
 
-    * Each model runs TRL's fused forward once, as GRPO scores its policy and its reference (the reference without
-      gradient: the frozen model, or under PEFT the policy with its adapter disabled, whose LM head is read in that
-      same context, so a head in ``modules_to_save`` is the original one): the sampled tokens' log-probabilities
-      from TRL's fused LM head (``ChunkedLogProbFunction``), with the MoE router's load-balancing loss where GRPO
-      adds it, and the backbone's final hidden states. ``rho`` and the KL are therefore exactly 0 while the policy
-      equals the reference. The exact KL is TRL's ``ChunkedDivergenceFunction`` (reverse KL) on those hidden states
-      and both heads, in chunks of ``vimpo_kl_chunk_size`` tokens, without gradient (or the official candidate-set
-      approximation, :func:`gnivo_trl.scoring.candidate_set_token_kl`, in the same chunks). No ``(B, T, V)``
-      tensor exists. The logit transform of each model is read once, at construction, off the forward TRL patched
-      (through accelerate's mixed-precision wrapper).
-    * ``rho``, ``kappa``, the advantage and its whitening come from that forward, per micro-batch, whitened over the
-      micro-batch's valid tokens on every process, as the official code does. In TRL's default layout (one micro-batch
-      holds the process's generation batch) this is whitening over the whole generation batch. Only the value
-      target ``R - mean_group(R)`` is fixed at generation time, on whole groups, so the value loss does not depend on
-      how the batch is split over micro-batches and processes; with gradient accumulation the actor term whitens
-      each micro-batch on its own.
-    * Cost: one reference forward (as GRPO with ``beta > 0``), the policy's forward and backward (as GRPO), the
-      reference's head once and both heads once more for the exact KL. Nothing is computed at generation time.
-    * Rows without a reward (every reward function returned None) and rows masked by vLLM's sequence-level
-      importance-sampling correction (``"sequence_mask"``, ratio 0) leave their group, as in GN-IVO: they are out of
-      the group mean, the value loss, the actor loss and the whitening statistics. A non-zero sequence ratio
-      (``"sequence_truncate"``) weights the actor's tokens only (and the actor's logit-gradient RMS of the adaptive
-      weight), as the official code does: the value loss regresses each completion's implied value onto its reward
-      unweighted. Token-level modes are refused by :class:`VIMPOConfig`.
-    * The actor loss is a token mean over the generation batch (TRL's ``num_items_in_batch``), the value loss a mean
-      over rows (``0.5 r^2`` or Huber per row, ``vimpo_value_loss_type``), both scaled for accumulation; MoE models
-      add their router's load-balancing loss as GRPO does.
-    * Options of the official code: ``vimpo_cap_v0`` caps the group-mean baseline of the value target;
-      ``vimpo_update_ref_freq=N`` hard-copies the policy into the reference after every N generation batches, with
-      TRL's ``SyncRefModelCallback`` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT).
-    * ``vimpo_adaptive_actor_coeff`` (official ``compute_vimpo_adaptive_actor_coeff``) replaces ``vimpo_actor_coeff``
-      by ``alpha * EMA_value / (EMA_actor + eps)``, computed per micro-batch before its loss. Both losses depend on a
-      position's tempered logits only through ``log p_y``, so each one's logit gradient there is ``c_t (e_y - p)``
-      with norm ``|c_t| sqrt(1 - 2 p_y + sum_v p_v^2)``: for the value loss ``c_t = vimpo_beta * g(r_i) * w_i /
-      B_micro`` (``g(r) = r``, or ``clamp(r, +-delta)`` for Huber; ``w_i`` 1 for a row with a reward, else 0), for
-      the actor loss at
-      weight 1 the derivative of the per-token dual-clip loss (times the importance ratio) divided by this process's
-      valid tokens in the micro-batch (the official token mean), by autograd, so that clipping and the dual clip
-      count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
-      ``vimpo_adaptive_actor_ema_decay``); a micro-batch without actor gradient gets coefficient 0 and leaves the
-      EMAs unchanged. ``sum_v p_v^2`` comes from the policy's own fused-head pass (TRL's ``log_sum_sq_probs``
-      output, which the trainer asks TRL's head for when the option is on). The EMAs live on the trainer, start at
-      0 and are not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
-      together). Evaluation uses ``alpha * EMA_value / (EMA_actor + eps)`` and updates nothing. Unlike the official
-      code, which silently keeps the fixed coefficient with the k2/k3 KL, it works with every KL estimator.
+    Args:
+        model (str | PreTrainedModel): The policy, as for `GRPOTrainer`: a Hub id, a local directory or a loaded
+            causal LM. The frozen reference is built from it (a copy of a model instance; the base model under the
+            adapter with PEFT).
+        reward_funcs (Callable | list[Callable] | str | None): The reward functions, as for `GRPOTrainer`; None with
+            an `environment_factory` whose environments score their rollouts.
+        args (VIMPOConfig): The configuration. Defaults to `VIMPOConfig("<model name>-VIMPO")`. A plain `GRPOConfig`
+            is refused (`TypeError`): it lacks the `vimpo_*` fields.
+        **kwargs (Any): Every other `GRPOTrainer` argument (`train_dataset`, `processing_class`, `peft_config`,
+            `tools`, `environment_factory`, `callbacks`, ...).
 
-    Logged metrics (reduced over processes): ``vimpo/value_loss``, ``vimpo/actor_loss``, ``vimpo/residual_mean`` and
-    ``vimpo/residual_std`` (terminal-value residual ``sum_t (rho - kappa) - (R - mean_g R)`` over the rows of a
-    micro-batch on all processes, averaged over the micro-batches of a logging interval like every TRL metric),
-    ``vimpo/kl`` (mean per-token KL to the reference), ``vimpo/advantage_std`` (before whitening), ``entropy``,
-    ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (as GRPO's) and ``aux_loss`` (MoE).
-    With ``vimpo_adaptive_actor_coeff``, per micro-batch (official ``actor/vimpo_*`` names in brackets):
-    ``vimpo/value_logit_grad_rms`` [``value_logit_grad_rms``], ``vimpo/actor_logit_grad_rms_unscaled``
-    [``actor_logit_grad_rms_unscaled``], ``vimpo/actor_logit_grad_rms`` (unscaled x coefficient)
-    [``actor_logit_grad_rms``], ``vimpo/adaptive_actor_ema_value_logit_grad_rms``
-    [``adaptive_actor_ema_value_logit_grad_rms``], ``vimpo/adaptive_actor_ema_actor_logit_grad_rms_unscaled``
-    [``adaptive_actor_ema_actor_logit_grad_rms_unscaled``], ``vimpo/actor_coeff`` [``actor_coeff``] and
-    ``vimpo/actor_to_value_logit_grad_rms_ratio`` (``actor_logit_grad_rms / (value_logit_grad_rms + 1e-12)`` of
-    each micro-batch; the official ratio is taken once per update, of the micro-batch means)
-    [``actor_to_value_logit_grad_rms_ratio``].
+    Examples:
+        ``python
+        from gnivo_trl import VIMPOConfig, VIMPOTrainer
+        from gnivo_trl.data import load_math_dataset
+        from gnivo_trl.rewards import math_accuracy_reward
+
+        trainer = VIMPOTrainer(
+            model="Qwen/Qwen3-4B-Base",
+            reward_funcs=math_accuracy_reward,
+            # vimpo_beta 5e-2 for answers of about 50 tokens (the beta x length rule)
+            args=VIMPOConfig(output_dir="qwen-vimpo", vimpo_beta=5e-2),
+            train_dataset=load_math_dataset("guru_math"),
+        )
+        trainer.train()
+        ``
     """
 
     _tag_names = ["trl", "vimpo"]
@@ -202,9 +225,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         return True  # the frozen reference is inside VIMPO's value; GRPO's own KL term (beta) stays off
 
     def _add_reference_refresh(self) -> None:
-        """``vimpo_update_ref_freq``: TRL's ``SyncRefModelCallback``, as ``GRPOTrainer`` adds it for
-        ``sync_ref_model``, with the hard-copy settings :class:`VIMPOConfig` derived (``ref_model_mixup_alpha=1``,
-        ``ref_model_sync_steps`` = N generation batches in optimizer steps)."""
+        """`vimpo_update_ref_freq`: TRL's `SyncRefModelCallback`, as `GRPOTrainer` adds it for
+        `sync_ref_model`, with the hard-copy settings [`VIMPOConfig`][gnivo_trl.VIMPOConfig] derived
+        (`ref_model_mixup_alpha=1`,
+        `ref_model_sync_steps` = N generation batches in optimizer steps)."""
         if self.ref_model is None:  # PEFT: the reference is the policy with its adapter disabled (or a "ref" adapter)
             fail(
                 "vimpo_update_ref_freq",
@@ -241,10 +265,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
     def _reference_model(self):
-        """``(model, context)``: what computes the reference, and the context in which it does. Under PEFT the
+        """`(model, context)`: what computes the reference, and the context in which it does. Under PEFT the
         policy with its adapter disabled (or the frozen "ref" adapter of a pre-trained adapter), as GRPO scores its
         reference; the reference's LM head must be read inside that context too, since a head in
-        ``modules_to_save`` is the trainable copy while the adapter is enabled."""
+        `modules_to_save` is the trainable copy while the adapter is enabled."""
         if self.ref_model is not None:
             return self.ref_model, contextlib.nullcontext()
         peft_model = self.accelerator.unwrap_model(self.model)
@@ -252,9 +276,9 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     @profiling_decorator
     def _token_scores(self, model, inputs: dict[str, Any]) -> TokenScores:
-        """Both models' scores of a micro-batch's completion tokens (see :class:`TokenScores`).
+        """Both models' scores of a micro-batch's completion tokens (see `TokenScores`).
 
-        Each model runs TRL's fused forward once (:func:`gnivo_trl.scoring.fused_forward_scores`: GRPO's own
+        Each model runs TRL's fused forward once (`gnivo_trl.scoring.fused_forward_scores`: GRPO's own
         log-prob path, with the MoE router loss where GRPO adds it); the exact or candidate-set KL then projects
         both heads from the final hidden states that forward produced. Every rank runs the same forwards and the
         same head gathers whatever its token count, so the collectives of DeepSpeed ZeRO-3 match across processes.
@@ -308,8 +332,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _whitened_advantages(self, scores: TokenScores, mask: torch.Tensor, mode: str) -> torch.Tensor:
-        """VIMPO's reward-free advantage ``(B, C)`` of this micro-batch, whitened over its valid tokens on every
-        process (every rank must call this). Logs ``vimpo/advantage_std`` and ``vimpo/kl``."""
+        """VIMPO's reward-free advantage `(B, C)` of this micro-batch, whitened over its valid tokens on every
+        process (every rank must call this). Logs `vimpo/advantage_std` and `vimpo/kl`."""
         advantages = vimpo_advantages(
             scores.logp.detach(),
             scores.ref_logp,
@@ -389,11 +413,11 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     def _check_actor_balance(self, mask: torch.Tensor) -> None:
         """Warn once, on the first training micro-batch, when a fixed actor weight will outweigh the value loss.
 
-        Per token, the value loss's gradient scales with ``vimpo_beta`` and the token-mean actor's with
-        ``vimpo_actor_coeff / L`` (``L`` the mean completion length in model tokens, measured here over every
-        process), so the balance is ``vimpo_beta * L / vimpo_actor_coeff``. The paper's defaults on its long responses
-        give several hundred; below ``ACTOR_BALANCE_WARNING_THRESHOLD`` training collapsed in our measurements
-        (``benchmarks/results/learning_vimpo_map.md``). Every rank must call this.
+        Per token, the value loss's gradient scales with `vimpo_beta` and the token-mean actor's with
+        `vimpo_actor_coeff / L` (`L` the mean completion length in model tokens, measured here over every
+        process), so the balance is `vimpo_beta * L / vimpo_actor_coeff`. The paper's defaults on its long responses
+        give several hundred; below `ACTOR_BALANCE_WARNING_THRESHOLD` training collapsed in our measurements
+        (`benchmarks/results/learning_vimpo_map.md`). Every rank must call this.
         """
         self._actor_balance_checked = True
         args = self.args
@@ -422,14 +446,14 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _adaptive_actor_coeff(self, scores, mask, residuals, row_weight, old, advantages, is_ratio, mode) -> float:
-        """``vimpo_adaptive_actor_coeff``: this micro-batch's actor weight from both losses' logit-gradient RMS over
+        """`vimpo_adaptive_actor_coeff`: this micro-batch's actor weight from both losses' logit-gradient RMS over
         the valid tokens of every process (every rank must call this). Training updates the EMAs; evaluation uses
-        the current ``alpha * EMA_value / (EMA_actor + eps)``. Logs the ``vimpo/*logit_grad_rms*`` metrics.
+        the current `alpha * EMA_value / (EMA_actor + eps)`. Logs the `vimpo/*logit_grad_rms*` metrics.
 
-        Per-token derivatives with respect to ``log p_y`` (``(B, C)``, detached), without accumulation scaling, which
-        both terms share: the value loss's ``beta * g(r_i) * w_i / B_micro``; the actor loss's at weight 1 as the
+        Per-token derivatives with respect to `log p_y` (`(B, C)`, detached), without accumulation scaling, which
+        both terms share: the value loss's `beta * g(r_i) * w_i / B_micro`; the actor loss's at weight 1 as the
         official token mean over this process's valid tokens of the micro-batch, by autograd on a detached copy of
-        ``logp`` (nothing of the model's graph is used or kept).
+        `logp` (nothing of the model's graph is used or kept).
         """
         args = self.args
         logp = scores.logp.detach()

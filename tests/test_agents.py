@@ -275,7 +275,7 @@ def test_turn_units_without_tools_warn_that_they_are_sequence_units(tiny_model_d
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The layout does not change the update, with tool output in the batch (SPEC invariant 2)
+# The layout does not change the update, with tool output in the batch (docs/algorithms.md#layout-independence)
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Bad input, for both trainers: each case is a clear error or a documented behaviour, never a silent NaN or a hang.
 
-The README's fault table is this module: a reward function that raises or returns the wrong number of rewards,
+The bad-input table of docs/scale.md#bad-input is this module: a reward function that raises or returns the wrong number of rewards,
 rewards that are None / NaN / +-inf (the row has no reward and leaves its group), rewards that overflow
 ``exp(R / alpha)``, empty and all-truncated completions, groups with equal rewards, a dataset without a ``prompt``
 column and incompatible options.

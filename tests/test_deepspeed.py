@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on CPU: both trainers take one optimizer step on two processes and the update
-equals the single-process update (SPEC invariant 2 under ZeRO sharding).
+equals the single-process update (docs/algorithms.md#layout-independence, under ZeRO sharding).
 
 The launch config is the shipped ``examples/accelerate_configs/zero{2,3}.yaml`` with only what a CPU run needs
 changed (``use_cpu: true``, two processes, no bf16): ``accelerate launch --cpu`` would drop DeepSpeed altogether.

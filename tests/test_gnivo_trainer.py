@@ -1,4 +1,4 @@
-"""GNIVOTrainer: layout-independent gradients (SPEC invariant 2), end-to-end training, refusals, metrics, model card."""
+"""GNIVOTrainer: layout-independent gradients (docs/algorithms.md#layout-independence), end-to-end training, refusals, metrics, model card."""
 
 import json
 import math

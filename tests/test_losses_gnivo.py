@@ -1,8 +1,9 @@
-"""GN-IVO loss (SPEC section 3) against a naive float64 loop implementation, plus its documented properties.
+"""GN-IVO loss (docs/algorithms.md#gnivo-loss) against a naive float64 loop implementation, plus its documented
+properties.
 
-The reference below is written from the SPEC text alone: explicit Python loops over groups, rows, prefix index
-``t`` and token positions, in float64. ``gnivo_trl.losses`` must agree with it in value and gradient (SPEC section 5,
-invariant 1).
+The reference below is written from docs/algorithms.md alone: explicit Python loops over groups, rows, prefix index
+``t`` and token positions, in float64. ``gnivo_trl.losses`` must agree with it in value and gradient
+(docs/algorithms.md#tested-against-naive).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gnivo_trl.losses import (
 )
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Naive float64 reference (SPEC section 3), deliberately slow and literal.
+# Naive float64 reference (docs/algorithms.md#gnivo-loss), deliberately slow and literal.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -49,7 +50,7 @@ def naive_gnivo_loss(
     boundaries: torch.Tensor | None = None,
     weight_normalization: str = "softmax",
 ) -> torch.Tensor:
-    """SPEC section 3 GN-IVO batch loss, float64, differentiable through ``logp`` (which may require grad)."""
+    """The GN-IVO batch loss of docs/algorithms.md#gnivo-loss, float64, differentiable through ``logp`` (which may require grad)."""
     B, T = mask.shape
     K = num_generations
     mask_rows = [[bool(mask[i, s] != 0) for s in range(T)] for i in range(B)]
@@ -247,7 +248,7 @@ def test_prefix_log_ratios_equal_naive_prefix_sums_held_past_row_end(units, seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2. gnivo_loss == naive reference (values and gradients), SPEC section 5 invariant 1
+# 2. gnivo_loss == naive reference (values and gradients), docs/algorithms.md#tested-against-naive
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -566,7 +567,7 @@ def test_at_the_sampling_policy_unit_k_is_weighted_by_the_prefixes_that_contain_
     """At the sampling policy (all prefix log-ratios 0), a token in unit ``k`` (1-based) of row ``i`` gets the
     gradient ``(T_g - k + 1) / T_g * (1/K_g - w_i) / num_groups``: the later a unit, the fewer of the ``T_g`` prefixes
     contain it, so with token units the last tokens of a completion (where the answer is) get ``~1/T_g`` of the
-    first token's weight. This is the SPEC loss's own property (it explains token units' slow finish in
+    first token's weight. This is the loss's own property (it explains token units' slow finish in
     ``benchmarks/results/learning.md``), checked here against the closed form."""
     generator = torch.Generator().manual_seed(3)
     K, T = 4, 9

@@ -1,9 +1,10 @@
-"""VIMPO loss mathematics (SPEC section 4) against naive float64 loop implementations, plus its documented properties.
+"""VIMPO loss mathematics (docs/algorithms.md#vimpo) against naive float64 loop implementations, plus its documented
+properties.
 
-Every reference below is written from the SPEC text alone (explicit Python loops over rows and token positions, in
-float64), not from ``gnivo_trl.losses``. The float32 implementation must agree with it in value and in gradient
-with respect to ``logp`` (SPEC section 5, invariant 1). The last section checks the zero-mean property of the token
-signal ``rho - kappa`` with the exact KL by enumerating the whole vocabulary of a tiny model.
+Every reference below is written from docs/algorithms.md alone (explicit Python loops over rows and token positions,
+in float64), not from ``gnivo_trl.losses``. The float32 implementation must agree with it in value and in gradient
+with respect to ``logp`` (docs/algorithms.md#tested-against-naive). The last section checks the zero-mean property of
+the token signal ``rho - kappa`` with the exact KL by enumerating the whole vocabulary of a tiny model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gnivo_trl.losses import (
 )
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Naive float64 references (SPEC section 4), deliberately slow and literal.
+# Naive float64 references (docs/algorithms.md#vimpo), deliberately slow and literal.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -294,7 +295,7 @@ def test_advantages_match_naive_recursion(seed, gae_lambda, holes):
 
 
 def test_advantages_pass_through_tool_output():
-    """A model token before a tool response is credited with the model tokens after it (SPEC section 4): with
+    """A model token before a tool response is credited with the model tokens after it (docs/algorithms.md#vimpo-advantage): with
     lambda = 1 the advantage at every model token is the sum of delta over the row's later model tokens."""
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])  # two model tokens, two tool tokens, two model tokens
     logp = torch.tensor([[1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 9.0]])
@@ -449,7 +450,7 @@ def test_dual_clip_ppo_matches_naive_value_and_gradient(eps_low, eps_high, dual_
     old32 = old.clone().requires_grad_(True)
     kwargs = dict(epsilon_low=eps_low, epsilon_high=eps_high, dual_clip=dual_clip)
     if (eps_low, eps_high, dual_clip) == (0.2, 0.28, 10.0):
-        kwargs = {}  # the SPEC defaults
+        kwargs = {}  # the documented defaults
     loss = dual_clip_ppo_loss(logp32, old32, advantages32, **kwargs)
     loss.sum().backward()
 
@@ -560,7 +561,7 @@ def test_exact_token_kl_matches_trls_chunked_divergence_kernel(temperature, scal
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Zero-mean token signal (SPEC section 4; algorithms-sources B.1): E_{a~pi}[rho(a) - kappa] = 0 with the exact KL.
+# Zero-mean token signal (docs/algorithms.md#vimpo-scores): E_{a~pi}[rho(a) - kappa] = 0 with the exact KL.
 # ----------------------------------------------------------------------------------------------------------------------
 
 

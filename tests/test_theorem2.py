@@ -1,4 +1,4 @@
-"""GN-IVO targets the right policy (SPEC section 5, invariant 3; Theorem 2 of the GN-IVO paper).
+"""GN-IVO targets the right policy (docs/algorithms.md#gnivo-theorem2; Theorem 2 of the GN-IVO paper).
 
 A tiny autoregressive problem whose sequences can all be enumerated: a tabular policy with free logits for every
 prefix state, a fixed random pi_old, and a deterministic reward R(y) per full sequence. The EXPECTED GN-IVO loss over
@@ -10,7 +10,7 @@ tabular logits must give
 
 at every prefix (i.e. pi_theta(y_<=t) = pi_old(y_<=t) * exp(V(y_<=t)) / Z with exp(V(y_<=t)) = E_old[exp(R/alpha) | y_<=t])
 for ``weight_normalization="none"``, and on full sequences for ``"softmax"`` with sequence units. The softmax weights
-with token units are biased at prefixes for small K (SPEC section 3), a bias that fades as K grows.
+with token units are biased at prefixes for small K (docs/algorithms.md#gnivo-theorem2), a bias that fades as K grows.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def expected_gnivo_loss_fn(
 ):
     """theta -> E_{y_1..y_K ~ pi_old i.i.d.}[L_g], exactly, by enumerating all ordered K-tuples of sequences.
 
-    ``fixed_horizon`` (diagnostic only, not the SPEC loss): every group averages over the batch's largest unit count
+    ``fixed_horizon`` (diagnostic only, not the package's loss): every group averages over the batch's largest unit count
     instead of its own T_g."""
     N = len(problem.sequences)
     tuples = torch.tensor(list(itertools.product(range(N), repeat=K)))  # (G, K): group g = one K-tuple
@@ -200,7 +200,7 @@ def test_softmax_weights_sequence_units_reach_tilted_policy_on_full_sequences(vo
 
 @pytest.mark.parametrize("units", ["token", "step"])
 def test_none_weights_with_ragged_lengths_have_a_small_bias_from_the_group_horizon(units):
-    # A documented limitation of SPEC section 3, not of the implementation: with ragged lengths the per-group horizon
+    # A documented limitation of the per-group horizon (docs/algorithms.md#gnivo-horizon), not of the implementation: with ragged lengths the per-group horizon
     # T_g = max_i n_i weights each prefix term by 1[t <= T_g] / T_g, a function of ALL group members' lengths, which
     # breaks the per-t structure of Theorem 2. The minimiser then misses pi* at prefixes by a few 1e-3 (measured
     # 4.2e-3 with token units and 5.4e-3 with step units here, K=2); the test below shows that a group-independent
@@ -238,7 +238,7 @@ def test_sequence_units_reach_tilted_policy_on_full_sequences_with_ragged_length
 
 def test_softmax_weights_token_units_are_biased_at_prefixes_for_small_K_and_the_bias_fades_with_K():
     # The per-group softmax normaliser couples the members: with token units the minimiser misses pi* at prefixes
-    # t < T by a measurable amount for small K (SPEC section 3), and the gap shrinks as K grows.
+    # t < T by a measurable amount for small K (docs/algorithms.md#gnivo-theorem2), and the gap shrinks as K grows.
     vocab, length = 2, 3
     problem = make_problem(vocab, length, seed=vocab * 10 + length)
     target = target_sequence_probs(problem, ALPHA)

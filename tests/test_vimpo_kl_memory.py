@@ -1,4 +1,4 @@
-"""Peak memory of VIMPO's exact-KL step (SPEC section 4): chunking must keep it well under a naive materialisation.
+"""Peak memory of VIMPO's exact-KL step (docs/algorithms.md#vimpo-scores): chunking must keep it well under a naive materialisation.
 
 Runs ``benchmarks/vimpo_kl_memory.py``'s measurement at a vocabulary of 32k and 512 tokens: the naive reference
 keeps the full (N, V) logits of both models, both float32 log-softmaxes and their difference; VIMPOTrainer's path

@@ -1,4 +1,4 @@
-"""VIMPOTrainer: layout (in)dependence (SPEC invariant 2), the one loss-time scoring path on TRL's kernels against
+"""VIMPOTrainer: layout (in)dependence (docs/algorithms.md#layout-independence), the one loss-time scoring path on TRL's kernels against
 float64 full-softmax references, other model families, the reference model, MoE, torch.compile, end-to-end training,
 refusals and metrics."""
 
@@ -67,7 +67,7 @@ def test_value_only_update_does_not_depend_on_layout(layout, tiny_model_dir, tmp
 
 @pytest.mark.parametrize("layout", list(SINGLE_PROCESS_LAYOUTS))
 def test_actor_whitens_each_micro_batch(layout, tiny_model_dir, tmp_path, reference_update):
-    """Documented behaviour (SPEC section 4, as the official code): with several micro-batches per generation batch
+    """Documented behaviour (docs/algorithms.md#vimpo-whitening, as the official code): with several micro-batches per generation batch
     each whitens its own advantages, so the actor term, and only it, depends on the layout."""
     trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), **SINGLE_PROCESS_LAYOUTS[layout], max_steps=2)
     batches = record_scored_batches(trainer)

@@ -1,0 +1,195 @@
+"""Run the Python code blocks of the README, the docs pages and the public docstrings offline, as a reader would.
+
+A documented snippet that breaks is a red build. The snippets are written for real models and datasets on the Hub;
+the test suite runs offline on CPU. One mechanism bridges the two, and it is this module:
+
+* :data:`HUB_STAND_INS` maps every Hub model and dataset id the documentation uses to an offline stand-in. Before a
+  block runs, every quoted occurrence of such an id in its source is replaced by the stand-in's local path. Every
+  source in `gnivo_trl.data.DATASETS` whose Hub id is in the table reads the stand-in file instead, so
+  `load_math_dataset("math")` works unchanged. An id that is not in the table reaches the Hub client, which is
+  offline in the tests, and the block fails.
+* Training is capped so that a block that says `trainer.train()` finishes in seconds: every `GRPOConfig` (and so
+  `GNIVOConfig` and `VIMPOConfig`) gets `max_steps=1`, `max_completion_length <= 16`, CPU without bf16, no
+  gradient checkpointing, no saving and no reporting. `Trainer.push_to_hub` saves the model and its card locally
+  instead of uploading them. `Trainer.train` must then take at least one optimizer step.
+
+Nothing else in a block is changed. The blocks of one page run in order in one namespace (a reader runs them one
+after the other); each docstring's examples run in a fresh namespace. docs/development.md documents this.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import re
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "datasets"
+
+# Stand-in kinds: "tiny" is gnivo_trl.testing.save_tiny_model (a ChatML template), "tiny-tool" is
+# save_tiny_tool_model (TRL's Qwen3 template, whose tool calls TRL parses); a Path is a dataset fixture file.
+HUB_STAND_INS: dict[str, str | Path] = {
+    "Qwen/Qwen2.5-Math-1.5B": "tiny",
+    "Qwen/Qwen2.5-Math-7B": "tiny",
+    "Qwen/Qwen3-4B-Base": "tiny",
+    "Qwen/Qwen3-0.6B": "tiny-tool",
+    "DigitalLearningGmbH/MATH-lighteval": FIXTURES / "math_train.jsonl",
+    "HuggingFaceH4/MATH-500": FIXTURES / "math500.parquet",
+    "openai/gsm8k": FIXTURES / "gsm8k.jsonl",
+    "LLM360/guru-RL-92k": FIXTURES / "guru_math.parquet",
+}
+
+# What a capped config trains for: one optimizer step of short completions on the CPU.
+TRAINING_CAPS = dict(
+    max_steps=1,
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    save_strategy="no",
+    report_to="none",
+    logging_steps=1,
+)
+MAX_COMPLETION_LENGTH = 16
+
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """One fenced ``python`` block: where it is (file and line) and its source, dedented."""
+
+    origin: str
+    line: int
+    source: str
+
+
+def python_blocks(text: str, origin: str, first_line: int = 1) -> list[Snippet]:
+    """The fenced ``python`` blocks of Markdown ``text`` (a page or a docstring), in order."""
+    blocks = []
+    for match in FENCE.finditer(text):
+        line = first_line + text.count("\n", 0, match.start()) + 1
+        blocks.append(Snippet(origin, line, textwrap.dedent(match.group("body"))))
+    return blocks
+
+
+def documentation_pages() -> list[Path]:
+    """README.md and every Markdown page of the docs site, in a stable order."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def api_objects() -> list[str]:
+    """The dotted paths the API reference renders (``::: path`` lines of docs/api/*.md)."""
+    paths = []
+    for page in sorted((ROOT / "docs" / "api").glob("*.md")):
+        paths += re.findall(r"^::: ([\w.]+)", page.read_text(), re.M)
+    return paths
+
+
+def _resolve(dotted: str):
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[split:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def _documented_members(obj) -> Iterator[tuple[str, object]]:
+    """``obj`` and, for a module, its ``__all__`` members, and for a class its public methods of its own."""
+    yield obj.__name__ if hasattr(obj, "__name__") else repr(obj), obj
+    if inspect.ismodule(obj):
+        for name in getattr(obj, "__all__", []):
+            member = getattr(obj, name)
+            if inspect.isclass(member) or inspect.isfunction(member):
+                yield from _documented_members(member)
+    elif inspect.isclass(obj):
+        for name, member in vars(obj).items():
+            if not name.startswith("_") and inspect.isfunction(member):
+                yield f"{obj.__name__}.{name}", member
+
+
+def docstring_snippets() -> list[Snippet]:
+    """The fenced ``python`` examples of every docstring the API reference renders."""
+    snippets, seen = [], set()
+    for dotted in api_objects():
+        for name, member in _documented_members(_resolve(dotted)):
+            doc = member.__doc__ and inspect.cleandoc(member.__doc__)  # its own docstring, never a parent's
+            if not doc or id(member) in seen:
+                continue
+            seen.add(id(member))
+            module = getattr(member, "__module__", None) or member.__name__
+            snippets += python_blocks(doc, f"{module}: {name} docstring")
+    return snippets
+
+
+def substitute_hub_ids(source: str, local: Callable[[str | Path], str]) -> str:
+    """``source`` with every quoted Hub id of :data:`HUB_STAND_INS` replaced by its stand-in's local path."""
+    for hub_id, stand_in in HUB_STAND_INS.items():
+        path = repr(local(stand_in))
+        source = source.replace(f'"{hub_id}"', path).replace(f"'{hub_id}'", path)
+    return source
+
+
+def install_offline_stand_ins(monkeypatch, local: Callable[[str | Path], str]) -> None:
+    """Point the dataset registry at the stand-ins, cap every training config, keep ``push_to_hub`` local."""
+    import transformers
+    from trl import GRPOConfig
+
+    import gnivo_trl.data
+
+    for name, spec in gnivo_trl.data.DATASETS.items():
+        if spec.hub_id in HUB_STAND_INS:
+            stand_in = dataclasses.replace(spec, hub_id=local(HUB_STAND_INS[spec.hub_id]))
+            monkeypatch.setitem(gnivo_trl.data.DATASETS, name, stand_in)
+
+    original_post_init = GRPOConfig.__post_init__
+
+    def capped_post_init(self):
+        for field, value in TRAINING_CAPS.items():
+            setattr(self, field, value)
+        self.max_completion_length = min(self.max_completion_length or MAX_COMPLETION_LENGTH, MAX_COMPLETION_LENGTH)
+        original_post_init(self)
+
+    monkeypatch.setattr(GRPOConfig, "__post_init__", capped_post_init)
+
+    def local_push_to_hub(self, *args, **kwargs):
+        self.save_model(self.args.output_dir)
+        self.create_model_card(**{k: v for k, v in kwargs.items() if k in ("model_name", "dataset_name", "tags")})
+        return f"(offline stand-in of the Hub) saved to {self.args.output_dir}"
+
+    monkeypatch.setattr(transformers.Trainer, "push_to_hub", local_push_to_hub)
+
+    original_train = transformers.Trainer.train
+
+    def train_at_least_one_step(self, *args, **kwargs):
+        output = original_train(self, *args, **kwargs)
+        # A snippet whose dataset cannot fill one batch "trains" for 0 steps without an error: that is a broken
+        # snippet too.
+        assert self.state.global_step >= 1, "trainer.train() took no optimizer step (too few rows for one batch?)"
+        return output
+
+    monkeypatch.setattr(transformers.Trainer, "train", train_at_least_one_step)
+
+
+def run_snippets(snippets: list[Snippet], namespace: dict, local: Callable[[str | Path], str]) -> None:
+    """Execute ``snippets`` in order in ``namespace``; a failure names the block's file and line."""
+    for snippet in snippets:
+        source = substitute_hub_ids(snippet.source, local)
+        try:
+            code = compile(ast.parse(source), f"{snippet.origin}:{snippet.line}", "exec")
+            exec(code, namespace)
+        except BaseException as error:
+            raise AssertionError(
+                f"the python block at {snippet.origin}, line {snippet.line}, failed: {type(error).__name__}: {error}"
+                f"\n--- block (Hub ids swapped) ---\n{source}"
+            ) from error
