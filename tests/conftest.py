@@ -31,10 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(algorithm: str, model_dir: str, out_dir: Path, overrides: str) -> dict:
-    """Run ``distributed_layout.py`` on two gloo processes and return what rank 0 saved."""
-    out = out_dir / "update.pt"
-    command = [
+def torchrun_two_processes() -> list[str]:
+    """The command prefix that launches a script on two local gloo processes (DDP)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -44,6 +43,29 @@ def run_two_processes(algorithm: str, model_dir: str, out_dir: Path, overrides: 
         "127.0.0.1",
         "--master_port",
         str(_free_port()),
+    ]
+
+
+def deepspeed_cpu_launch(stage: int, directory: Path) -> list[str]:
+    """The command prefix that launches a script with the shipped ``examples/accelerate_configs/zero{stage}.yaml`` on
+    two CPU processes. Only what a CPU run needs changes (``accelerate launch --cpu`` would drop DeepSpeed
+    altogether): ``use_cpu``, two processes, and no accelerate-level mixed precision (a run's own ``bf16`` applies);
+    ``zero3_init_flag`` stays as shipped. Run it with ``DS_ACCELERATOR=cpu``."""
+    import yaml
+
+    config = yaml.safe_load((TESTS.parent / "examples" / "accelerate_configs" / f"zero{stage}.yaml").read_text())
+    assert config["distributed_type"] == "DEEPSPEED" and config["deepspeed_config"]["zero_stage"] == stage
+    config.update(use_cpu=True, num_processes=2, mixed_precision="no")
+    path = directory / f"zero{stage}-cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "--main_process_port", "0"]
+
+
+def run_two_processes(algorithm: str, model_dir: str, out_dir: Path, overrides: str) -> dict:
+    """Run ``distributed_layout.py`` on two gloo processes and return what rank 0 saved."""
+    out = out_dir / "update.pt"
+    command = [
+        *torchrun_two_processes(),
         str(TESTS / "distributed_layout.py"),
         algorithm,
         model_dir,

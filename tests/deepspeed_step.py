@@ -2,8 +2,8 @@
 
 Launched by ``test_deepspeed.py`` as
 ``accelerate launch --config_file CONFIG tests/deepspeed_step.py MODEL_DIR OUT [JSON]`` with two CPU processes and
-``DS_ACCELERATOR=cpu``; JSON maps an algorithm to extra ``build_trainer`` settings. Parameters are gathered with
-``deepspeed.zero.GatheredParameters`` (a no-op below ZeRO-3).
+``DS_ACCELERATOR=cpu``; JSON maps an algorithm to extra ``build_trainer`` settings. Parameters are gathered from
+their ZeRO-3 shards by ``user_setups.full_parameters``.
 """
 
 import json
@@ -12,18 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from trainer_harness import build_trainer, exit_distributed_run  # noqa: E402
-
-
-def full_parameters(model) -> dict[str, torch.Tensor]:
-    """Every parameter's full value, gathered from its ZeRO-3 shards when sharded."""
-    values = {}
-    for name, parameter in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([parameter]):
-            values[name] = parameter.detach().clone().double()
-    return values
+from user_setups import full_parameters  # noqa: E402
 
 
 def main() -> None:

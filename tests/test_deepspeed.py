@@ -10,28 +10,17 @@ with gloo and its shared-memory collectives; no oneCCL or Intel extension is nee
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import max_difference, max_magnitude
+from conftest import deepspeed_cpu_launch, max_difference, max_magnitude
 from trainer_harness import build_trainer, parameter_update
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install gnivo-trl[deepspeed]")
 
 ROOT = Path(__file__).parents[1]
 TOLERANCE = 1e-5  # relative to the largest parameter change
-
-
-def _cpu_config(stage: int, directory: Path) -> Path:
-    config = yaml.safe_load((ROOT / "examples" / "accelerate_configs" / f"zero{stage}.yaml").read_text())
-    assert config["distributed_type"] == "DEEPSPEED" and config["deepspeed_config"]["zero_stage"] == stage
-    config.update(use_cpu=True, num_processes=2, mixed_precision="no")
-    path = directory / f"zero{stage}-cpu.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 # VIMPO's hardest case under ZeRO-3: long completions on rank 0 and one-token ones on rank 1, and a KL chunk of 8
@@ -47,13 +36,7 @@ VIMPO_ZERO_SETTINGS = dict(long_then_short=True, vimpo_kl_chunk_size=8, cast_lm_
 def test_zero_step_matches_one_process(stage, tiny_model_dir, tmp_path):
     out = tmp_path / "updates.pt"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(_cpu_config(stage, tmp_path)),
-        "--main_process_port",
-        "0",
+        *deepspeed_cpu_launch(stage, tmp_path),
         str(ROOT / "tests" / "deepspeed_step.py"),
         tiny_model_dir,
         str(out),

@@ -25,12 +25,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import _free_port, max_magnitude
+from conftest import deepspeed_cpu_launch, max_magnitude, torchrun_two_processes
 from user_setups import ADAPTATIONS, LAYOUTS, MODEL_SOURCES, PRECISIONS, TRAINERS, Cell, run_cell
 
 ROOT = Path(__file__).parents[1]
@@ -160,26 +158,8 @@ def test_single_process_cell(cell, tiny_model_dir, tmp_path, twin_updates):
 
 def _launch_command(layout: str, directory: Path) -> list[str]:
     if layout == "ddp":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-        ]
-    stage = {"zero2": 2, "zero3": 3}[layout]
-    config = yaml.safe_load((ROOT / "examples" / "accelerate_configs" / f"zero{stage}.yaml").read_text())
-    assert config["deepspeed_config"]["zero_stage"] == stage
-    # Only what a CPU run needs changes: accelerate launch --cpu would drop DeepSpeed altogether; the precision is
-    # each cell's (TrainingArguments' bf16), and zero3_init_flag stays as shipped.
-    config.update(use_cpu=True, num_processes=2, mixed_precision="no")
-    path = directory / f"{layout}-cpu.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "--main_process_port", "0"]
+        return torchrun_two_processes()
+    return deepspeed_cpu_launch({"zero2": 2, "zero3": 3}[layout], directory)
 
 
 @pytest.mark.slow

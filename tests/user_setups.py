@@ -96,7 +96,7 @@ def _model_argument(cell: Cell, model_dir: str):
     return _changed_in_memory(model)
 
 
-def _full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's full float64 value, gathered from its ZeRO-3 shards when sharded."""
     values = {}
     for name, parameter in model.named_parameters():
@@ -179,9 +179,9 @@ def run_cell(cell: Cell, model_dir: str, output_dir: str, num_processes: int = 1
     result: dict = {"loaded_as_zero3_shards": LOADED.get("zero3_shards")}
     if TRAINER_SETTINGS[cell.trainer][0] == "vimpo":
         _record_first_scores(trainer, result)
-    before = _full_parameters(trainer.model)
+    before = full_parameters(trainer.model)
     trainer.train()
-    after = _full_parameters(trainer.model)
+    after = full_parameters(trainer.model)
     result["update"] = {name: after[name] - before[name] for name in after}
     result["loss"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][0]
     if cell.trainer == "credit":
