@@ -3,6 +3,7 @@ provenance line of every results file. Offline and fast (no training: that is th
 
 import json
 import math
+import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -172,3 +173,30 @@ def test_png_metadata_carries_the_provenance(tmp_path):
     assert Image.open(tmp_path / "p.png").text["Description"].startswith("Provenance:")
     json.dumps(reporting.provenance())  # serialisable into each run's cache file
     assert Path(reporting.RESULTS).name == "results"
+
+
+def test_every_results_file_records_its_provenance():
+    """Every Markdown results file, current or archived, has a provenance line; every archived file says first what
+    replaced it."""
+    results = reporting.RESULTS
+    files = sorted(results.rglob("*.md"))
+    assert files
+    for path in files:
+        assert path.parent == reporting.ARCHIVE or path.parent.name in reporting.STUDIES, path
+        text = path.read_text()
+        assert re.search(r"^(<!-- )?Provenance", text, re.MULTILINE), path
+        if path.parent == reporting.ARCHIVE:
+            assert text.splitlines()[0].startswith("Superseded by "), path
+    assert not list(results.glob("*.md")) and not list(results.glob("*.png"))  # nothing outside a study's folder
+
+
+def test_reports_embed_only_existing_links():
+    """Every relative link in a results file or benchmarks/README.md points at a file that exists."""
+    import re
+
+    sources = [*reporting.RESULTS.rglob("*.md"), reporting.BENCHMARKS / "README.md"]
+    for source in sources:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", source.read_text()):
+            if "://" in target:
+                continue
+            assert (source.parent / target).exists(), f"{source}: {target}"
