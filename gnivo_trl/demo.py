@@ -21,7 +21,7 @@ warm start included).
 
 The whole demo (warm start included) takes a few minutes on two CPU cores. Whether GN-IVO learns *faster* than GRPO
 on this task is measured, over seeds and tuned per method, by ``benchmarks/fair_comparison.py`` (results in
-``benchmarks/results/learning.md``).
+``benchmarks/results/fair_comparison/learning.md``).
 """
 
 from __future__ import annotations
