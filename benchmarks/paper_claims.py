@@ -20,8 +20,8 @@ Experiments (``CELLS``; each a horizon, a condition and its methods):
 2. **GN-IVO at small K** (its paper runs K = 4). K in {2, 4, 8, 16} at 64 completions per step (64 / K prompts), GRPO
    and RLOO against GN-IVO token / step / sequence units, 4-step problems. K=8 is the clean 4-step cell.
 3. **A weak warm start** (VIMPO: "especially larger gains on competition-style evaluations"). The same 4-step problems
-   and SFT recipe, but the warm start learns from solutions with 45% of their steps corrupted (20% by default), so it
-   solves a few percent of the problems: a weaker warm start, not longer problems (``protocol.TASKS``). 200 RL steps
+   and SFT recipe, but the warm start learns from solutions with 35% of their steps corrupted (20% by default), so it
+   solves about 10% of the problems: a weaker warm start, not longer problems (``protocol.TASKS``). 200 RL steps
    instead of 100. Every method of the clean cell.
 4. **RLOO as a baseline**: TRL's ``RLOOTrainer`` (``protocol.METHODS["rloo"]``, beta 0) in every cell above; the
    agent task's part is ``python -m benchmarks.agent_learning`` (tuned rates, clean and p = 0.25).

@@ -366,9 +366,10 @@ EVAL_PROBLEMS = 500
 TUNING_SEEDS = [0, 1]
 TEST_SEEDS = [10, 11, 12, 13, 14]
 COMPLETIONS_PER_STEP = 64  # prompts x K: fixed when K varies
-# The weak-warm-start task: the same 4-step problems and SFT recipe, but solutions with 45% of their steps corrupted
-# (instead of 20%), so the warm start solves a few percent of the problems; 200 RL steps instead of 100.
-TASKS = {"weak": dict(error_rate=0.45, steps=200)}
+# The weak-warm-start task: the same 4-step problems and SFT recipe, but solutions with 35% of their steps corrupted
+# (instead of 20%), so the warm start solves about 10% of the problems (25 of 256 in its own check; 45% gave a warm
+# start that solves none, 30% also 10%); 200 RL steps instead of 100.
+TASKS = {"weak": dict(error_rate=0.35, steps=200)}
 CONDITION_FIELDS = {
     "noise": "probability of flipping each training reward (1 <-> 0), seeded per run and step",
     "k": f"completions per prompt K, at {COMPLETIONS_PER_STEP} completions per step ({COMPLETIONS_PER_STEP} / K prompts)",
