@@ -682,6 +682,7 @@ def hand_written_reading(report: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     import torch
 
     torch.set_num_threads(args.threads)  # one thread per process: a tiny model only thrashes with more

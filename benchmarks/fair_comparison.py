@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait", action="store_true", help="test / gnivo-alpha: wait until tuning is complete")
     parser.add_argument("--no-report", action="store_true", help="do not write the reports at the end")
     args = parser.parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     import torch
 
     torch.set_num_threads(args.threads)  # a 0.1M-parameter model gains nothing from intra-op threads

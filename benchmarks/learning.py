@@ -210,6 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     import torch
 
     # A 0.1M-parameter model gains nothing from intra-op threads; on a shared machine they thrash (measured: one

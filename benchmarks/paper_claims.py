@@ -719,6 +719,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait", action="store_true", help="test: wait until the tuning grid is complete")
     parser.add_argument("--no-report", action="store_true", help="do not write the reports at the end")
     args = parser.parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     unknown = [name for name in args.cells if name not in CELLS]
     if unknown:
         parser.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")

@@ -243,6 +243,7 @@ def run_one(
     """
     from transformers import AutoTokenizer, PrinterCallback
 
+    code = reporting.provenance()  # computed once per process, at its first run at the latest
     family, settings = METHODS[method]
     config_cls, trainer_cls = trainer_classes(family)
     shared = protocol_settings(args, seed)
@@ -281,7 +282,7 @@ def run_one(
         "metrics": metrics,
         "seconds_total": seconds,
         "seconds_training": seconds - callback.eval_seconds,
-        "provenance": reporting.provenance(),
+        "provenance": code,
     }
     if isinstance(reward_func, NoisyReward):
         result["reward_noise"] = reward_func.stats()

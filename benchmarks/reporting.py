@@ -55,7 +55,8 @@ def _version(module: str) -> str:
 def provenance() -> dict:
     """The code and libraries this process runs: ``commit`` (full hash, or ``"unknown"`` outside a git checkout),
     ``dirty`` (uncommitted changes under ``gnivo_trl/`` or ``benchmarks/``, results excluded; None when unknown),
-    ``torch``, ``transformers``, ``trl`` and ``python`` versions. Computed once per process."""
+    ``torch``, ``transformers``, ``trl`` and ``python`` versions. Computed once per process, at the first call: each
+    study's ``main`` calls it first, so a long run records the commit it was started from, not a later one."""
     commit = _git("rev-parse", "HEAD")
     dirty = None
     if commit is not None:
