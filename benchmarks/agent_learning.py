@@ -113,7 +113,7 @@ def run_one(
     )
 
     warm_config = warm_start_config()
-    model_dir = build_tool_warm_start(warm_config, cache_dir=cache_dir)
+    model_dir = protocol.cached_warm_start(build_tool_warm_start, warm_config, cache_dir)
     family, settings = METHODS[method]
     config_cls, trainer_cls = protocol.trainer_classes(family)
     # A call and its response take about 20 tokens: room for every step, its answer and a stray call.

@@ -49,6 +49,7 @@ same reward-noise pattern), 95% Student t intervals (:func:`paired_ci`).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import random
@@ -441,6 +442,18 @@ def make_run(horizon: int, method: str, seed: int, split: str, condition: dict |
     return Run(horizon=horizon, method=method, seed=seed, split=split, overrides=overrides, condition=condition)
 
 
+def cached_warm_start(build, config, cache_dir: str | None) -> str:
+    """``build(config, cache_dir=cache_dir)`` under an exclusive file lock in the cache directory, so that two shards
+    reaching a warm start that is not built yet do not both build it into the same temporary directory."""
+    from gnivo_trl.synthetic import default_cache_dir
+
+    directory = Path(cache_dir or default_cache_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f".build-{config.key()}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return build(config, cache_dir=cache_dir)
+
+
 def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
     """The cached result of ``run``, training it first if needed."""
     path = work / f"{run.key}.json"
@@ -454,7 +467,7 @@ def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
     # (curves, the late window).
     every = steps // 5 if run["split"] == "validation" else steps // 10
     args = protocol(horizon, eval_every=max(every, 1), condition=condition)
-    model_dir = build_warm_start(warm_start_config(horizon, condition.get("task")), cache_dir=cache_dir)
+    model_dir = cached_warm_start(build_warm_start, warm_start_config(horizon, condition.get("task")), cache_dir)
     if run["split"] == "validation":
         problems = validation_problems(horizon)
     else:
