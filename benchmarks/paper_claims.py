@@ -290,26 +290,48 @@ def _rates(cell: Cell, work: Path) -> dict[str, float]:
         return {}
 
 
+def _gain(result: dict) -> float:
+    """Late accuracy minus the warm start's (step 0)."""
+    return late_accuracy(result) - result["accuracy"][0][1]
+
+
 def condition_table(cell: Cell, work: Path, baseline: str = "grpo") -> list[str]:
-    """One row per method: chosen rate, late and final accuracy, and both minus the baseline, paired."""
+    """One row per method: chosen rate, late and final accuracy, the gain over the warm start, and both accuracies
+    minus the baseline, paired; then the curves' plot (``curves_<cell>.png``) and a line if nothing learned."""
     results = cell.test_results(work)
     rates = _rates(cell, work)
     base = results.get(baseline, [])
     lines = [
-        f"| method | rate | seeds | late (%) | late − {baseline} | final (%) | final − {baseline} | CPU min |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | rate | seeds | step 0 (%) | late (%) | late − step 0 | late − {baseline} | final (%) "
+        f"| final − {baseline} | CPU min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in cell.methods:
         runs = results[method]
         if not runs:
-            lines.append(f"| {method} | {rates.get(method, '–')} | 0 | – | – | – | – | – |")
+            lines.append(f"| {method} | {rates.get(method, '–')} | 0 | – | – | – | – | – | – | – |")
             continue
         late_diff = paired_cell(paired(runs, base)) if method != baseline else "–"
         final_diff = paired_cell(paired(runs, base, final_accuracy)) if method != baseline else "–"
+        gain, gain_std = mean_std([_gain(r) for r in runs])
         lines.append(
-            f"| {method} | {rates.get(method, 0):g} | {len(runs)} | {_accuracy(runs)} | {late_diff} | "
-            f"{_accuracy(runs, final_accuracy)} | {final_diff} | {seconds(runs) / 60:.1f} |"
+            f"| {method} | {rates.get(method, 0):g} | {len(runs)} | {pct(runs[0]['accuracy'][0][1])} | {_accuracy(runs)} "
+            f"| {100 * gain:+.1f} ± {pct(gain_std)} | {late_diff} | {_accuracy(runs, final_accuracy)} | {final_diff} "
+            f"| {seconds(runs) / 60:.1f} |"
         )
+    done = [r for runs in results.values() for r in runs]
+    if done:
+        if all(_gain(r) < 0.02 for r in done):
+            lines += ["", "No method learned here: every test run ended within 2 points of its warm start or below."]
+        falling = sorted({r["method"] for r in done if collapsed(r)})
+        if falling:
+            lines += [
+                "",
+                f"Collapsed (final accuracy more than 5 points below step 0) on some seed: {', '.join(falling)}.",
+            ]
+        name = f"curves_{cell.name}.png"
+        protocol.plot_curves(results, RESULTS / name, f"{cell.name}: test accuracy at each method's chosen rate")
+        lines += ["", f"![curves, {cell.name}]({name})"]
     return lines
 
 
