@@ -567,7 +567,11 @@ def rloo_claim(work: Path) -> tuple[list[Comparison], list[str], list[Cell]]:
         "method. Protocol differences: none in generation, optimizer, steps or evaluation; its loss is a mean over "
         "completions of summed token log-ratios where GRPO's is a token mean (TRL's own choice for each trainer). "
         "The agent task's RLOO (`GRPOTrainer` with leave-one-out advantages, because `RLOOTrainer` takes no tools) "
-        "is in [../agents/agent_learning.md](../agents/agent_learning.md).",
+        + (
+            "is in [../agents/agent_learning.md](../agents/agent_learning.md)."
+            if (RESULTS.parent / "agents" / "agent_learning.md").exists()
+            else "will be in `../agents/agent_learning.md` (`python -m benchmarks.agent_learning`; not run yet)."
+        ),
         "",
         f"## The clean 4-step table, every method (cell `clean-h4`, {_status(CELLS['clean-h4'], work)})",
         "",
