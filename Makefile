@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format demo docs docs-serve docs-vendor docs-screenshots chromium notebook learning-benchmark overhead-benchmark \
-	credit-benchmark gpu-check clean
+.PHONY: venv test lint format demo docs docs-serve docs-vendor docs-screenshots chromium notebook learning-benchmark \
+	fair-comparison-benchmark paper-claims-benchmark agents-benchmark credit-benchmark overhead-benchmark gpu-check clean
 
 # The docs site renders equations with KaTeX served from the site itself (no CDN: the site works offline). `npm pack`
 # fetches the pinned release from the npm registry; only what the site loads is kept.
@@ -84,16 +84,32 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 HF
 demo: $(STAMP)
 	$(OFFLINE) $(PY) -m gnivo_trl.demo --output-dir demo_output
 
-# Benchmarks write their tables and plots into benchmarks/results/ (tens of minutes on 2 CPU cores).
+# One command per benchmark study (benchmarks/README.md); each writes into benchmarks/results/<study>/ and caches its
+# runs under .cache/, so an interrupted study resumes. Learning studies run two processes (one per core), one torch
+# thread each; hours on 2 CPU cores.
+SHARDS = for i in 0 1; do OMP_NUM_THREADS=1 $(PY) -m benchmarks.$(1) all --shard $$i/2 --no-report & done; wait
+
 learning-benchmark: $(STAMP)
-	$(PY) benchmarks/learning.py
+	$(PY) -m benchmarks.learning
+
+fair-comparison-benchmark: $(STAMP)
+	$(call SHARDS,fair_comparison)
+	$(PY) -m benchmarks.fair_comparison report
+
+paper-claims-benchmark: $(STAMP)
+	$(call SHARDS,paper_claims)
+	$(PY) -m benchmarks.paper_claims report
+
+agents-benchmark: $(STAMP)
+	$(call SHARDS,agent_learning)
+	$(PY) -m benchmarks.agent_learning report
+
+# Step-error localisation by implied credit (benchmarks/results/credit/credit.md).
+credit-benchmark: $(STAMP)
+	$(PY) -m benchmarks.credit
 
 overhead-benchmark: $(STAMP)
-	$(PY) benchmarks/overhead.py --lengths 256 1024 4096 --repeats 5
-
-# Step-error localisation by implied credit (benchmarks/results/credit.md; resumable, cached under .cache/).
-credit-benchmark: $(STAMP)
-	$(PY) benchmarks/credit.py
+	$(PY) -m benchmarks.overhead --lengths 256 1024 4096 --repeats 5
 
 # One CUDA GPU, under 8 minutes (benchmarks/README.md, "GPU check"); runs .venv/bin/python if present, else python3.
 gpu-check:

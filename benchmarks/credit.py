@@ -5,14 +5,14 @@ A ProcessBench-style step-error localisation benchmark on the synthetic chained-
 (:func:`gnivo_trl.synthetic.earliest_wrong_step`; step ``k`` is the ``k``-th piece between ``"\\n\\n"`` delimiters,
 the boxed answer the last one; steps after the first wrong one are not judged).
 
-Policies are trained exactly as ``benchmarks/learning.py`` trains them (its ``run_one``, same warm start, prompts,
+Policies are trained with the shared protocol (``benchmarks/protocol.py``, its ``run_one``: same warm start, prompts,
 K, learning rate and number of steps per seed), and saved:
 
 - ``grpo`` (TRL's GRPOTrainer), ``gnivo-token`` and ``gnivo-step`` (GN-IVO, alpha 0.2), and VIMPO value-only and
-  with the actor at both betas learning.py uses (``vimpo-b5e-4-c0``, ``vimpo-b5e-4-c5e-3``, ``vimpo-b5e-2-c0``,
-  ``vimpo-b5e-2-c5e-3``), all at learning.py's shared rate 2e-4;
+  with the actor at both betas of the learning study (``vimpo-b5e-4-c0``, ``vimpo-b5e-4-c5e-3``, ``vimpo-b5e-2-c0``,
+  ``vimpo-b5e-2-c5e-3``), all at the learning study's shared rate 2e-4;
 - ``gnivo-token@0.0004`` and ``gnivo-step@0.0004``: GN-IVO again at the rate ``benchmarks/fair_comparison.py`` chose
-  for it on validation (``results/learning_tuning.md``); GRPO's and VIMPO's (beta 5e-2) chosen rate is 2e-4, so
+  for it on validation (``results/fair_comparison/learning_tuning.md``); GRPO's and VIMPO's (beta 5e-2) chosen rate is 2e-4, so
   every method is also read at its tuned rate. ``--methods`` takes any ``METHOD@RATE``.
 
 Completions. For each seed, the warm start samples one completion (temperature 1, as in training) for each of
@@ -40,18 +40,19 @@ for wrong steps (each erroneous completion's labelled step) against correct step
 step of a correct completion), lower credit meaning "wrong". Mean and sample std over seeds; differences from GRPO
 are paired by seed and readout.
 
-The defaults are learning.py's CPU protocol: 5 seeds, 100 optimizer steps of 8 prompts x K=8 at its shared learning
+The defaults are the shared CPU protocol: 5 seeds, 100 optimizer steps of 8 prompts x K=8 at its shared learning
 rate 2e-4 (plus the two tuned-rate GN-IVO policies above), 4-step problems, and the warm start fine-tuned on 24,000
 SFT examples (the :class:`gnivo_trl.synthetic.WarmStartConfig` default). ``--steps 60 --warm-start-examples 12000`` is the smaller
-first run, whose results are kept in ``results/credit_weak_warm_start.md``; ``--steps 300 --methods grpo gnivo-step
-vimpo-b5e-2-c0`` (with ``--report/--plot/--example`` under ``results/credit_300_steps*``) is the longer-training check.
+first run, whose results are archived in ``results/archive/credit_weak_warm_start.md``; ``--steps 300 --methods grpo
+gnivo-step vimpo-b5e-2-c0`` (with ``--report/--plot/--example`` under ``results/credit/credit_300_steps*``) is the
+longer-training check. Results go to ``benchmarks/results/credit/``.
 A rerun regenerates the tables and keeps a report's hand-written ``## Reading`` section.
 
 Command (CPU, one torch thread per process; runs, pools and scores are cached under ``--work-dir``, ignored by git,
 so an interrupted benchmark resumes, and several processes may share it, e.g. workers training disjoint
 ``--methods`` with ``--train-only`` before one plain invocation scores and reports)::
 
-    python benchmarks/credit.py
+    python -m benchmarks.credit
 """
 
 from __future__ import annotations
@@ -67,14 +68,11 @@ from pathlib import Path
 
 import numpy as np
 
-import gnivo_trl.testing  # noqa: F401, I001  (offline environment variables before any Hugging Face import)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import learning  # noqa: E402  (benchmarks/learning.py: the training protocol reused here)
-
+from benchmarks import protocol, reporting  # noqa: E402  (the shared training protocol)
 from gnivo_trl.synthetic import build_warm_start, earliest_wrong_step, generate_problems, solution_text  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+STUDY = "credit"
+RESULTS = reporting.RESULTS / STUDY
 METHODS = [
     "grpo",
     "gnivo-token",
@@ -83,7 +81,7 @@ METHODS = [
     "vimpo-b5e-4-c5e-3",
     "vimpo-b5e-2-c0",
     "vimpo-b5e-2-c5e-3",
-    # GN-IVO again at the rate benchmarks/fair_comparison.py tuned for it on validation (results/learning_tuning.md,
+    # GN-IVO again at the rate benchmarks/fair_comparison.py tuned for it on validation (results/fair_comparison/learning_tuning.md,
     # 4-step problems); every other method's tuned rate there is the shared 2e-4 already.
     "gnivo-token@0.0004",
     "gnivo-step@0.0004",
@@ -94,12 +92,12 @@ POOLS = {"warm": "the warm start's completions (shared by every readout)", "own"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Training (learning.py's protocol) and sampling
+# Training (the shared protocol) and sampling
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def policy_spec(policy: str) -> tuple[str, float | None]:
-    """A policy is a learning.py method, optionally at its own learning rate: ``"gnivo-step"`` or
+    """A policy is a method of ``protocol.METHODS``, optionally at its own learning rate: ``"gnivo-step"`` or
     ``"gnivo-step@0.0004"`` (``--learning-rate`` otherwise)."""
     method, _, rate = policy.partition("@")
     return method, (float(rate) if rate else None)
@@ -108,9 +106,9 @@ def policy_spec(policy: str) -> tuple[str, float | None]:
 def policy_name(text: str) -> str:
     """argparse type of ``--methods``: a known method, optionally ``@`` a positive learning rate."""
     method, at, rate = text.partition("@")
-    if method not in learning.METHODS:
+    if method not in protocol.METHODS:
         raise argparse.ArgumentTypeError(
-            f"unknown method {method!r}; choose from {', '.join(sorted(learning.METHODS))}"
+            f"unknown method {method!r}; choose from {', '.join(sorted(protocol.METHODS))}"
         )
     try:
         valid_rate = not at or float(rate) > 0
@@ -128,12 +126,12 @@ def run_key(policy: str, seed: int, args) -> str:
 
 
 def train_policy(policy: str, seed: int, model_dir: str, args, model_out: Path) -> dict:
-    """``learning.run_one`` (the learning benchmark's training, unchanged but for the policy's own learning rate, if
+    """``protocol.run_one`` (the shared protocol's training, unchanged but for the policy's own learning rate, if
     it has one), keeping the trained model in ``model_out``."""
     method, rate = policy_spec(policy)
     overrides = None if rate is None else {"learning_rate": rate}
     trainers = Path(args.work_dir) / "trainers" / model_out.name  # one trainer directory per run (workers may share)
-    return learning.run_one(method, seed, model_dir, args, trainers, overrides=overrides, save_to=model_out)
+    return protocol.run_one(method, seed, model_dir, args, trainers, overrides=overrides, save_to=model_out)
 
 
 def load_model(directory: str):
@@ -298,7 +296,7 @@ def baseline_metrics(validation: list[dict], test: list[dict], seed: int) -> dic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    preset = learning.PRESETS["cpu"]
+    preset = protocol.PRESETS["cpu"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--methods",
@@ -306,11 +304,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=policy_name,
         default=METHODS,
         metavar="METHOD[@LR]",
-        help=f"learning.py methods ({', '.join(sorted(learning.METHODS))}), each optionally at its own learning "
+        help=f"methods ({', '.join(sorted(protocol.METHODS))}), each optionally at its own learning "
         "rate, e.g. gnivo-step@4e-4",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (learning.py: 100)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (the protocol: 100)")
     parser.add_argument("--prompts-per-step", type=int, default=preset["prompts_per_step"])
     parser.add_argument("--num-generations", type=int, default=preset["num_generations"])
     parser.add_argument("--learning-rate", type=float, default=preset["learning_rate"])
@@ -323,7 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-start-hidden", type=int, default=None)
     parser.add_argument("--warm-start-layers", type=int, default=None)
     parser.add_argument(
-        "--warm-start-examples", type=int, default=24000, help="SFT examples of the warm start (learning.py: 24,000)"
+        "--warm-start-examples", type=int, default=24000, help="SFT examples of the warm start (the protocol: 24,000)"
     )
     parser.add_argument(
         "--cache-dir", default=None, help="where the warm start is cached (default ~/.cache/gnivo-trl)"
@@ -338,7 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", default=str(RESULTS / "credit.png"))
     parser.add_argument("--example", default=str(RESULTS / "credit_example"), help="example .html/.png path stem")
     args = parser.parse_args(argv)
-    args.eval_every = args.steps  # learning.run_one's accuracy check: before training and at the end only
+    args.eval_every = args.steps  # protocol.run_one's accuracy check: before training and at the end only
     if "grpo" not in args.methods and not args.train_only:
         args.methods.insert(0, "grpo")  # the central comparison is against GRPO (workers may train a subset)
     return args
@@ -457,7 +455,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v == v]  # drop NaN
     if not values:
         return float("nan"), float("nan")
-    return learning.mean_std(values)
+    return protocol.mean_std(values)
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -479,7 +477,7 @@ def summarize(per_seed: dict[int, dict], args, command: str, warm_start: dict, w
         diffs = [d for d in diffs if d == d]  # NaN when a split had no wrong (or no correct) step
         if not diffs:
             return "–"
-        mean, low, high = learning.paired_ci(diffs)
+        mean, low, high = protocol.paired_ci(diffs)
         interval = f" [{100 * low:+.1f}, {100 * high:+.1f}]" if low == low else ""
         return f"{100 * mean:+.1f}{interval} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
 
@@ -496,13 +494,13 @@ def summarize(per_seed: dict[int, dict], args, command: str, warm_start: dict, w
         f"- Task: {args.num_steps}-step chained arithmetic mod 10 (`gnivo_trl.synthetic`); the exact verifier labels each "
         "completion with its earliest wrong step (`earliest_wrong_step`: one step per line, the boxed answer is the "
         "last step) or none.",
-        f"- Policies: trained by `benchmarks/learning.py`'s `run_one` from a warm start fine-tuned on "
-        f"{warm_start['config']['num_examples']:,} SFT examples (learning.py's: 24,000), which solves "
+        f"- Policies: trained by the shared protocol's `run_one` (`benchmarks/protocol.py`) from a warm start fine-tuned on "
+        f"{warm_start['config']['num_examples']:,} SFT examples (the protocol's: 24,000), which solves "
         f"{warm_start['test_accuracy_t1_256']:.1%} of 256 test problems at T=1: {args.steps} optimizer steps "
-        "(learning.py's: 100), "
+        "(the protocol's: 100), "
         f"{args.prompts_per_step} prompts x K={args.num_generations}, learning rate {args.learning_rate} "
         "(`METHOD@RATE`: at that rate instead; `@0.0004` is GN-IVO's rate tuned on validation by "
-        f"`benchmarks/fair_comparison.py`, `learning_tuning.md`), seeds {', '.join(map(str, seeds))}.",
+        f"`python -m benchmarks.fair_comparison`, `fair_comparison/learning_tuning.md`), seeds {', '.join(map(str, seeds))}.",
         f"- Completions: per seed, one sample at T=1 from the warm start for each of {args.validation_problems} "
         f"validation and {args.test_problems} test problems (held-out split, never trained on); every readout scores "
         "these same completions. Secondary table: each policy's own samples of the same problems.",
@@ -573,9 +571,9 @@ def summarize(per_seed: dict[int, dict], args, command: str, warm_start: dict, w
         if args.own_samples
         else "Not run in this invocation (`--no-own-samples`, to fit the CPU budget).",
         "",
-        "## The trained policies (sanity check against learning_shared_rate.md)",
+        "## The trained policies (sanity check against the learning study's shared-rate runs)",
         "",
-        f"One sample at T=1 on {args.eval_problems} test problems (learning.py's `AccuracyCallback`).",
+        f"One sample at T=1 on {args.eval_problems} test problems (the protocol's `AccuracyCallback`).",
         "",
         "| policy | test accuracy before (%) | after (%) |",
         "|---|---|---|",
@@ -630,7 +628,7 @@ def plot(per_seed: dict[int, dict], args, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"Step-error localisation on the warm start's completions, {len(seeds)} seeds")
     fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the bars
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=reporting.png_metadata())
     plt.close(fig)
 
 
@@ -683,12 +681,13 @@ def hand_written_reading(report: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     import torch
 
-    torch.set_num_threads(args.threads)  # one thread per process: a tiny model only thrashes with more (learning.py)
-    command = "python benchmarks/credit.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    torch.set_num_threads(args.threads)  # one thread per process: a tiny model only thrashes with more
+    command = "python -m benchmarks.credit" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
-    model_dir = build_warm_start(learning.warm_start_config(args), cache_dir=args.cache_dir)
+    model_dir = build_warm_start(protocol.warm_start_config_from_args(args), cache_dir=args.cache_dir)
     warm_start = json.loads((Path(model_dir) / "warm_start.json").read_text())
     work = Path(args.work_dir) / Path(model_dir).name  # runs of another warm start are never reused
 
@@ -699,8 +698,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_only:
         return per_seed
     report = summarize(per_seed, args, command.strip(), warm_start, (time.perf_counter() - started) / 60)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(report + hand_written_reading(Path(args.report)))
+    runs = [run for seed in per_seed.values() for run in seed["runs"].values()]
+    reporting.write_report(args.report, report + hand_written_reading(Path(args.report)), runs)
     plot(per_seed, args, Path(args.plot))
     render_example(per_seed, args, model_dir, work)
     (work / "metrics.json").write_text(json.dumps({str(s): per_seed[s]["metrics"] for s in per_seed}, indent=1))

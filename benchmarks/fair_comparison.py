@@ -1,8 +1,8 @@
 """Does it learn better? GRPO, GN-IVO and VIMPO compared fairly: each method tuned on validation, two horizons.
 
-``benchmarks/learning.py`` compares every method at one learning rate chosen on GRPO alone, on 4-step problems. This
-benchmark keeps its training protocol exactly (its ``run_one``: same warm start, prompts, K, optimizer, steps,
-evaluation sampler) and changes what it was criticised for:
+The learning study (``benchmarks/learning.py``) compared every method at one learning rate chosen on GRPO alone, on
+4-step problems. This study keeps the shared training protocol exactly (``benchmarks/protocol.py``: same warm start,
+prompts, K, optimizer, steps, evaluation sampler) and changes what that study was criticised for:
 
 * **Fair tuning.** Every method gets the same learning-rate grid per horizon (``LEARNING_RATES``: a factor of 8 at 4
   steps, 4 at 8 steps), runs on tuning seeds 0 and 1, and is scored on a *validation* split: train-split problems
@@ -12,60 +12,76 @@ evaluation sampler) and changes what it was criticised for:
   problems.
 * **Two horizons.** 4-step problems (answers of 32 tokens with the end-of-sequence token) and 8-step problems (60
   tokens, 1.9x), each with its own warm start (the same SFT recipe on that task; 4 layers instead of 2 at 8 steps,
-  see ``warm_start_config``).
+  see ``protocol.warm_start_config``).
 * **VIMPO's beta and response length** (``vimpo-map``): ``vimpo_beta`` in {5e-4, 5e-3, 5e-2} x the two horizons x the
   actor off, at the paper's weight 5e-3, and the official adaptive weight (``vimpo_adaptive_actor_coeff``, alpha
   0.025, the authors' run script), at the former shared rate 2e-4, 2 seeds, on validation.
 * **GN-IVO's alpha** (``gnivo-alpha``): ``gnivo_alpha`` in {0.05, 0.2, 1.0} for token and step units at each unit's
   chosen rate, test seeds 10-12.
 
-Methods (settings of ``learning.METHODS``): ``grpo`` (TRL's defaults written out), ``gnivo-token``, ``gnivo-step``,
+Methods (settings of ``protocol.METHODS``): ``grpo`` (TRL's defaults written out), ``gnivo-token``, ``gnivo-step``,
 ``gnivo-sequence`` (alpha 0.2), ``vimpo-b5e-2-c0`` (value only) and ``vimpo-b5e-2-c5e-3`` (with the paper's actor
-weight), beta 5e-2 being the paper's 5e-4 scaled to 32-token answers (see learning.py).
+weight), beta 5e-2 being the paper's 5e-4 scaled to 32-token answers (see ``benchmarks/protocol.py``).
 
-One command per part; every run is cached in ``--work-dir`` (default ``.cache/fair-comparison``) so a part resumes
-where it stopped, and ``--shard i/n`` lets n processes share a part (one per core)::
+The study's one command runs every part in order, in two processes (one per core; about 3.5 CPU-hours)::
 
-    python benchmarks/fair_comparison.py tune --horizon 4      # 48 runs
-    python benchmarks/fair_comparison.py tune --horizon 8      # 36 runs
-    python benchmarks/fair_comparison.py test --horizon 4      # 30 runs (needs tune --horizon 4)
-    python benchmarks/fair_comparison.py test --horizon 8      # 30 runs
-    python benchmarks/fair_comparison.py vimpo-map             # 28 runs (8 more are tuning runs)
-    python benchmarks/fair_comparison.py gnivo-alpha           # 12 runs (needs tune and test --horizon 4)
-    python benchmarks/fair_comparison.py report                # markdown and plots from whatever is cached
+    make fair-comparison-benchmark
 
-The report goes to ``benchmarks/results/learning.md`` (headline: test accuracy at each method's tuned rate),
-``learning_tuning.md``, ``learning_vimpo_map.md`` and ``learning_gnivo_alpha.md``, with PNG plots beside them.
+Every run is cached in ``--work-dir`` (default ``.cache/fair-comparison``) so a part resumes where it stopped, and
+``--shard i/n`` lets n processes share a part. The parts, from the repository root::
+
+    python -m benchmarks.fair_comparison tune --horizon 4      # 48 runs
+    python -m benchmarks.fair_comparison tune --horizon 8      # 36 runs
+    python -m benchmarks.fair_comparison test --horizon 4      # 30 runs (needs tune --horizon 4)
+    python -m benchmarks.fair_comparison test --horizon 8      # 30 runs
+    python -m benchmarks.fair_comparison vimpo-map             # 28 runs (8 more are tuning runs)
+    python -m benchmarks.fair_comparison gnivo-alpha           # 12 runs (needs tune and test --horizon 4)
+    python -m benchmarks.fair_comparison all                   # all of the above in order (--wait between them)
+    python -m benchmarks.fair_comparison report                # markdown and plots from whatever is cached
+
+The reports go to ``benchmarks/results/fair_comparison/``: ``learning.md`` (headline: test accuracy at each method's
+tuned rate), ``learning_tuning.md``, ``learning_vimpo_map.md`` and ``learning_gnivo_alpha.md``, with PNG plots beside
+them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import learning  # noqa: E402  (benchmarks/learning.py: the training protocol reused here)
-from learning import mean_std, paired_ci  # noqa: E402
+from benchmarks import protocol, reporting
+from benchmarks.protocol import (  # noqa: F401  (validation_problems, warm_start_config: this study's split and warm starts)
+    EVAL_PROBLEMS,
+    HORIZONS,
+    TEST_SEEDS,
+    TUNING_SEEDS,
+    Run,
+    cached,
+    choose_rate,
+    final_accuracy,
+    late_accuracy,
+    make_run,
+    mean_std,
+    paired_ci,
+    pct,
+    run_all,
+    seconds,
+    validation_problems,
+    warm_start_config,
+)
 
-from gnivo_trl.synthetic import WarmStartConfig, generate_problems  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+STUDY = "fair_comparison"
+RESULTS = reporting.RESULTS / STUDY
 
 METHODS = ["grpo", "gnivo-token", "gnivo-step", "gnivo-sequence", "vimpo-b5e-2-c0", "vimpo-b5e-2-c5e-3"]
 # The same grid for every method at a horizon. At 4 steps it first was 1e-4..4e-4; GN-IVO's token and step units
 # chose its top edge, so 8e-4 was added for every method after that first pass (no test result informed it).
 LEARNING_RATES = {4: [1e-4, 2e-4, 4e-4, 8e-4], 8: [1e-4, 2e-4, 4e-4]}
-TUNING_SEEDS = [0, 1]
-TEST_SEEDS = [10, 11, 12, 13, 14]
-HORIZONS = {4: dict(num_steps=4, max_completion_length=48), 8: dict(num_steps=8, max_completion_length=96)}
-EVAL_PROBLEMS = 500
 
-MAP_LEARNING_RATE = 2e-4  # learning.py's shared rate: the map is about beta and length, not the rate
+MAP_LEARNING_RATE = 2e-4  # the learning study's shared rate: the map is about beta and length, not the rate
 MAP_BETAS = [5e-4, 5e-3, 5e-2]
 MAP_ACTORS = {
     "off": dict(vimpo_actor_coeff=0.0),
@@ -75,101 +91,6 @@ MAP_ACTORS = {
 ALPHA_METHODS = ["gnivo-step", "gnivo-token"]
 ALPHAS = [0.05, 0.2, 1.0]
 ALPHA_SEEDS = TEST_SEEDS[:3]  # 3 of the test seeds, to fit the part into a session (alpha 0.2: the test runs)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Runs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def protocol(horizon: int, eval_every: int) -> argparse.Namespace:
-    """learning.py's CPU protocol at a horizon: 100 steps, 8 prompts x K=8, the same warm-start recipe."""
-    preset = dict(learning.PRESETS["cpu"])
-    preset.update(HORIZONS[horizon], eval_every=eval_every, eval_problems=EVAL_PROBLEMS, train_problems=4096)
-    return argparse.Namespace(**preset)
-
-
-def warm_start_config(horizon: int) -> WarmStartConfig:
-    """The default recipe; 8-step problems need 4 layers (2 layers reach a loss of 0.31 and solve 0% of them: they
-    copy the wrong operand from the prompt after the third step)."""
-    return WarmStartConfig(num_steps=horizon, num_hidden_layers=2 if horizon <= 4 else 4)
-
-
-def validation_problems(horizon: int, count: int = EVAL_PROBLEMS) -> list[str]:
-    """Train-split problems in neither the RL prompts (``make_rl_dataset(4096, "train", seed=0)``) nor the warm
-    start's SFT data; the test split is disjoint by construction."""
-    config = warm_start_config(horizon)
-    used = set(generate_problems(4096, "train", horizon, seed=0))
-    used |= set(generate_problems(config.num_examples, "train", horizon, seed=1000 + config.seed))
-    candidates = generate_problems(count + len(used) // 100 + 200, "train", horizon, seed=777)
-    chosen = [problem for problem in candidates if problem not in used][:count]
-    if len(chosen) < count:
-        raise RuntimeError("not enough validation problems; raise the candidate count")
-    return chosen
-
-
-class Run(dict):
-    """One training run: ``horizon``, ``method``, ``seed``, ``split`` ("validation" or "test") and ``overrides``."""
-
-    @property
-    def key(self) -> str:
-        overrides = "-".join(f"{name}={value}" for name, value in sorted(self["overrides"].items()))
-        return f"h{self['horizon']}-{self['method']}-seed{self['seed']}-{self['split']}-{overrides}"
-
-
-def make_run(horizon: int, method: str, seed: int, split: str, **overrides) -> Run:
-    return Run(horizon=horizon, method=method, seed=seed, split=split, overrides=overrides)
-
-
-def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
-    """The cached result of ``run``, training it first if needed."""
-    path = work / f"{run.key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from gnivo_trl.synthetic import build_warm_start
-
-    horizon = run["horizon"]
-    args = protocol(horizon, eval_every=20 if run["split"] == "validation" else 10)
-    model_dir = build_warm_start(warm_start_config(horizon), cache_dir=cache_dir)
-    if run["split"] == "validation":
-        problems = validation_problems(horizon)
-    else:
-        problems = generate_problems(EVAL_PROBLEMS, "test", horizon, seed=0)
-    result = learning.run_one(
-        run["method"],
-        run["seed"],
-        model_dir,
-        args,
-        work / "trainers" / run.key,
-        overrides=run["overrides"],
-        eval_problems=problems,
-    )
-    result.update(run, key=run.key)
-    path.write_text(json.dumps(result))
-    return result
-
-
-def run_all(runs: list[Run], args) -> list[dict]:
-    """Execute this process's shard of ``runs`` (every n-th), then return every cached result of ``runs``."""
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    index, count = (int(part) for part in args.shard.split("/"))
-    started = time.perf_counter()
-    for position, run in enumerate(runs):
-        if position % count != index:
-            continue
-        result = execute(run, work, args.cache_dir)
-        print(
-            f"[{position + 1}/{len(runs)}] {run.key}: "
-            + " ".join(f"{step}:{accuracy:.3f}" for step, accuracy in result["accuracy"])
-            + f" ({result['seconds_total']:.0f} s; {time.perf_counter() - started:.0f} s elapsed)",
-            flush=True,
-        )
-    return cached(runs, work)
-
-
-def cached(runs: list[Run], work: Path) -> list[dict]:
-    return [json.loads((work / f"{run.key}.json").read_text()) for run in runs if (work / f"{run.key}.json").exists()]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -186,31 +107,21 @@ def tuning_runs(horizon: int) -> list[Run]:
     ]
 
 
-def final_accuracy(result: dict) -> float:
-    return result["accuracy"][-1][1]
-
-
-def late_accuracy(result: dict) -> float:
-    """Mean accuracy over the evaluations at steps 80-100: less noisy than the final one alone."""
-    return statistics.fmean(accuracy for step, accuracy in result["accuracy"] if step >= 80)
-
-
 def chosen_rates(horizon: int, work: Path) -> dict[str, float]:
     """Per method, the grid rate with the best mean final validation accuracy over the tuning seeds (ties: the
     smaller rate). Refuses to choose from an incomplete grid."""
     results = {r["key"]: r for r in cached(tuning_runs(horizon), work)}
-    chosen = {}
-    for method in METHODS:
-        scores = []
-        for rate in LEARNING_RATES[horizon]:
-            keys = [make_run(horizon, method, seed, "validation", learning_rate=rate).key for seed in TUNING_SEEDS]
-            if not all(key in results for key in keys):
-                raise SystemExit(
-                    f"tuning grid at horizon {horizon} incomplete ({method}, lr {rate}): run `tune` first"
-                )
-            scores.append((statistics.fmean(final_accuracy(results[key]) for key in keys), -rate))
-        chosen[method] = -max(scores)[1]
-    return chosen
+    return {
+        method: choose_rate(
+            results,
+            {
+                rate: [make_run(horizon, method, seed, "validation", learning_rate=rate) for seed in TUNING_SEEDS]
+                for rate in LEARNING_RATES[horizon]
+            },
+            f"horizon {horizon}, {method}",
+        )
+        for method in METHODS
+    }
 
 
 def test_runs(horizon: int, work: Path) -> list[Run]:
@@ -264,18 +175,10 @@ def alpha_runs(work: Path, horizon: int = 4) -> list[Run]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
 def curve(results: list[dict]) -> tuple[list[int], list[float], list[float]]:
     steps = [step for step, _ in results[0]["accuracy"]]
     values = [[dict(r["accuracy"])[step] for r in results] for step in steps]
     return steps, [statistics.fmean(v) for v in values], [mean_std(v)[1] for v in values]
-
-
-def seconds(results: list[dict]) -> float:
-    return sum(r["seconds_total"] for r in results)
 
 
 def report_test(work: Path) -> list[str]:
@@ -283,13 +186,13 @@ def report_test(work: Path) -> list[str]:
     lines = [
         "# Does it learn better? Each method tuned on validation, two horizons",
         "",
-        f"Generated by `benchmarks/fair_comparison.py` on {time.strftime('%Y-%m-%d')} from the runs cached in its "
+        f"Generated by `python -m benchmarks.fair_comparison` on {time.strftime('%Y-%m-%d')} from the runs cached in its "
         "work directory; commands in the script's docstring (`tune`, then `test`, per horizon; then `report`).",
         "",
         "- Task: chained arithmetic mod 10 (`gnivo_trl.synthetic`), exact verifier; 4-step problems (answers of 32 "
         "tokens with EOS, max 48) and 8-step problems (60 tokens, max 96), each from its own warm start (the same SFT "
         "recipe: 24,000 noisy solutions, per-step error rate 0.2).",
-        "- RL: `benchmarks/learning.py`'s protocol: 100 optimizer steps of 8 prompts x K=8, AdamW, constant rate, "
+        "- RL: the shared protocol (`benchmarks/protocol.py`): 100 optimizer steps of 8 prompts x K=8, AdamW, constant rate, "
         "max_grad_norm 1.0, temperature 1.",
         f"- Tuning: rates {LEARNING_RATES[4]} (4 steps) and {LEARNING_RATES[8]} (8 steps) for every method, seeds "
         f"{', '.join(map(str, TUNING_SEEDS))}, final accuracy on {EVAL_PROBLEMS} validation problems (train-split "
@@ -359,7 +262,7 @@ def report_test(work: Path) -> list[str]:
             )
             lines.append(f"- {method}: {per_seed}")
         plot_path = RESULTS / f"learning_h{horizon}.png"
-        learning.plot_curves(
+        protocol.plot_curves(
             by_method, plot_path, f"{horizon}-step problems, test accuracy at each method's tuned rate"
         )
         lines += ["", f"![{horizon}-step learning curves]({plot_path.name})", ""]
@@ -371,8 +274,8 @@ def report_tuning(work: Path) -> list[str]:
     lines = [
         "# Learning-rate tuning on the validation split",
         "",
-        f"Generated by `benchmarks/fair_comparison.py` on {time.strftime('%Y-%m-%d')}. Command per horizon: "
-        "`python benchmarks/fair_comparison.py tune --horizon H`. Final accuracy (%) on "
+        f"Generated by `python -m benchmarks.fair_comparison` on {time.strftime('%Y-%m-%d')}. Command per horizon: "
+        "`python -m benchmarks.fair_comparison tune --horizon H`. Final accuracy (%) on "
         f"{EVAL_PROBLEMS} validation problems after 100 steps, mean over seeds {TUNING_SEEDS} (each seed in "
         "parentheses); the chosen rate is in bold.",
         "",
@@ -420,8 +323,8 @@ def report_map(work: Path) -> list[str]:
     lines = [
         "# VIMPO: where training collapses, by beta, response length and actor weight",
         "",
-        f"Generated by `benchmarks/fair_comparison.py vimpo-map` on {time.strftime('%Y-%m-%d')}. VIMPO at learning "
-        f"rate {MAP_LEARNING_RATE:g} (learning.py's shared rate), 100 steps, seeds {TUNING_SEEDS}, final accuracy (%) "
+        f"Generated by `python -m benchmarks.fair_comparison vimpo-map` on {time.strftime('%Y-%m-%d')}. VIMPO at learning "
+        f"rate {MAP_LEARNING_RATE:g} (the learning study's shared rate), 100 steps, seeds {TUNING_SEEDS}, final accuracy (%) "
         f"on {EVAL_PROBLEMS} validation problems (warm start in the first column). Actor: off "
         "(`vimpo_actor_coeff=0`), the paper's fixed weight 5e-3, or the official adaptive weight "
         "(`vimpo_adaptive_actor_coeff=True`, alpha 0.025). `beta x L` is beta times the mean answer length in tokens "
@@ -490,7 +393,12 @@ def plot_map(results: dict[str, dict]) -> None:
         ax.set_xlabel("vimpo_beta")
         ax.set_title(f"actor {label}")
     fig.colorbar(image, ax=axes, label="final validation accuracy (%)")
-    fig.savefig(RESULTS / "learning_vimpo_map.png", dpi=120, bbox_inches="tight")
+    fig.savefig(
+        RESULTS / "learning_vimpo_map.png",
+        dpi=120,
+        bbox_inches="tight",
+        metadata=reporting.png_metadata(list(results.values())),
+    )
     plt.close(fig)
 
 
@@ -503,7 +411,7 @@ def report_alpha(work: Path) -> list[str]:
     lines = [
         "# GN-IVO's alpha at the tuned learning rate (4-step problems)",
         "",
-        f"Generated by `benchmarks/fair_comparison.py gnivo-alpha` on {time.strftime('%Y-%m-%d')}. Final test "
+        f"Generated by `python -m benchmarks.fair_comparison gnivo-alpha` on {time.strftime('%Y-%m-%d')}. Final test "
         f"accuracy (%) after 100 steps, mean ± std over seeds {ALPHA_SEEDS}, at each unit's rate chosen on validation "
         "(alpha 0.2 there); alpha 0.2 is the test part's run. 'vs 0.2': the difference to alpha 0.2 paired by seed, "
         "with its 95% Student t interval, in pp.",
@@ -540,6 +448,26 @@ def _alpha(run: Run) -> float:
     return run["overrides"].get("gnivo_alpha", 0.2)
 
 
+def _report_runs(name: str, work: Path) -> list[dict]:
+    """The cached runs a report is built from (for its provenance line)."""
+    if name == "learning_tuning.md":
+        return [r for h in HORIZONS for r in cached(tuning_runs(h), work)]
+    if name == "learning_vimpo_map.md":
+        return cached(map_runs(), work)
+    try:
+        if name == "learning.md":
+            runs = []
+            for horizon in HORIZONS:
+                try:
+                    runs += cached(test_runs(horizon, work), work)
+                except SystemExit:  # that horizon is not tuned yet
+                    pass
+            return runs
+        return cached(alpha_runs(work), work)
+    except SystemExit:
+        return []
+
+
 def write_reports(work: Path) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name, lines in (
@@ -548,32 +476,48 @@ def write_reports(work: Path) -> None:
         ("learning_vimpo_map.md", report_map(work)),
         ("learning_gnivo_alpha.md", report_alpha(work)),
     ):
-        (RESULTS / name).write_text("\n".join(lines))
+        reporting.write_report(RESULTS / name, "\n".join(lines), _report_runs(name, work))
         print(f"wrote {RESULTS / name}")
+
+
+def wait_for_tuning(horizon: int, work: Path) -> None:
+    """Block until the tuning grid at ``horizon`` is complete (another process may still be finishing it)."""
+    while True:
+        try:
+            chosen_rates(horizon, work)
+            return
+        except SystemExit as missing:
+            print(f"waiting: {missing}", flush=True)
+            time.sleep(30)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["tune", "test", "vimpo-map", "gnivo-alpha", "report"])
+    parser.add_argument("part", choices=["tune", "test", "vimpo-map", "gnivo-alpha", "all", "report"])
     parser.add_argument("--horizon", type=int, choices=sorted(HORIZONS), default=4)
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th run starting at i (one process per core)")
     parser.add_argument("--work-dir", default=".cache/fair-comparison", help="cached per-run results (resumable)")
     parser.add_argument("--cache-dir", default=None, help="where warm starts are cached (default ~/.cache/gnivo-trl)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--wait", action="store_true", help="test / gnivo-alpha: wait until tuning is complete")
+    parser.add_argument("--no-report", action="store_true", help="do not write the reports at the end")
     args = parser.parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     import torch
 
     torch.set_num_threads(args.threads)  # a 0.1M-parameter model gains nothing from intra-op threads
     work = Path(args.work_dir)
-    while args.wait and args.part in ("test", "gnivo-alpha"):
-        try:  # another process may still be finishing the tuning grid this part depends on
-            chosen_rates(args.horizon if args.part == "test" else 4, work)
-            break
-        except SystemExit as missing:
-            print(f"waiting: {missing}", flush=True)
-            time.sleep(30)
-    if args.part == "tune":
+    if args.wait and args.part in ("test", "gnivo-alpha"):
+        wait_for_tuning(args.horizon if args.part == "test" else 4, work)
+    if args.part == "all":  # every part in dependency order; each shard waits for the grid the next part needs
+        for horizon in HORIZONS:
+            run_all(tuning_runs(horizon), args)
+        run_all(map_runs(), args)
+        for horizon in HORIZONS:
+            wait_for_tuning(horizon, work)
+            run_all(test_runs(horizon, work), args)
+        run_all(alpha_runs(work), args)
+    elif args.part == "tune":
         run_all(tuning_runs(args.horizon), args)
     elif args.part == "test":
         run_all(test_runs(args.horizon, work), args)
@@ -581,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         run_all(map_runs(), args)
     elif args.part == "gnivo-alpha":
         run_all(alpha_runs(work), args)
-    if args.shard.startswith("0/"):
+    if args.shard.startswith("0/") and not args.no_report:
         write_reports(work)
 
 

@@ -9,8 +9,8 @@ cpu --smoke`` runs every part at a tiny shape on CPU (the smoke test in ``tests/
    completion tokens after a 128-token prompt, as ratios to GRPO / GRPO with a reference model. The measurement is
    ``benchmarks/overhead.py``'s (``build_trainer``, ``one_step``: scoring + loss step, fixed completions, methods
    interleaved, median of per-repetition ratios); the aligned scenario only (TRL's default layout).
-2. **anchor**: the same figures at B = 2, T = 4096 against ``shared/notes/anchor-measurements.md`` (H100: GRPO with a
-   reference model 0.188 s, 14.19 GiB).
+2. **anchor**: the same figures at B = 2, T = 4096 against the H100 anchor measurement (``benchmarks/README.md``, "The
+   H100 anchor": GRPO with a reference model 0.188 s, 14.19 GiB).
 3. **end-to-end**: ``trainer.train()`` for 20 steps of GRPO, GN-IVO and VIMPO with transformers generation (real
    ``generate``) on a small model saved in float32 and trained under bf16 autocast: every logged loss and metric finite,
    every parameter finite.
@@ -26,9 +26,9 @@ are skipped and listed). An out-of-memory error at a size is recorded as OOM for
 
 Usage::
 
-    bash benchmarks/gpu_check.sh                         # CUDA, writes benchmarks/results/gpu_<device-name>.md
-    python benchmarks/gpu_check.py --output /tmp/gpu.md  # the same, another path
-    .venv/bin/python benchmarks/gpu_check.py --device cpu --smoke --output /tmp/smoke.md  # tiny CPU smoke run
+    bash benchmarks/gpu_check.sh              # CUDA, writes benchmarks/results/gpu_check/gpu_<device-name>.md
+    python -m benchmarks.gpu_check --output /tmp/gpu.md  # the same, another path (from the repository root)
+    python -m benchmarks.gpu_check --device cpu --smoke --output /tmp/smoke.md  # tiny CPU smoke run
 """
 
 from __future__ import annotations
@@ -52,11 +52,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from benchmarks import overhead, reporting  # overhead: model, trainers, one_step, PeakMemory
 
-import overhead  # noqa: E402  (benchmarks/overhead.py: model, trainers, one_step, PeakMemory)
+STUDY = "gpu_check"
+REPO_ROOT = reporting.REPO_ROOT
 
 # The smoke run's shape: overhead.py's "tiny" (V = 32,000) makes the CPU smoke test several times slower for no added
 # coverage. Registered here, not in overhead.py, which does not offer it on its command line.
@@ -73,7 +72,7 @@ overhead.MODEL_SHAPES.setdefault(
 )
 
 METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "vimpo/exact", "vimpo/k3"]
-ANCHOR = {  # shared/notes/anchor-measurements.md: H100 80GB, Qwen2-0.5B shape, bf16, B=2 after a 128-token prompt
+ANCHOR = {  # benchmarks/README.md, "The H100 anchor": H100 80GB, Qwen2-0.5B shape, bf16, B=2 after a 128-token prompt
     "device": "NVIDIA H100 80GB",
     "batch": 2,
     "length": 4096,
@@ -427,7 +426,7 @@ def anchor_section(settings: Settings, results: dict) -> tuple[list[str], dict[s
     """Our GRPO, GRPO+ref and VIMPO exact at the anchor's size against the H100 anchor; returns lines and verdicts."""
     batch, length = ANCHOR["batch"], settings.anchor_length
     lines = [
-        f"Anchor ({ANCHOR['device']}, `shared/notes/anchor-measurements.md`): B={batch}, T={ANCHOR['length']}, "
+        f"Anchor ({ANCHOR['device']}, `benchmarks/README.md`, 'The H100 anchor'): B={batch}, T={ANCHOR['length']}, "
         f"GRPO 0.128 s / 14.19 GiB, GRPO with a reference model 0.188 s / 14.19 GiB; VIMPO's target is 1.10x GRPO+ref "
         "(about 0.207 s / 15.61 GiB). Ours at B=2, "
         f"T={length} on this device. The anchor is another GPU (an H200 has an H100's arithmetic and 1.4x its memory "
@@ -870,6 +869,8 @@ def deepspeed_part(settings: Settings, workdir: Path, timeout_s: float) -> list[
     env = dict(os.environ)
     if settings.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # see main(): one thread on a shared CPU
+    # The child runs this file as a script: the repository root must be importable for `benchmarks`.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     processes = {
         stage: subprocess.Popen(
             command,
@@ -926,7 +927,6 @@ class _Skipped(RuntimeError):
 
 def deepspeed_child(out: Path, model_dir: str, device: str) -> int:
     """Inside ``accelerate launch``: one ``train()`` step of GN-IVO and VIMPO under the configured ZeRO stage."""
-    overhead.offline_environment()
     import deepspeed
     import torch
 
@@ -1048,7 +1048,7 @@ def write_report(
         lines += part.lines
         if part.error:
             lines += ["", "Failure:", "", *[f"    {line}" for line in part.error.strip().splitlines()[-25:]]]
-    report = "\n".join(lines) + "\n"
+    report = reporting.with_provenance("\n".join(lines) + "\n")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     return report
@@ -1058,7 +1058,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 end-to-end steps (the CPU smoke test)")
-    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/gpu_<device>.md")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="default: benchmarks/results/gpu_check/gpu_<device>.md"
+    )
     parser.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole run, seconds")
     parser.add_argument(
         "--parts",
@@ -1070,7 +1072,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed-child", type=Path, default=None, help=argparse.SUPPRESS)  # internal
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)  # internal, with --deepspeed-child
     args = parser.parse_args(argv)
-    overhead.offline_environment()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1083,8 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
     start = float(os.environ["GPU_CHECK_START"]) if os.environ.get("GPU_CHECK_START") else None
     budget = Budget(args.budget_s, start)
     settings = Settings.for_run(device, args.smoke)
-    output = args.output or REPO_ROOT / "benchmarks" / "results" / f"gpu_{slug(device_name(device))}.md"
-    command = os.environ.get("GPU_CHECK_COMMAND") or "python benchmarks/gpu_check.py " + shlex.join(
+    output = args.output or reporting.results_dir(STUDY) / f"gpu_{slug(device_name(device))}.md"
+    command = os.environ.get("GPU_CHECK_COMMAND") or "python -m benchmarks.gpu_check " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     versions = library_versions()

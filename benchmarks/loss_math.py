@@ -4,13 +4,14 @@ GN-IVO's prefix sums and group softmaxes and VIMPO's reverse accumulation, white
 vectorized tensor operations on ``(B, T)`` log-probs (``gnivo_trl.losses``). This script times them alone (forward
 and backward, on random log-probs with ragged masks, no model), plain and compiled with ``torch.compile`` (inductor),
 checks that the compiled version gives the same loss and gradient (to 1e-5), and writes
-``benchmarks/results/loss_math.md``. Compare its milliseconds with the step times of ``overhead.md`` (seconds): a
+``benchmarks/results/overhead/loss_math.md``. Compare its milliseconds with the step times of the overhead study
+(seconds): a
 kernel can only win measurably if the loss math is a measurable share of the step.
 
 Usage::
 
-    .venv/bin/python benchmarks/loss_math.py                       # B=16 (2 groups of K=8), T in 1024 4096 8192
-    .venv/bin/python benchmarks/loss_math.py --lengths 1024 --repeats 5 --no-compile
+    python -m benchmarks.loss_math                       # B=16 (2 groups of K=8), T in 1024 4096 8192
+    python -m benchmarks.loss_math --lengths 1024 --repeats 5 --no-compile
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import reporting
 
 NUM_GENERATIONS = 8
 NUM_ROWS = 16
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="time the plain version only")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "loss_math.md")
+    parser.add_argument("--output", type=Path, default=reporting.RESULTS / "overhead" / "loss_math.md")
     args = parser.parse_args(argv)
     import torch
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(cell)
             print(" | ".join(cell), flush=True)
     header = ["loss", "T", "plain ms"] + ([] if args.no_compile else ["compiled ms", "compiled / plain", "max diff"])
-    command = "python benchmarks/loss_math.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.loss_math " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Loss math alone: milliseconds per forward + backward, plain and compiled (CPU)",
         "",
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         *("| " + " | ".join(cell) + " |" for cell in rows),
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
+    reporting.write_report(args.output, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

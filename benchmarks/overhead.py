@@ -44,12 +44,14 @@ Configurations:
 
 Usage::
 
-    .venv/bin/python benchmarks/overhead.py                       # CPU, T in 256..8192, writes results/overhead.md
-    .venv/bin/python benchmarks/overhead.py --lengths 256 1024 --repeats 3 --methods grpo gnivo/token \
+    python -m benchmarks.overhead                       # CPU, T in 256..8192, writes results/overhead/overhead.md
+    python -m benchmarks.overhead --lengths 256 1024 --repeats 3 --methods grpo gnivo/token \
         --old-logps-methods  # an empty list: the aligned scenario only
-    python benchmarks/overhead.py --device cuda --output benchmarks/results/overhead_gpu.md
-    .venv/bin/python benchmarks/overhead.py --shape qwen2-0.5b --lengths 256 512 --repeats 3 --threads 2 \
+    python -m benchmarks.overhead --device cuda         # results/overhead/overhead_gpu.md
+    python -m benchmarks.overhead --shape qwen2-0.5b --lengths 256 512 --repeats 3 --threads 2 \
         --methods grpo grpo+ref gnivo/token vimpo/exact --old-logps-methods --kl-memory-tokens 0  # overhead_qwen2-05b.md
+
+(from the repository root, with the project's ``.venv/bin/python``).
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # vimpo_kl_memory, for the exact-KL memory section
+from benchmarks import reporting
+
+STUDY = "overhead"
+REPO_ROOT = reporting.REPO_ROOT
 
 METHODS = [
     "grpo",
@@ -106,12 +109,6 @@ MODEL_SHAPES = {
     ),
 }
 DEFAULT_SHAPE = {"cpu": "tiny", "cuda": "qwen2-0.5b"}
-
-
-def offline_environment() -> None:
-    """Nothing is fetched from the Hub: the benchmarks build their models and tokenizers locally."""
-    for variable in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(variable, "1")
 
 
 def model_shape(device: str, shape_name: str | None = None) -> dict:
@@ -415,7 +412,7 @@ def kl_memory_section(tokens: int, device: str, command: str, shape_name: str | 
 
     Both run on CPU in fresh processes with the configuration's vocabulary and hidden size; see that script.
     """
-    import vimpo_kl_memory
+    from benchmarks import vimpo_kl_memory
 
     shape = model_shape(device, shape_name)
     vocab, hidden = shape["vocab_size"], shape["hidden_size"]
@@ -438,6 +435,8 @@ def kl_memory_section(tokens: int, device: str, command: str, shape_name: str | 
         "|---|---|---|---|",
         f"| naive | {naive.peak_mib:,.0f} | 1.000 | - |",
         f"| VIMPO chunked | {chunked.peak_mib:,.0f} | {chunked.peak_mib / naive.peak_mib:.3f} | {difference:.1e} |",
+        "",
+        reporting.provenance_line(),
     ]
 
 
@@ -512,7 +511,7 @@ def write_report(
             lambda length, method: f"{median(length, method, 'scoring_peak_mib'):.0f}",
         )
         table("Absolute figures (medians): step seconds (scoring + loss step), peak MiB", methods, absolute)
-    report = "\n".join(lines) + "\n"
+    report = reporting.with_provenance("\n".join(lines) + "\n")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     return report
@@ -524,11 +523,12 @@ def _memory_in_subprocess(args: argparse.Namespace, scenario: str, methods: list
     import subprocess
 
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, "--device", "cpu", "--repeats", "1", "--memory-pass", out.name]
+        command = [sys.executable, "-m", "benchmarks.overhead", "--device", "cpu", "--repeats", "1"]
+        command += ["--memory-pass", out.name]
         command += ["--scenario", scenario, "--lengths", *map(str, args.lengths), "--methods", *methods]
         command += ["--threads", str(args.threads)] + (["--shape", args.shape] if args.shape else [])
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        subprocess.run(command, env=env, check=True)
+        subprocess.run(command, env=env, check=True, cwd=REPO_ROOT)
         raw = json.loads(Path(out.name).read_text())
     return {(int(length), method): figures for length, method, figures in raw}
 
@@ -576,7 +576,6 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, methods in plan:
         if "grpo" not in methods or "grpo+ref" not in methods:
             parser.error(f"the {scenario} scenario's methods must include the baselines grpo and grpo+ref")
-    offline_environment()
     if args.device == "cpu":
         import torch
 
@@ -592,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "overhead" + ("_gpu" if args.device == "cuda" else "")
     if args.shape and args.shape != DEFAULT_SHAPE[args.device]:
         name += "_" + args.shape.replace(".", "")
-    output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{name}.md"
-    command = "python benchmarks/overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    output = args.output or reporting.results_dir(STUDY) / f"{name}.md"
+    command = "python -m benchmarks.overhead " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.kl_memory_only:
         section = kl_memory_section(args.kl_memory_tokens, args.device, command, args.shape)
         print(replace_kl_memory_section(output, section))

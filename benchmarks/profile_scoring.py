@@ -1,6 +1,6 @@
 """Where a step's time goes: torch profiler tables of one phase of GRPO+ref's and VIMPO's steps.
 
-The overhead benchmark (``overhead.py``) times two phases per step: scoring (``_generate_and_score_completions``
+The overhead study (``benchmarks/overhead.py``) times two phases per step: scoring (``_generate_and_score_completions``
 with the fixed-output generation stub: GRPO+ref's reference forward) and the loss step (``compute_loss`` and
 ``backward``). This script profiles one of them (``--phase``) for the given methods on the overhead benchmark's CPU
 configuration and appends, under ``--label``, a table of the operators that take the most self CPU time, with both
@@ -8,16 +8,18 @@ phases' wall times for scale.
 
 VIMPO scores at loss time only (the reference's forward, the policy's forward and backward, the exact KL from both
 models' hidden states on TRL's kernels), so ``--phase loss`` (the default) is where its cost is. The sections of
-``results/scoring_profile.md`` labelled before that change profiled the scoring phase, where VIMPO then ran a
+``results/overhead/scoring_profile.md`` labelled before that change profiled the scoring phase, where VIMPO then ran a
 scoring pass of its own.
 
-To compare two versions of the package, run the script from a checkout of each (it imports the package and
-``overhead.py`` from the checkout it lives in) with the same ``--output``::
+To compare two versions of the package, run it as a module from the root of a checkout of each (``python -m`` puts
+the current directory first on the import path, so both the package and ``benchmarks`` come from that checkout)
+with the same ``--output``::
 
-    git worktree add /tmp/before <commit> && cp benchmarks/profile_scoring.py /tmp/before/benchmarks/
-    (cd /tmp/before && ../main/.venv/bin/python benchmarks/profile_scoring.py --label before \\
-        --output /work/main/benchmarks/results/scoring_profile.md)
-    .venv/bin/python benchmarks/profile_scoring.py --label after
+    git worktree add /tmp/before <commit> && cp -r benchmarks/__init__.py benchmarks/reporting.py \\
+        benchmarks/overhead.py benchmarks/profile_scoring.py /tmp/before/benchmarks/
+    (cd /tmp/before && $OLDPWD/.venv/bin/python -m benchmarks.profile_scoring --label before \\
+        --output $OLDPWD/benchmarks/results/overhead/scoring_profile.md)
+    .venv/bin/python -m benchmarks.profile_scoring --label after
 """
 
 from __future__ import annotations
@@ -31,13 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+from benchmarks import overhead, reporting  # overhead: the benchmark's model, trainers and generation stub
 
-import overhead  # noqa: E402  (the benchmark's model, trainers and stub; needs the paths above)
-
-DEFAULT_OUTPUT = HERE / "results" / "scoring_profile.md"
+DEFAULT_OUTPUT = reporting.RESULTS / "overhead" / "scoring_profile.md"
 
 
 def _package_revision() -> str:
@@ -109,15 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", required=True, help="heading of this run's section, e.g. 'before' or 'after'")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    overhead.offline_environment()
     import torch
 
     torch.set_num_threads(1)
-    command = "python benchmarks/profile_scoring.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.profile_scoring " + shlex.join(argv if argv is not None else sys.argv[1:])
     section = [
         f"### {args.label}",
         "",
         f"Command: `{command.strip()}` ({_package_revision()})",
+        "",
+        reporting.provenance_line(),
         "",
         f"Machine: {overhead.machine_description('cpu')}",
         "",
@@ -128,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 method, args.length, args.repeats, args.top, Path(workdir), args.scenario, args.phase
             )
     if not args.output.exists():
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(
             "# Step phase profile (CPU, torch profiler)\n\n"
-            "Written by `benchmarks/profile_scoring.py`: the overhead benchmark's CPU configuration (tiny Qwen2, "
+            "Written by `python -m benchmarks.profile_scoring`: the overhead benchmark's CPU configuration (tiny Qwen2, "
             "hidden 64, 2 layers, vocabulary 32,000, float32, B=2 after a 128-token prompt), the operators with the "
             "most self CPU time in one call of the profiled phase (the scoring call, "
             "`_generate_and_score_completions` with the generation stub, or the loss step, `compute_loss` and "

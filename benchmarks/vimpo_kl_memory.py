@@ -1,8 +1,8 @@
 """Peak CPU memory of VIMPO's exact-KL scoring: the trainer's kernel path against a naive full materialisation.
 
-VIMPO needs the exact KL(pi_theta || pi_ref) over the whole vocabulary at every completion token (SPEC section 4).
-The naive way, the one measured in ``notes/anchor-measurements.md`` for a VIMPO port, materialises the full (N, V)
-logits of policy and reference, float32 log-softmaxes of both and their difference. ``VIMPOTrainer`` instead scores
+VIMPO needs the exact KL(pi_theta || pi_ref) over the whole vocabulary at every completion token (docs/algorithms.md,
+section 'VIMPO'). The naive way, the one of the VIMPO port in the H100 anchor measurement (``benchmarks/README.md``,
+"GPU check"), materialises the full (N, V) logits of policy and reference, float32 log-softmaxes of both and their difference. ``VIMPOTrainer`` instead scores
 from hidden states with TRL's kernels (``gnivo_trl.scoring``): both sampled-token log-probs with
 ``ChunkedLogProbFunction`` (the fused LM head's kernel, vocabulary tiles of 32,768) and the KL with
 ``ChunkedDivergenceFunction`` called on chunks of ``chunk_size`` tokens (two float32 ``(chunk, 32768)`` tiles).
@@ -28,8 +28,8 @@ naive run (max abs difference reported; the script fails above 1e-5).
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/vimpo_kl_memory.py
-    .venv/bin/python benchmarks/vimpo_kl_memory.py --shapes 4x512 --chunk-sizes 1024 256 --vocab 32000
+    python -m benchmarks.vimpo_kl_memory            # writes benchmarks/results/overhead/vimpo_kl_memory.md
+    python -m benchmarks.vimpo_kl_memory --shapes 4x512 --chunk-sizes 1024 256 --vocab 32000
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "vimpo_kl_memory.md"
+from benchmarks import reporting
+
+REPO_ROOT = reporting.REPO_ROOT
+DEFAULT_OUTPUT = reporting.RESULTS / "overhead" / "vimpo_kl_memory.md"
 DEFAULT_CHUNK_SIZE = 1024  # VIMPOConfig.vimpo_kl_chunk_size
 KL_TOLERANCE = 1e-5
 
@@ -186,7 +188,8 @@ def measure(
         save = Path(tmp) / "outputs.pt"
         command = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            "-m",
+            "benchmarks.vimpo_kl_memory",
             "--worker",
             "--variant",
             variant,
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {m.tokens * m.vocab * fv:.1f} | {diff} | {m_default.peak_mib:.1f} | {ratio_default:.3f} |"
         )
     table = "\n".join(lines)
-    command = ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
+    command = "python -m benchmarks.vimpo_kl_memory " + shlex.join(sys.argv[1:])
     header = (
         "# VIMPO exact-KL scoring: peak CPU memory, TRL's kernels (chunked) vs naive\n\n"
         f"Command: `{command}`\n\n"
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "time (two (min(chunk, 4096), 32768) float32 tiles). "
         f"The chunked KLs must match the naive ones to {KL_TOLERANCE:g}.\n"
     )
-    report = f"{header}\n{table}\n"
+    report = reporting.with_provenance(f"{header}\n{table}\n")
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)

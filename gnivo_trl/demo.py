@@ -22,8 +22,8 @@ defaults it goes from about 30% to about 90% of the held-out problems in 100 ste
 warm start included).
 
 The whole demo (warm start included) takes a few minutes on two CPU cores. Whether GN-IVO learns *faster* than GRPO
-on this task is measured, over seeds and tuned per method, by `benchmarks/fair_comparison.py` (results in
-`benchmarks/results/learning.md`).
+on this task is measured, over seeds and tuned per method, by `python -m benchmarks.fair_comparison` (results in
+`benchmarks/results/fair_comparison/learning.md`).
 """
 
 from __future__ import annotations

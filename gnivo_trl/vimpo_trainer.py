@@ -91,7 +91,8 @@ logger = logging.getLogger(__name__)
 
 # The fixed actor weight dominates the value when vimpo_beta * (mean completion length) / vimpo_actor_coeff is below
 # this: the value loss's logit gradient per token scales with beta, the token-mean actor's with
-# vimpo_actor_coeff / length. Measured in benchmarks/results/learning_vimpo_map.md (docs/vimpo_trainer.md, "Tips").
+# vimpo_actor_coeff / length. Measured in benchmarks/results/fair_comparison/learning_vimpo_map.md (docs/vimpo_trainer.md,
+# "Tips").
 ACTOR_BALANCE_WARNING_THRESHOLD = 20.0
 
 
@@ -417,7 +418,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         `vimpo_actor_coeff / L` (`L` the mean completion length in model tokens, measured here over every
         process), so the balance is `vimpo_beta * L / vimpo_actor_coeff`. The paper's defaults on its long responses
         give several hundred; below `ACTOR_BALANCE_WARNING_THRESHOLD` training collapsed in our measurements
-        (`benchmarks/results/learning_vimpo_map.md`). Every rank must call this.
+        (`benchmarks/results/fair_comparison/learning_vimpo_map.md`). Every rank must call this.
         """
         self._actor_balance_checked = True
         args = self.args
@@ -433,7 +434,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             logger.warning(
                 "VIMPO's actor term will likely dominate its value loss: vimpo_beta * (mean completion length) / "
                 "vimpo_actor_coeff = %g * %.1f / %g = %.3g, below %g. With a fixed actor weight, training collapsed in "
-                "this regime in our measurements (benchmarks/results/learning_vimpo_map.md; the paper's defaults are "
+                "this regime in our measurements (benchmarks/results/fair_comparison/learning_vimpo_map.md; the paper's defaults are "
                 "tuned for responses of thousands of tokens). Raise vimpo_beta to at least %.2g, lower "
                 "vimpo_actor_coeff, or set vimpo_adaptive_actor_coeff=True.",
                 args.vimpo_beta,

@@ -2,9 +2,7 @@
 full softmax, step units as GN-IVO's, HTML escaping of hostile text, the command line, and benchmarks/credit.py."""
 
 import random
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -311,8 +309,7 @@ def test_command_line_samples_scores_and_writes_both_files(tiny_model_dir, tmp_p
 # The benchmark
 # --------------------------------------------------------------------------------------------------------------------
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import credit as credit_benchmark  # noqa: E402  (benchmarks/credit.py)
+from benchmarks import credit as credit_benchmark  # noqa: E402  (benchmarks/credit.py)
 
 
 def test_localisation_readout_and_metrics():

@@ -4,15 +4,11 @@
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import fair_comparison  # noqa: E402
-
+from benchmarks import fair_comparison
 from gnivo_trl.synthetic import generate_problems, is_test_problem  # noqa: E402
 
 

@@ -39,7 +39,7 @@ def _table_rows(report: str, heading: str) -> list[str]:
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     output = tmp_path / "gpu_cpu.md"
-    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--smoke"]
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--smoke"]
     result = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     report = output.read_text()

@@ -1,11 +1,6 @@
 """benchmarks/loss_math.py runs and its compiled variant agrees with the plain loss math."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import loss_math  # noqa: E402
+from benchmarks import loss_math
 
 
 def test_loss_math_benchmark_writes_a_row_per_loss(tmp_path):

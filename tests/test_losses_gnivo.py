@@ -568,7 +568,7 @@ def test_at_the_sampling_policy_unit_k_is_weighted_by_the_prefixes_that_contain_
     gradient ``(T_g - k + 1) / T_g * (1/K_g - w_i) / num_groups``: the later a unit, the fewer of the ``T_g`` prefixes
     contain it, so with token units the last tokens of a completion (where the answer is) get ``~1/T_g`` of the
     first token's weight. This is the loss's own property (it explains token units' slow finish in
-    ``benchmarks/results/learning.md``), checked here against the closed form."""
+    ``benchmarks/results/fair_comparison/learning.md``), checked here against the closed form."""
     generator = torch.Generator().manual_seed(3)
     K, T = 4, 9
     mask = torch.ones(2 * K, T)

@@ -2,14 +2,10 @@
 
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import overhead  # noqa: E402
+from benchmarks import overhead
 
 
 @pytest.mark.slow

@@ -1,13 +1,8 @@
 """benchmarks/profile_scoring.py profiles a step phase at a tiny length and appends labelled sections."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import profile_scoring  # noqa: E402
+from benchmarks import profile_scoring
 
 
 @pytest.mark.slow

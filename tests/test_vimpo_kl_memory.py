@@ -10,14 +10,13 @@ timing, so the bound is loose.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "vimpo_kl_memory.py"
+from benchmarks import vimpo_kl_memory as bench
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists() or not sys.platform.startswith("linux"),
@@ -25,16 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("vimpo_kl_memory_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_chunked_exact_kl_peak_memory_is_well_under_naive():
-    bench = _load_benchmark()
     tokens, vocab, hidden, chunk_size = 512, 32_000, 64, 128
     with ThreadPoolExecutor(max_workers=2) as pool:
         naive_future = pool.submit(bench.measure, "naive", tokens, vocab, hidden, None, 1.0, 0, 120.0)
