@@ -41,13 +41,13 @@ One scoring path, at loss time, on TRL's kernels (`gnivo_trl.scoring`):
   position's tempered logits only through `log p_y`, so each one's logit gradient there is `c_t (e_y - p)`
   with norm `|c_t| sqrt(1 - 2 p_y + sum_v p_v^2)`: for the value loss
   `c_t = vimpo_beta * g(r_i) * w_i / B_micro` (`g(r) = r`, or `clamp(r, +-delta)` for Huber; `w_i` 1 for a row
-  with a reward, else 0), for the actor loss at weight 1 the derivative of the per-token dual-clip loss (times the importance ratio) divided by this process's
-  valid tokens in the micro-batch (the official token mean), by autograd, so that clipping and the dual clip
-  count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
+  with a reward, else 0), for the actor loss at weight 1 the derivative of the per-token dual-clip loss (times the
+  importance ratio) divided by this process's valid tokens in the micro-batch (the official token mean), by
+  autograd, so that clipping and the dual clip count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
   `vimpo_adaptive_actor_ema_decay`); a micro-batch without actor gradient gets coefficient 0 and leaves the
   EMAs unchanged. `sum_v p_v^2` comes from the policy's own fused-head pass (TRL's `log_sum_sq_probs`
-  output, which the trainer asks TRL's head for when the option is on). The EMAs live on the trainer, start at 0 and are
-  not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
+  output, which the trainer asks TRL's head for when the option is on). The EMAs live on the trainer, start at 0
+  and are not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
   together). Evaluation uses `alpha * EMA_value / (EMA_actor + eps)` and updates nothing. Unlike the official
   code, which silently keeps the fixed coefficient with the k2/k3 KL, it works with every KL estimator.
 """
