@@ -5,6 +5,8 @@
 * ``quickstart.md`` is generated from ``examples/notebooks/quickstart.ipynb`` with its stored outputs (nbconvert's
   Markdown exporter; the output images become files of the site), so the notebook is rendered without any script
   from a CDN.
+* The plots and HTML examples of ``benchmarks/results/<study>/`` are served as ``assets/results/<study>/<file>``
+  from the study folders themselves, so a page always shows what the study last wrote (no copy to go stale).
 * ``<!-- config-fields: gnivo_trl.GNIVOConfig -->`` in a page becomes a table of every field the config class
   declares, read from the dataclass itself (name, type, default and its ``help`` metadata).
 """
@@ -23,6 +25,9 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "examples" / "notebooks" / "quickstart.ipynb"
 NOTEBOOK_PAGE = "quickstart.md"
+RESULTS = ROOT / "benchmarks" / "results"
+# The reports (.md) stay on GitHub: as site pages they would need a nav entry.
+RESULT_SUFFIXES = (".png", ".html")
 KATEX = ROOT / "docs" / "assets" / "vendor" / "katex" / "katex.min.js"
 CONFIG_FIELDS = re.compile(r"<!-- config-fields: ([\w.]+) -->")
 
@@ -65,6 +70,10 @@ def on_files(files, config, **kwargs):
     files.append(File.generated(config, NOTEBOOK_PAGE, content=markdown))
     for name, data in images.items():
         files.append(File.generated(config, name, content=data))
+    for path in sorted(RESULTS.rglob("*")):
+        if path.suffix in RESULT_SUFFIXES:
+            uri = f"assets/results/{path.relative_to(RESULTS).as_posix()}"
+            files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
 
 
