@@ -242,31 +242,64 @@ def shared_rate_runs() -> list[Run]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def comparison_table(results: list[dict], methods: list[str], rates: dict[str, float] | None = None) -> list[str]:
-    """Final accuracy per method, and its difference to GRPO paired by seed with a 95% interval."""
+def comparison_table(
+    results: list[dict],
+    methods: list[str],
+    rates: dict[str, float] | None = None,
+    baselines: tuple[str, ...] = ("grpo",),
+) -> list[str]:
+    """Final accuracy per method, and its difference to each baseline method (GRPO, RLOO) paired by seed with a 95%
+    interval; a baseline without runs gets no column."""
     by_method = {m: [r for r in results if r["method"] == m] for m in methods}
-    grpo = {r["seed"]: final_accuracy(r) for r in by_method.get("grpo", [])}
+    baselines = tuple(b for b in baselines if by_method.get(b))
+    finals = {b: {r["seed"]: final_accuracy(r) for r in by_method[b]} for b in baselines}
+    names = {"grpo": "GRPO", "rloo": "RLOO"}
     lines = [
-        "| method | rate | seeds | step 0 | final accuracy (%) | final − GRPO (pp) [95% CI] | CPU time per run (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | rate | seeds | step 0 | final accuracy (%) | "
+        + " | ".join(f"final − {names.get(b, b)} (pp) [95% CI]" for b in baselines)
+        + " | CPU time per run (s) |",
+        "|---|---|---|---|---|" + "---|" * len(baselines) + "---|",
     ]
     for method in methods:
         runs = by_method[method]
         if not runs:
             continue
         mean, std = mean_std([final_accuracy(r) for r in runs])
-        paired = [final_accuracy(r) - grpo[r["seed"]] for r in runs if r["seed"] in grpo]
-        difference = paired_cell(paired) if method != "grpo" else "–"
+        differences = [
+            paired_cell([final_accuracy(r) - finals[b][r["seed"]] for r in runs if r["seed"] in finals[b]])
+            if method != b
+            else "–"
+            for b in baselines
+        ]
         rate = f"{rates[method]:g}" if rates else f"{runs[0]['overrides']['learning_rate']:g}"
         lines.append(
-            f"| {method} | {rate} | {len(runs)} | {pct(runs[0]['accuracy'][0][1])} | {pct(mean)} ± {pct(std)} "
-            f"| {difference} | {statistics.fmean(r['seconds_total'] for r in runs):.0f} |"
+            f"| {method} | {rate} | {len(runs)} | {pct(runs[0]['accuracy'][0][1])} | {pct(mean)} ± {pct(std)} | "
+            + " | ".join(differences)
+            + f" | {statistics.fmean(r['seconds_total'] for r in runs):.0f} |"
         )
     lines += ["", "Per-seed final accuracy (%):", ""]
     for method in methods:
         per_seed = ", ".join(f"{r['seed']}: {pct(final_accuracy(r))}" for r in sorted(by_method[method], key=_seed))
         if per_seed:
             lines.append(f"- {method}: {per_seed}")
+    return lines
+
+
+def drop_table(clean: list[dict], noisy: list[dict], methods: list[str]) -> list[str]:
+    """Per method, final accuracy on clean rewards minus on noisy rewards, paired by test seed (each at its own
+    condition's chosen rate), with a 95% interval; a method missing either condition gets no row."""
+    lines = ["| method | clean (%) | noisy (%) | drop, clean − noisy (pp) [95% CI] |", "|---|---|---|---|"]
+    for method in methods:
+        clean_by_seed = {r["seed"]: final_accuracy(r) for r in clean if r["method"] == method}
+        noisy_by_seed = {r["seed"]: final_accuracy(r) for r in noisy if r["method"] == method}
+        seeds = sorted(clean_by_seed.keys() & noisy_by_seed.keys())
+        if not seeds:
+            continue
+        lines.append(
+            f"| {method} | {pct(statistics.fmean(clean_by_seed[s] for s in seeds))} "
+            f"| {pct(statistics.fmean(noisy_by_seed[s] for s in seeds))} "
+            f"| {paired_cell([clean_by_seed[s] - noisy_by_seed[s] for s in seeds])} |"
+        )
     return lines
 
 
@@ -304,6 +337,7 @@ def report(work: Path, results_dir: Path) -> list[Path]:
         "",
     ]
     used: list[dict] = []
+    tested: dict[float, list[dict]] = {}  # test runs per noise level, for the drop from the clean run
     for noise in NOISES:
         title = "Clean rewards" if not noise else f"Noisy rewards, p = {noise:g}"
         tuning = cached(tuning_runs(noise), work)
@@ -334,7 +368,15 @@ def report(work: Path, results_dir: Path) -> list[Path]:
         results = cached(test_runs(noise, work), work)
         used += results
         lines += ["Test accuracy at each method's chosen rate:", ""]
-        lines += comparison_table(results, list(METHODS), rates)
+        lines += comparison_table(results, list(METHODS), rates, baselines=("grpo", "rloo"))
+        if noise and tested.get(0.0):
+            lines += [
+                "",
+                "Drop from the clean run, paired by test seed:",
+                "",
+                *drop_table(tested[0.0], results, list(METHODS)),
+            ]
+        tested[noise] = results
         flips = [r["reward_noise"]["flip_rate"] for r in results if "reward_noise" in r]
         if flips:
             lines += [

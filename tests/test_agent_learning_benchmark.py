@@ -61,7 +61,12 @@ def test_report_pairs_each_method_with_grpo_by_seed_under_each_noise(tmp_path, m
     text = written[0].read_text()
     clean, noisy = text.split("## Noisy rewards, p = 0.25")
     row = next(line for line in noisy.splitlines() if line.startswith("| gnivo-turn | 0.0002 |"))
-    assert "+3.0 [+3.0, +3.0]" in row  # the same offset on every seed: a zero-width interval
+    assert row.count("+3.0 [+3.0, +3.0]") == 2  # against GRPO and RLOO; the same offset on every seed: zero width
+    assert "final − GRPO (pp) [95% CI] | final − RLOO (pp) [95% CI] |" in clean
+    drops = noisy.split("Drop from the clean run")[1]
+    drop = next(line for line in drops.splitlines() if line.startswith("| gnivo-turn | "))
+    assert drop.endswith("| +5.0 [+5.0, +5.0] |")  # clean − noisy, paired by seed: noise / 5 on every seed
+    assert "Drop from the clean run" not in clean
     assert "| grpo | 0.0001 | 5 | 30.0 | 70.0 ± 15.8 | – |" in clean
     assert "Provenance: runs produced at package commit aaaaaaaaaa" in text
     assert (tmp_path / "agent_learning.png").exists() and (tmp_path / "agent_learning_noise025.png").exists()
