@@ -62,7 +62,9 @@ EVAL_PROBLEMS = 300
 EVAL_EVERY = 10
 SHARED_RATE = 2e-4
 SHARED_RATE_SEEDS = [0, 1, 2, 3, 4]
-LEARNING_RATES = [1e-4, 2e-4, 4e-4, 8e-4]  # the fair comparison's 4-step grid
+# The fair comparison's 4-step grid, and one rate above it: on clean rewards every method's best validation rate was
+# its top, 8e-4, so the grid did not bracket the choice (every method gets the same grid).
+LEARNING_RATES = [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]
 TUNING_SEEDS = protocol.TUNING_SEEDS
 TEST_SEEDS = protocol.TEST_SEEDS
 NOISES = [0.0, 0.25]
