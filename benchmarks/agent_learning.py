@@ -42,7 +42,17 @@ import time
 from pathlib import Path
 
 from benchmarks import protocol, reporting
-from benchmarks.protocol import Run, cached, choose_rate, final_accuracy, make_run, mean_std, paired_cell, pct
+from benchmarks.protocol import (
+    Run,
+    cached,
+    choose_rate,
+    final_accuracy,
+    make_run,
+    mean_std,
+    paired,
+    paired_cell,
+    pct,
+)
 
 STUDY = "agents"
 WARM_START = None  # a gnivo_trl.agent_task.ToolWarmStartConfig; None: its defaults (what the results use)
@@ -254,7 +264,6 @@ def comparison_table(
     interval; a baseline without runs gets no column."""
     by_method = {m: [r for r in results if r["method"] == m] for m in methods}
     baselines = tuple(b for b in baselines if by_method.get(b))
-    finals = {b: {r["seed"]: final_accuracy(r) for r in by_method[b]} for b in baselines}
     names = {"grpo": "GRPO", "rloo": "RLOO"}
     lines = [
         "| method | rate | seeds | step 0 | final accuracy (%) | "
@@ -268,10 +277,7 @@ def comparison_table(
             continue
         mean, std = mean_std([final_accuracy(r) for r in runs])
         differences = [
-            paired_cell([final_accuracy(r) - finals[b][r["seed"]] for r in runs if r["seed"] in finals[b]])
-            if method != b
-            else "–"
-            for b in baselines
+            paired_cell(paired(runs, by_method[b], final_accuracy)) if method != b else "–" for b in baselines
         ]
         rate = f"{rates[method]:g}" if rates else f"{runs[0]['overrides']['learning_rate']:g}"
         lines.append(
@@ -339,7 +345,7 @@ def report(work: Path, results_dir: Path) -> list[Path]:
         "",
     ]
     used: list[dict] = []
-    tested: dict[float, list[dict]] = {}  # test runs per noise level, for the drop from the clean run
+    clean_results: list[dict] = []  # the clean test runs, for the drop under noise
     for noise in NOISES:
         title = "Clean rewards" if not noise else f"Noisy rewards, p = {noise:g}"
         tuning = cached(tuning_runs(noise), work)
@@ -371,14 +377,15 @@ def report(work: Path, results_dir: Path) -> list[Path]:
         used += results
         lines += ["Test accuracy at each method's chosen rate:", ""]
         lines += comparison_table(results, list(METHODS), rates, baselines=("grpo", "rloo"))
-        if noise and tested.get(0.0):
+        if noise and clean_results:
             lines += [
                 "",
                 "Drop from the clean run, paired by test seed:",
                 "",
-                *drop_table(tested[0.0], results, list(METHODS)),
+                *drop_table(clean_results, results, list(METHODS)),
             ]
-        tested[noise] = results
+        if not noise:
+            clean_results = results
         flips = [r["reward_noise"]["flip_rate"] for r in results if "reward_noise" in r]
         if flips:
             lines += [

@@ -74,6 +74,7 @@ from benchmarks.protocol import (
     late_accuracy,
     make_run,
     mean_std,
+    paired,
     paired_cell,
     paired_ci,
     pct,
@@ -178,12 +179,6 @@ def noise_cell(horizon: int, noise: float) -> Cell:
 # --------------------------------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def paired(a: list[dict], b: list[dict], score=late_accuracy) -> list[float]:
-    """``score(a) - score(b)`` for the seeds both have."""
-    other = {r["seed"]: score(r) for r in b}
-    return [score(r) - other[r["seed"]] for r in a if r["seed"] in other]
 
 
 def collapsed(result: dict) -> bool:

@@ -542,6 +542,12 @@ def pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def paired(a: list[dict], b: list[dict], score=late_accuracy) -> list[float]:
+    """``score(a) - score(b)`` for the seeds both have, in the order of ``a``."""
+    other = {r["seed"]: score(r) for r in b}
+    return [score(r) - other[r["seed"]] for r in a if r["seed"] in other]
+
+
 def paired_cell(differences: list[float]) -> str:
     """``+d.d [+l.l, +h.h]`` in percentage points, ``–`` without two pairs."""
     if len(differences) < 2:
