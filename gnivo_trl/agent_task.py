@@ -288,6 +288,11 @@ def build_tool_tokenizer() -> PreTrainedTokenizerFast:
             *RESPONSE_PIECES,
         ]
     )
+    # transformers (>= 5.25) parses a response from its token ids, and a tag such as <tool_call> delimits a call only
+    # inside a control token. Without this list it infers the control tokens from the template's literal text, which
+    # holds the bare tags but not the larger tokens above that contain them (a call's pieces), so a generated call
+    # would be read as plain text. Declared as transformers documents (`chat_control_tokens`; saved with the tokenizer).
+    tokenizer.chat_control_tokens = [*QWEN3_TAGS, *CALL_PIECES, *RESPONSE_PIECES]
     return tokenizer
 
 
@@ -608,7 +613,7 @@ class ToolWarmStartConfig:
     num_key_value_heads: int = 4
     eval_problems: int = 256
     seed: int = 0
-    version: int = 1  # bump when the task or the recipe changes, so stale caches are not reused
+    version: int = 2  # bump when the task or the recipe changes, so stale caches are not reused (2: control tokens)
 
     def key(self) -> str:
         """A short stable hash of every field, used as the cache directory name."""

@@ -207,6 +207,16 @@ def test_sft_rollouts_render_with_the_chat_template_and_trl_parses_the_calls_bac
         tokenizer, row["problem"], json.loads(row["messages"])
     )
     assert reloaded.decode(row["input_ids"]) == tokenizer.decode(row["input_ids"])
+    # The saved tokenizer keeps the call pieces as control tokens, so TRL's parser reads a call generated as ids back
+    # as a call (transformers >= 5.25 parses ids; without the declaration the call would be plain text).
+    from trl.chat_template_utils import add_response_schema
+
+    reloaded = add_response_schema(reloaded)
+    prompt = reloaded.apply_chat_template(
+        prompt_messages("3+4"), tools=[calculate], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    parsed = parse_response(reloaded, call_ids + [reloaded.eos_token_id], prefix=prompt, tools=[calculate])
+    assert parsed.get("tool_calls") == call(3, "+", 4)["tool_calls"]
 
 
 def test_sft_error_rates_give_a_noisy_solver():
