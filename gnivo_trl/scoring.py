@@ -26,7 +26,6 @@ DeepSpeed ZeRO-3 once per call by every rank, never once per chunk.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -35,6 +34,7 @@ import torch
 from trl.kernels.chunked_divergence import VOCAB_CHUNK_SIZE, ChunkedDivergenceFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from ._trl_private import SUPPORTED_TRL, trl_private
 from .losses import candidate_set_kl_from_log_probs
 
 __all__ = [
@@ -50,9 +50,6 @@ __all__ = [
     "output_head",
 ]
 
-# The TRL releases whose private helpers this package uses (pyproject.toml pins the same range).
-SUPPORTED_TRL = ">=1.16.0,<1.17"
-
 _FUSED_HEAD_FREE_VARIABLES = (
     "temperature",
     "logit_scale",
@@ -60,23 +57,6 @@ _FUSED_HEAD_FREE_VARIABLES = (
     "cast_lm_head_to_fp32",
     "backbone_attr",
 )
-
-
-def trl_private(module: str, name: str) -> Any:
-    """A private TRL helper, imported when first used, with an error naming the TRL versions that have it.
-
-    A rename in a TRL release then breaks only the feature that uses the helper, with a message that says what to
-    install, instead of `import gnivo_trl`.
-    """
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        import trl
-
-        raise ImportError(
-            f"gnivo-trl uses {module}.{name}, which TRL {trl.__version__} does not provide. gnivo-trl is tested with "
-            f"trl{SUPPORTED_TRL}: pip install 'trl{SUPPORTED_TRL}'."
-        ) from error
 
 
 class FusedHeadSettings(NamedTuple):

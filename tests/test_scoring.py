@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from gnivo_trl import scoring
+from gnivo_trl._trl_private import SUPPORTED_TRL, trl_private
 
 
 def _model(tiny_model_dir: str, temperature: float = 0.7):
@@ -39,7 +40,7 @@ def test_a_model_without_trls_head_is_refused_with_the_likely_causes(tiny_model_
     with pytest.raises(RuntimeError) as error:
         scoring.fused_head_settings(model)
     message = str(error.value)
-    assert "add_fused_lm_head" in message and "__wrapped__" in message and scoring.SUPPORTED_TRL in message
+    assert "add_fused_lm_head" in message and "__wrapped__" in message and SUPPORTED_TRL in message
 
 
 def test_heads_on_different_devices_are_refused():
@@ -58,10 +59,10 @@ def test_heads_on_different_devices_are_refused():
 
 
 def test_a_missing_private_trl_helper_names_the_supported_versions():
-    assert scoring.trl_private("trl.kernels.chunked_divergence", "_project") is not None
+    assert trl_private("trl.kernels.chunked_divergence", "_project") is not None
     with pytest.raises(ImportError) as error:
-        scoring.trl_private("trl.kernels.chunked_divergence", "_renamed_in_a_later_release")
-    assert scoring.SUPPORTED_TRL in str(error.value) and "pip install" in str(error.value)
+        trl_private("trl.kernels.chunked_divergence", "_renamed_in_a_later_release")
+    assert SUPPORTED_TRL in str(error.value) and "pip install" in str(error.value)
 
 
 def test_fused_forward_scores_are_trls_log_probs_with_the_backbones_hidden_states(tiny_model_dir):
