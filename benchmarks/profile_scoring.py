@@ -6,8 +6,8 @@ with the fixed-output generation stub: GRPO+ref's reference forward) and the los
 configuration and appends, under ``--label``, a table of the operators that take the most self CPU time, with both
 phases' wall times for scale.
 
-VIMPO scores at loss time only (the reference's forward, the policy's forward and backward, the exact KL from both
-models' hidden states on TRL's kernels), so ``--phase loss`` (the default) is where its cost is. The sections of
+VIMPO scores at loss time only (the reference's forward, the policy's forward and backward, one pass of both LM
+heads for the log-probabilities and the exact KL), so ``--phase loss`` (the default) is where its cost is. The sections of
 ``results/overhead/scoring_profile.md`` labelled before that change profiled the scoring phase, where VIMPO then ran a
 scoring pass of its own.
 

@@ -3,9 +3,9 @@
 VIMPO needs the exact KL(pi_theta || pi_ref) over the whole vocabulary at every completion token (docs/algorithms.md,
 section 'VIMPO'). The naive way, the one of the VIMPO port in the H100 anchor measurement (``benchmarks/README.md``,
 "GPU check"), materialises the full (N, V) logits of policy and reference, float32 log-softmaxes of both and their difference. ``VIMPOTrainer`` instead scores
-from hidden states with TRL's kernels (``gnivo_trl.scoring``): both sampled-token log-probs with
-``ChunkedLogProbFunction`` (the fused LM head's kernel, vocabulary tiles of 32,768) and the KL with
-``ChunkedDivergenceFunction`` called on chunks of ``chunk_size`` tokens (two float32 ``(chunk, 32768)`` tiles).
+from hidden states in one float32 pass of both heads (``gnivo_trl.scoring.policy_reference_scores``) on tiles of
+``chunk_size`` tokens and 32,768 vocabulary entries (two float32 ``(chunk, 32768)`` tiles), which gives both
+sampled-token log-probs and the KL.
 This script measures the peak memory of the KL both ways on CPU.
 
 Inputs: N = batch x seq_len tokens, hidden size H, two random ``nn.Linear(H, V, bias=False)`` heads in float32
@@ -90,24 +90,26 @@ def naive_token_statistics(policy_hidden, ref_hidden, labels, policy_head, ref_h
 
 
 def kernel_kl(policy_hidden, ref_hidden, policy_head, ref_head, temperature, chunk_size):
-    """The exact KL as ``VIMPOTrainer`` computes it (``gnivo_trl.scoring.exact_token_kl``: TRL's divergence kernel on
-    chunks of ``chunk_size`` tokens), without gradient. The sampled-token log-probs are left out: GRPO with a
-    reference model computes them with the same fused-head kernel, so they are not what VIMPO adds."""
+    """The exact KL as ``VIMPOTrainer`` computes it (``gnivo_trl.scoring.policy_reference_scores``: one float32 pass of
+    both heads on tiles of ``chunk_size`` tokens), without gradient; the same pass gives the sampled tokens'
+    log-probabilities, which are left out here (GRPO with a reference model computes them too)."""
     import torch
 
     from gnivo_trl import scoring
 
     settings = scoring.FusedHeadSettings(temperature, 1.0, None, False, "base_model")
+    targets = torch.zeros(policy_hidden.size(0), dtype=torch.long)
     with torch.no_grad():
-        return scoring.exact_token_kl(
+        return scoring.policy_reference_scores(
             policy_hidden,
             scoring.LMHead(policy_head.weight, policy_head.bias),
             settings,
             ref_hidden,
             scoring.LMHead(ref_head.weight, ref_head.bias),
             settings,
-            chunk_size,
-        )
+            targets,
+            chunk_size=chunk_size,
+        ).kl
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -317,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "defaults, where heap fragmentation inflates the chunked loop's RSS on CPU by an amount that varies from "
         "run to run (e.g. 65 to 240 MiB for N=512, chunk 128). The naive variant keeps both (N, V) logits, "
         "both float32 log-softmaxes and their difference, then `(exp(logp) * diff).sum(-1)`. The chunked variant is "
-        "VIMPOTrainer's exact KL (`gnivo_trl.scoring.exact_token_kl`): TRL's divergence kernel on `chunk` tokens at a "
-        "time (two (min(chunk, 4096), 32768) float32 tiles). "
+        "VIMPOTrainer's exact KL (`gnivo_trl.scoring.policy_reference_scores`): one float32 pass of both heads on "
+        "`chunk` tokens at a time (two (chunk, 32768) float32 tiles). "
         f"The chunked KLs must match the naive ones to {KL_TOLERANCE:g}.\n"
     )
     report = reporting.with_provenance(f"{header}\n{table}\n")

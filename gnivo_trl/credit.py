@@ -19,8 +19,9 @@ Pure functions (plain tensors, float32 sums, no Python loop over positions):
   [`token_step_index`][gnivo_trl.credit.token_step_index].
 
 Model level: [`score_completions`][gnivo_trl.credit.score_completions] scores completions of prompts under a policy and
-its reference in batches, on the same TRL kernels the trainers use (`gnivo_trl.scoring`: TRL's fused-head log-prob
-kernel and its chunked divergence kernel for the exact KL), never materialising `(B, T, V)` logits, on CPU or GPU.
+its reference in batches, as `VIMPOTrainer` scores them (`gnivo_trl.scoring`: each backbone once, then one float32
+pass of both LM heads for the log-probabilities and the exact KL), never materialising `(B, T, V)` logits, on CPU or
+GPU.
 Those functions read the logit transform (temperature, logit scale, soft-cap, float32 head) off the forward that TRL's
 `add_fused_lm_head` installed, so a plain `from_pretrained` model must be prepared first:
 
@@ -340,10 +341,10 @@ def score_completions(
     """Score `completions` of `prompts` under `model` and `reference` on the trainers' TRL kernels.
 
     Per batch of `batch_size` rows, exactly what `VIMPOTrainer` computes at loss time: the backbone of each
-    model (`gnivo_trl.scoring.last_hidden_state`) on prompt + completion (prompts left-padded, completions
-    right-padded, as TRL lays them out), the sampled tokens' log-probabilities from TRL's fused-head kernel
-    (`gnivo_trl.scoring.token_log_probs`) and the exact full-vocabulary KL from TRL's chunked divergence kernel
-    (`gnivo_trl.scoring.exact_token_kl`, `kl_chunk_size` tokens per call): no `(B, T, V)` tensor. Both
+    model (`gnivo_trl.scoring.completion_hidden_states`) on prompt + completion (prompts left-padded, completions
+    right-padded, as TRL lays them out), then one float32 pass of both LM heads
+    (`gnivo_trl.scoring.policy_reference_scores`, `kl_chunk_size` tokens per tile) for the sampled tokens'
+    log-probabilities and the exact full-vocabulary KL: no `(B, T, V)` tensor. Both
     models must carry TRL's fused head (see [`prepare_for_scoring`][gnivo_trl.credit.prepare_for_scoring]: call it on
     plain `from_pretrained` models first; it raises otherwise) and share `tokenizer`'s vocabulary. Runs on the models'
     device (CPU or GPU; inputs go to `model`'s device, so put both models on one device), in eval mode (restored
@@ -360,7 +361,7 @@ def score_completions(
         step_delimiter: what ends a step (`gnivo_step_delimiter`).
         append_eos: append the EOS token to text completions (TRL scores the EOS a completion ended with).
         batch_size: rows per forward.
-        kl_chunk_size: tokens per call of the KL kernel.
+        kl_chunk_size: tokens per tile of the heads' pass.
 
     Returns:
         [`CreditScores`][gnivo_trl.credit.CreditScores] on CPU, `C` the longest completion.
@@ -411,20 +412,23 @@ def score_completions(
             attention_mask = torch.cat([prompt_mask.long(), batch_mask.long()], dim=1).to(device)
             valid = batch_mask.bool().to(device)
 
-            policy = scoring.fused_forward_scores(model, model, policy_settings, input_ids, attention_mask, valid)
-            ref = scoring.fused_forward_scores(reference, reference, ref_settings, input_ids, attention_mask, valid)
-            kl = scoring.exact_token_kl(
+            policy = scoring.completion_hidden_states(model, policy_settings, input_ids, attention_mask, valid)
+            ref = scoring.completion_hidden_states(reference, ref_settings, input_ids, attention_mask, valid)
+            scores = scoring.policy_reference_scores(
                 policy.hidden,
                 scoring.output_head(model),
                 policy_settings,
                 ref.hidden,
                 scoring.output_head(reference),
                 ref_settings,
-                kl_chunk_size,
+                batch_ids.to(device)[valid],
+                chunk_size=kl_chunk_size,
             )
-            kl = torch.zeros(valid.shape, dtype=torch.float32).masked_scatter(valid.cpu(), kl.float().cpu())
-            for target, values in ((logp, policy.log_probs), (ref_logp, ref.log_probs), (token_kl, kl)):
-                target[start:stop, : values.size(1)] = values.float().cpu()[:, : target.size(1)]
+            computed = (scores.log_probs, scores.ref_log_probs, scores.kl)
+            for target, values in zip((logp, ref_logp, token_kl), computed, strict=True):
+                per_position = torch.zeros(valid.shape, dtype=torch.float32)
+                per_position.masked_scatter_(valid.cpu(), values.float().cpu())
+                target[start:stop, : per_position.size(1)] = per_position[:, : target.size(1)]
     finally:
         model.train(modes[0])
         reference.train(modes[1])

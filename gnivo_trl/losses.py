@@ -592,8 +592,8 @@ def exact_token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, temper
     """Exact KL(softmax(policy_logits / T) || softmax(ref_logits / T)) per row, float32 `(N,)`, from `(N, V)`.
 
     For stacks that hold logits (verl, OpenRLHF); it materialises two float32 `(N, V)` tensors, so call it on
-    chunks of tokens. `VIMPOTrainer` never forms logits: it computes the same KL from hidden states with TRL's
-    chunked divergence kernel (`gnivo_trl.scoring.exact_token_kl`), tested against this function.
+    chunks of tokens. `VIMPOTrainer` never forms logits: it computes the same KL from hidden states in one tiled
+    float32 pass of both LM heads (`gnivo_trl.scoring.policy_reference_scores`).
     """
     return _kl_from_log_probs_(_log_softmax(policy_logits, temperature), _log_softmax(ref_logits, temperature))
 

@@ -1,54 +1,80 @@
-"""Per-token scores of completion tokens on TRL's own kernels: log-probabilities, entropy and the exact KL.
+"""Per-token scores of VIMPO's completion tokens: one pass of each model's LM head, in float32.
 
-VIMPO needs, at every completion position, the sampled token's log-probability under the policy (with gradient) and
-under the frozen reference, and the exact full-vocabulary `KL(pi_theta || pi_ref)`. None of these may materialise
-`(B, T, V)` logits. TRL 1.16 ships what computes them, in vocabulary tiles:
+VIMPO needs, at every valid completion position, the sampled token's log-probability under the policy (with
+gradient) and under the frozen reference, the exact full-vocabulary `KL(pi_theta || pi_ref)` (or the official
+candidate-set approximation), the policy's entropy and, for `vimpo_adaptive_actor_coeff`, `sum_v p_v^2`. None of
+these may materialise `(B, T, V)` logits, and `rho = log pi_theta - log pi_ref` must come from the same float32
+logits as the KL: VIMPO sums `rho` over whole completions, so logit rounding would add up in its value residual.
 
-* the fused LM head that `GRPOTrainer` installs on the policy and the reference (`add_fused_lm_head`): a
-  forward that returns the sampled tokens' log-probabilities (and, on request, the entropy and `log sum_v p_v^2`)
-  instead of logits, together with the MoE router's load-balancing loss. `fused_forward_scores` calls that
-  forward exactly as `GRPOTrainer` does, and reads the backbone's final hidden states on the way (a forward hook
-  on the backbone the fused head runs), because the KL kernel needs them;
-* `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, the kernel of TRL's `DistillationTrainer`: with
-  `beta=1.0` the reverse KL `KL(student || teacher)`, here `KL(pi_theta || pi_ref)` with the policy as student.
-  `exact_token_kl` feeds it both models' hidden states and heads as `DistillationTrainer` does.
+`policy_reference_scores` computes all of them in one tiled pass (`_PolicyReferenceHead`): per tile of tokens and
+vocabulary it projects the policy's head and the reference's head once each, with float32 output, from the stored
+hidden states and weights (never rounded to the autocast dtype), applies each model's logit transform and folds both
+tiles into online-logsumexp statistics. Its backward recomputes the policy's tile once and forms the two gradient
+GEMMs; the KL, the reference and the entropy are detached (VIMPO's `kappa` is stop-gradient), so nothing of the
+reference is recomputed and no `(tokens, vocabulary)` tensor is stored. Per completion token: 5 LM-head projections
+per training step (policy and reference tile forward, policy tile in the backward, gradient of the hidden states,
+gradient of the weight), as GRPO with a reference model.
 
-The official code's candidate-set KL (a top-k over the whole vocabulary) has no TRL kernel: it is computed here in
-chunks of tokens from both heads' full logits, projected and transformed exactly as the divergence kernel does.
+The hidden states come from each model's backbone run through the model's own wrapper (`call_through`, TRL's
+`_ForwardRedirection`, as `DistillationTrainer` runs its student and teacher backbones), so DDP, DeepSpeed (ZeRO-3
+parameter gathering and gradient reduction) and PEFT (LoRA layers, a disabled adapter) act as in a plain forward;
+`completion_hidden_states` returns the MoE router's load-balancing loss computed by the model's own
+`load_balancing_loss_func`, as the model's forward computes it.
 
-The logit transform (scale, soft-cap, temperature, float32 head) of each model is the one TRL's `add_fused_lm_head`
-installed on it, read off the forward it patched (`fused_head_settings`) rather than re-derived from a list of
-config attribute names that would drift from TRL's. Heads are passed as `LMHead` tensors, read by the caller
-in the context that selects them (a PEFT reference's head is read with the adapter disabled), and gathered under
-DeepSpeed ZeRO-3 once per call by every rank, never once per chunk.
+Reused from TRL 1.16 (non-public names through `gnivo_trl._trl_private.trl_private`):
+
+* the logit transform (temperature, logit scale, soft-cap) and the backbone attribute that `add_fused_lm_head`
+  installed on each model, read off the forward it patched (`fused_head_settings`);
+* `trl.kernels.chunked_divergence`: `_project` (a tile of `hidden @ weight.T` with float32 output: bf16 inputs with
+  float32 accumulation on CUDA, float32 elsewhere) and the forward fold `_stats_kernel` (Triton) / `_stats_tile`
+  (torch), which gives both models' log-normalisers, the policy's entropy and the reverse-KL cross term;
+* `trl.kernels.chunked_logprob`: `_forward_kernel` / `_forward_tile` for `sum_v p_v^2`, `_backward_kernel` /
+  `_backward_tile` for the gradient of the sampled token's log-probability with respect to the logits,
+  `_addmm_fp32` for the gradient GEMMs, `_torch_transform`, and `_use_triton` (Triton where TRL uses it);
+* `trl.trainer.utils.maybe_gather_lm_head_ctx` (ZeRO-3: both heads gathered once per pass, by every rank whatever its
+  token count) and `trl.models.utils._ForwardRedirection`.
+
+Not reusable as a whole, and why:
+
+* `ChunkedLogProbFunction` (the fused head's kernel) projects one model: the policy's log-probs from it and the KL
+  from another kernel re-project the policy's tile, which is what this module removes (7 projections per token
+  before, 5 now). It projects in the autocast dtype (bf16 tiles under bf16 autocast), so its `rho` would not be the
+  KL's float32 `rho`.
+* `ChunkedDivergenceFunction` folds both models' tiles but returns no sampled-token log-probabilities, projects in
+  the autocast dtype, and its backward is the gradient of the divergence (both tiles recomputed), which VIMPO does not
+  use.
+* `add_fused_lm_head`'s forward returns no hidden states, and on devices without Triton it projects every position,
+  prompt included; here only the valid completion tokens are projected, on every device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from trl.kernels.chunked_divergence import VOCAB_CHUNK_SIZE, ChunkedDivergenceFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ._trl_private import SUPPORTED_TRL, trl_private
 from .losses import candidate_set_kl_from_log_probs
 
 __all__ = [
-    "FusedForwardScores",
+    "CompletionHiddenStates",
     "FusedHeadSettings",
     "LMHead",
-    "candidate_set_token_kl",
+    "PolicyReferenceScores",
+    "call_through",
     "check_heads_on_one_device",
-    "exact_token_kl",
-    "fused_forward_scores",
+    "completion_hidden_states",
     "fused_head_settings",
     "has_fused_head",
     "output_head",
+    "policy_reference_scores",
 ]
+
+# TRL's vocabulary tile (`trl.kernels.chunked_divergence.VOCAB_CHUNK_SIZE`, a public module constant).
+VOCAB_TILE = 32768
 
 _FUSED_HEAD_FREE_VARIABLES = (
     "temperature",
@@ -161,228 +187,432 @@ def check_heads_on_one_device(policy_head: LMHead, ref_head: LMHead) -> None:
         )
 
 
-class FusedForwardScores(NamedTuple):
-    """What one fused forward of a model gives for the completion tokens of a batch.
+# --------------------------------------------------------------------------------------------------------------------
+# Hidden states: each model's backbone, run through the model's own wrapper
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def call_through(wrapper: torch.nn.Module, inner: torch.nn.Module, function: Callable[..., Any], **kwargs) -> Any:
+    """`function(**kwargs)`, run as the forward of `inner` called through `wrapper` (TRL's `_ForwardRedirection`).
+
+    `wrapper` is what the trainer calls (a DDP module, a DeepSpeed engine, a compiled module, or `inner` itself) and
+    `inner` the module it wraps (`accelerator.unwrap_model(wrapper)`). DDP then prepares its gradient reduction and
+    DeepSpeed arms its ZeRO-3 hooks as for a forward of the model, while `function` runs the backbone and the head
+    directly. Only `kwargs` pass through the wrapper (which may move or cast them): give it the token ids and the
+    attention mask, and bind everything else in `function`.
+    """
+    redirect = trl_private("trl.models.utils", "_ForwardRedirection")()
+    return redirect(wrapper, inner, function, **kwargs)
+
+
+class CompletionHiddenStates(NamedTuple):
+    """A backbone's final hidden states at the positions that predict the valid completion tokens.
 
     Attributes:
-        log_probs: `(B, C)` float32 log-probabilities of the completion tokens, 0 where the token is not valid;
-            differentiable when the forward ran with gradient.
-        entropy: `(B, C)` entropy of the tempered distribution, or None when the head does not compute it.
-        log_sum_sq_probs: `(B, C)` `log sum_v p_v^2` of the tempered distribution, or None likewise.
-        aux_loss: the MoE router's load-balancing loss (0-d), or None unless router logits were requested.
-        hidden: `(N, H)` final hidden states that predict the `N` valid completion tokens (row-major order),
-            detached, on the device the backbone produced them.
+        hidden: `(N, H)` in the backbone's output dtype, row-major order of the valid tokens; differentiable when the
+            backbone ran with gradient.
+        aux_loss: the MoE router's load-balancing loss (0-d), or None unless requested.
     """
 
-    log_probs: torch.Tensor
-    entropy: torch.Tensor | None
-    log_sum_sq_probs: torch.Tensor | None
-    aux_loss: torch.Tensor | None
     hidden: torch.Tensor
+    aux_loss: torch.Tensor | None
 
 
-def fused_forward_scores(
-    model: Callable[..., Any],
+def _load_balancing_loss(causal_lm: torch.nn.Module, router_logits, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The MoE load-balancing loss exactly as `causal_lm`'s own forward computes it: its modeling module's
+    `load_balancing_loss_func` with the expert counts the model read from its config."""
+    module = inspect.getmodule(type(causal_lm))
+    function = getattr(module, "load_balancing_loss_func", None)
+    num_experts = getattr(causal_lm, "num_experts", None)
+    top_k = getattr(causal_lm, "num_experts_per_tok", None)
+    if function is None or num_experts is None or top_k is None:
+        raise ValueError(
+            f"{type(causal_lm).__name__} returned router logits, but its modeling module has no "
+            "load_balancing_loss_func or the model has no num_experts / num_experts_per_tok, so VIMPO cannot add the "
+            "router's load-balancing loss as its forward does. Set router_aux_loss_coef=0.0 to train without it."
+        )
+    return function(router_logits, num_experts, top_k, attention_mask)
+
+
+def completion_hidden_states(
     causal_lm: torch.nn.Module,
     settings: FusedHeadSettings,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     valid: torch.Tensor,
     output_router_logits: bool = False,
-) -> FusedForwardScores:
-    """Score the completion tokens of `input_ids` with TRL's fused forward of `model`, as `GRPOTrainer` does.
+) -> CompletionHiddenStates:
+    """Run the backbone of `causal_lm` once on prompt + completion, without its LM head.
 
-    `model(input_ids=..., attention_mask=..., labels=..., fused_lm_head=True)` with the labels of the valid
-    completion tokens (`-100` elsewhere): the backbone runs once and the head is projected in vocabulary tiles, so
-    no `(B, T, V)` tensor exists. A forward hook on the backbone of `causal_lm` (`settings.backbone_attr`)
-    keeps its final hidden states for the KL kernels. Runs with or without gradient as the caller's mode is, and
-    under the caller's autocast.
+    The backbone is the module TRL's fused head runs (`settings.backbone_attr`, `base_model` for causal LMs), called
+    with `use_cache=False` as TRL calls it; under PEFT pass the base model (`get_base_model()`): its LoRA layers, and
+    a disabled adapter, act as in the adapter's own forward. Runs with or without gradient as the caller's mode is, and
+    under the caller's autocast. Call it through the model's wrapper (`call_through`) when there is one.
 
     Args:
-        model: what is called: `causal_lm` itself or a wrapper of it (DDP, a DeepSpeed engine, a PEFT model).
-        causal_lm: the causal LM that carries TRL's fused head (under PEFT the base model).
+        causal_lm: the causal LM (under PEFT the base model).
         settings: `fused_head_settings` of `causal_lm`.
         input_ids: `(B, L)` prompt + completion ids; the completion is the last `C = valid.size(1)` positions.
         attention_mask: `(B, L)`.
         valid: `(B, C)` bool, the completion tokens to score.
-        output_router_logits: ask a MoE model for its load-balancing loss.
+        output_router_logits: also return the MoE router's load-balancing loss (`_load_balancing_loss`).
     """
     num_completion = valid.size(1)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -num_completion:] = input_ids[:, -num_completion:].masked_fill(~valid, -100)
-    captured: list[torch.Tensor] = []
-
-    def keep_final_hidden_states(module, args, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
     kwargs = {"output_router_logits": True} if output_router_logits else {}
     backbone = getattr(causal_lm, settings.backbone_attr)
-    handle = backbone.register_forward_hook(keep_final_hidden_states)
-    try:
-        outputs = model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, **kwargs
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    last = outputs.last_hidden_state
+    hidden = last[:, -num_completion - 1 : -1][valid.to(last.device)]
+    aux_loss = _load_balancing_loss(causal_lm, outputs.router_logits, attention_mask) if output_router_logits else None
+    return CompletionHiddenStates(hidden, aux_loss)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Both heads in one tiled pass
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PolicyReferenceScores(NamedTuple):
+    """Per-token scores of `N` tokens from one pass of the policy's and the reference's LM heads, float32 `(N,)`.
+
+    All come from the same float32 logits of each model, transformed as TRL's fused head transforms them (logit
+    scale, soft-cap, temperature).
+
+    Attributes:
+        log_probs: log pi_theta of the target tokens; the only differentiable output (to the policy's hidden states
+            and head).
+        ref_log_probs: log pi_ref of the target tokens, no gradient.
+        entropy: entropy of pi_theta, nats, no gradient.
+        kl: exact `KL(pi_theta || pi_ref)` over the full vocabulary, nats, no gradient.
+        candidate_kl: the official candidate-set KL over the `candidate_topk` tokens of largest policy probability
+            (`gnivo_trl.losses.candidate_set_kl_from_log_probs`), or None when not requested; no gradient.
+        probability_square_sums: `sum_v p_v^2` of pi_theta, or None when not requested; no gradient.
+    """
+
+    log_probs: torch.Tensor
+    ref_log_probs: torch.Tensor
+    entropy: torch.Tensor
+    kl: torch.Tensor
+    candidate_kl: torch.Tensor | None
+    probability_square_sums: torch.Tensor | None
+
+
+def _stored_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a head projects in: that of the stored hidden states and weight (the wider of the two), never the
+    autocast dtype. The tile itself is float32 (`_project`), so the logits carry no rounding beyond the inputs'."""
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _transform_args(settings: FusedHeadSettings) -> dict[str, Any]:
+    """The logit transform of one model in the keyword form of TRL's `chunked_logprob` kernels."""
+    softcap = settings.final_logit_softcapping
+    return {
+        "logit_scale": settings.logit_scale,
+        "softcap": softcap or 1.0,
+        "inv_t": 1 / settings.temperature,
+        "HAS_SOFTCAP": softcap is not None,
+    }
+
+
+def _transform(raw: torch.Tensor, args: dict[str, Any]) -> torch.Tensor:
+    """The tempered logits of raw float32 head outputs (TRL's `_torch_transform`, a new tensor)."""
+    transform = trl_private("trl.kernels.chunked_logprob", "_torch_transform")
+    return transform(raw, args["logit_scale"], args["softcap"], args["inv_t"], args["HAS_SOFTCAP"])
+
+
+class _PolicyReferenceHead(torch.autograd.Function):
+    """`policy_reference_scores`'s kernel; see the module docstring. Inputs: `(N, H)` hidden states and `(V, H)` heads
+    of both models (gathered here under ZeRO-3), `(N,)` target ids; outputs in `PolicyReferenceScores` order."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        policy_hidden: torch.Tensor,
+        policy_weight: torch.Tensor,
+        policy_bias: torch.Tensor | None,
+        ref_hidden: torch.Tensor,
+        ref_weight: torch.Tensor,
+        ref_bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        policy_args: dict[str, Any],
+        ref_args: dict[str, Any],
+        candidate_topk: int | None,
+        with_square_sums: bool,
+        chunk_size: int,
+        vocab_tile: int,
+    ):
+        ctx.set_materialize_grads(False)
+        divergence, logprob = "trl.kernels.chunked_divergence", "trl.kernels.chunked_logprob"
+        project = trl_private(divergence, "_project")
+        use_triton = trl_private(logprob, "_use_triton")(policy_hidden.device)
+        block = trl_private(logprob, "_BLOCK_SIZE")
+        stats_fold = trl_private(divergence, "_stats_kernel" if use_triton else "_stats_tile")
+        square_fold = trl_private(logprob, "_forward_kernel" if use_triton else "_forward_tile")
+        device, num_tokens = policy_hidden.device, policy_hidden.size(0)
+        policy_dtype = _stored_dtype(policy_hidden, policy_weight)
+        ref_dtype = _stored_dtype(ref_hidden, ref_weight)
+        stats_args = {
+            "s_scale": policy_args["logit_scale"],
+            "s_softcap": policy_args["softcap"],
+            "t_scale": ref_args["logit_scale"],
+            "t_softcap": ref_args["softcap"],
+            "inv_t": policy_args["inv_t"],
+            "S_HAS_SOFTCAP": policy_args["HAS_SOFTCAP"],
+            "T_HAS_SOFTCAP": ref_args["HAS_SOFTCAP"],
+        }
+
+        def zeros() -> torch.Tensor:
+            return torch.zeros(num_tokens, device=device, dtype=torch.float32)
+
+        # Online-logsumexp statistics of both models (TRL's divergence fold), the target logits, and on request the
+        # policy's sum of squared probabilities (TRL's log-prob fold, with its own running max) and candidate sets.
+        p_max, q_max = zeros() - torch.inf, zeros() - torch.inf
+        p_sum, p_x_sum, q_sum, q_gap, p_gap = zeros(), zeros(), zeros(), zeros(), zeros()
+        p_target, q_target = zeros(), zeros()
+        if with_square_sums:
+            sq_max, sq_sum, sq_sq = zeros() - torch.inf, zeros(), zeros()
+            unused, unused_max = zeros(), zeros() - torch.inf
+        candidates = None
+        rows = min(num_tokens, chunk_size)
+        p_buf = torch.empty((rows, vocab_tile), device=device, dtype=torch.float32)
+        q_buf = torch.empty((rows, vocab_tile), device=device, dtype=torch.float32)
+        candidate_p, candidate_q = [], []
+        with (
+            torch.autocast(device.type, enabled=False),
+            maybe_gather_lm_head_ctx(policy_weight, policy_bias, ref_weight, ref_bias),
+        ):
+            vocab = policy_weight.size(0)
+            if ref_weight.size(0) != vocab:
+                raise ValueError(
+                    f"The policy's LM head has {vocab} rows and the reference's {ref_weight.size(0)}: VIMPO's KL "
+                    "compares both distributions over one vocabulary, so use a reference with the policy's vocabulary."
+                )
+            for start in range(0, num_tokens, chunk_size):
+                rows_here = slice(start, min(start + chunk_size, num_tokens))
+                n = rows_here.stop - rows_here.start
+                h_p = policy_hidden[rows_here].to(policy_dtype)
+                h_q = ref_hidden[rows_here].to(ref_dtype)
+                chunk_targets = targets[rows_here]
+                chunk_p, chunk_q = None, None
+                for column in range(0, vocab, vocab_tile):
+                    stop = min(column + vocab_tile, vocab)
+                    width = stop - column
+                    p_tile, q_tile = p_buf[:n, :width], q_buf[:n, :width]
+                    project(p_tile, h_p, policy_weight, policy_bias, column, stop, policy_dtype)
+                    project(q_tile, h_q, ref_weight, ref_bias, column, stop, ref_dtype)
+                    stats = (p_max, p_sum, p_x_sum, q_max, q_sum, q_gap, p_gap)
+                    (stats_fold[(n,)] if use_triton else stats_fold)(
+                        p_tile,
+                        p_tile.stride(0),
+                        q_tile,
+                        q_tile.stride(0),
+                        *(buffer[rows_here] for buffer in stats),
+                        width,
+                        BLOCK_SIZE=block,
+                        **stats_args,
+                    )
+                    # The sampled tokens' logits: a gather of n values per tile, transformed as the fold does.
+                    local = chunk_targets - column
+                    in_tile = (local >= 0) & (local < width)
+                    index = local.clamp(0, width - 1).unsqueeze(-1)
+                    for tile, args, target in ((p_tile, policy_args, p_target), (q_tile, ref_args, q_target)):
+                        picked = _transform(tile.gather(-1, index).squeeze(-1), args)
+                        target[rows_here] = torch.where(in_tile, picked, target[rows_here])
+                    if with_square_sums:
+                        (square_fold[(n,)] if use_triton else square_fold)(
+                            p_tile,
+                            p_tile.stride(0),
+                            chunk_targets,
+                            sq_max[rows_here],
+                            sq_sum[rows_here],
+                            unused[rows_here],
+                            sq_sq[rows_here],
+                            unused[rows_here],
+                            unused_max[rows_here],
+                            unused[rows_here],
+                            column,
+                            width,
+                            HAS_ENTROPY=False,
+                            HAS_LOG_SUM_SQ_PROBS=True,
+                            HAS_MEAN_LOGITS=False,
+                            HAS_IS_TOP1=False,
+                            BLOCK_SIZE=block,
+                            **policy_args,
+                        )
+                    if candidate_topk is not None:
+                        chunk_p, chunk_q = _merge_candidates(
+                            chunk_p, chunk_q, p_tile, q_tile, candidate_topk, policy_args
+                        )
+                if candidate_topk is not None:
+                    candidate_p.append(chunk_p)
+                    candidate_q.append(chunk_q)
+
+        p_log_z = p_max + torch.log(p_sum)
+        q_log_z = q_max + torch.log(q_sum)
+        log_probs = p_target - p_log_z
+        ref_log_probs = q_target - q_log_z
+        entropy = p_log_z - p_x_sum / p_sum
+        kl = p_gap / p_sum - p_log_z + q_log_z
+        square_sums = (sq_sq / sq_sum.square()) if with_square_sums else None
+        if candidate_topk is not None:
+            candidates = zeros()
+            if num_tokens:
+                raw_p, raw_q = torch.cat(candidate_p), torch.cat(candidate_q)
+                candidates = candidate_set_kl_from_log_probs(
+                    _transform(raw_p, policy_args) - p_log_z[:, None],
+                    _transform(raw_q, ref_args) - q_log_z[:, None],
+                    candidate_topk,
+                )
+        ctx.save_for_backward(policy_hidden, policy_weight, policy_bias, targets, p_log_z)
+        ctx.policy_args, ctx.chunk_size, ctx.vocab_tile = policy_args, chunk_size, vocab_tile
+        outputs = (ref_log_probs, entropy, kl, candidates, square_sums)
+        ctx.mark_non_differentiable(*(output for output in outputs if output is not None))
+        return (log_probs, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: torch.Tensor | None, *_):  # type: ignore[override]
+        hidden, weight, bias, targets, log_z = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        nothing = (None,) * 10
+        if grad_log_probs is None:
+            return (None, None, None, *nothing)
+        divergence, logprob = "trl.kernels.chunked_divergence", "trl.kernels.chunked_logprob"
+        project = trl_private(divergence, "_project")
+        addmm_fp32 = trl_private(logprob, "_addmm_fp32")
+        use_triton = trl_private(logprob, "_use_triton")(hidden.device)
+        block = trl_private(logprob, "_BLOCK_SIZE")
+        fold = trl_private(logprob, "_backward_kernel" if use_triton else "_backward_tile")
+        chunk_size, vocab_tile = ctx.chunk_size, ctx.vocab_tile
+        dtype = _stored_dtype(hidden, weight)
+        num_tokens = hidden.size(0)
+        grad_log_probs = grad_log_probs.float().contiguous()
+        grad_hidden = grad_weight = grad_bias = None
+        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            vocab = weight.size(0)
+            # Accumulated in float32 whatever the inputs' dtype, as TRL's kernels do.
+            if needs_hidden:
+                grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+            if needs_weight:
+                grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+            if needs_bias:
+                grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
+            buffer = torch.empty((min(num_tokens, chunk_size), vocab_tile), device=hidden.device, dtype=torch.float32)
+            for start in range(0, num_tokens, chunk_size):
+                rows = slice(start, min(start + chunk_size, num_tokens))
+                n = rows.stop - rows.start
+                h = hidden[rows].to(dtype)
+                for column in range(0, vocab, vocab_tile):
+                    stop = min(column + vocab_tile, vocab)
+                    tile = buffer[:n, : stop - column]
+                    project(tile, h, weight, bias, column, stop, dtype)  # the forward's tile, recomputed
+                    # In place: d(log p_target) / d(raw logits) = (1[target] - p) * d(transform), times the gradient.
+                    kernel = fold[(n, -(-(stop - column) // block))] if use_triton else fold
+                    kernel(
+                        tile,
+                        tile.stride(0),
+                        targets[rows],
+                        log_z[rows],
+                        log_z[rows],  # the entropy's slot: no entropy gradient
+                        grad_log_probs[rows],
+                        grad_log_probs[rows],  # idem
+                        column,
+                        stop - column,
+                        HAS_LOGPROB_GRAD=True,
+                        HAS_ENTROPY_GRAD=False,
+                        BLOCK_SIZE=block,
+                        **ctx.policy_args,
+                    )
+                    grad_tile = tile.to(dtype)
+                    if grad_hidden is not None:
+                        addmm_fp32(grad_hidden[rows], grad_tile, weight[column:stop].to(dtype))
+                    if grad_weight is not None:
+                        addmm_fp32(grad_weight[column:stop], grad_tile.t(), h)
+                    if grad_bias is not None:
+                        grad_bias[column:stop] += tile.sum(dim=0, dtype=torch.float32)
+        return (
+            grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            *nothing,
         )
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(
-            f"The backbone of {type(causal_lm).__name__} ran {len(captured)} times in one fused forward; expected "
-            "once (TRL's add_fused_lm_head runs it once)."
-        )
-
-    def completion_part(values: torch.Tensor | None) -> torch.Tensor | None:
-        return None if values is None else values[:, -num_completion:].float()
-
-    hidden = captured[0][:, -num_completion - 1 : -1][valid.to(captured[0].device)].detach()
-    return FusedForwardScores(
-        completion_part(outputs.log_probs),
-        completion_part(outputs.entropy),
-        completion_part(outputs.log_sum_sq_probs),
-        outputs.aux_loss if output_router_logits else None,
-        hidden,
-    )
 
 
-def _projection_precision(settings: FusedHeadSettings, hidden: torch.Tensor):
-    """The precision TRL's fused head projects in: float32 outside autocast with `cast_lm_head_to_fp32`."""
-    if settings.cast_lm_head_to_fp32:
-        return hidden.float(), torch.autocast(hidden.device.type, enabled=False)
-    return hidden, contextlib.nullcontext()
+def _merge_candidates(chunk_p, chunk_q, p_tile, q_tile, topk: int, policy_args: dict[str, Any]):
+    """The `topk` largest policy logits seen so far per token (raw, with the reference's at the same tokens): this
+    tile's top tokens merged with the running set. Selecting by raw logit is selecting by tempered probability (the
+    transform increases with the logit for a positive logit scale)."""
+    order = p_tile if policy_args["logit_scale"] > 0 else _transform(p_tile, policy_args)
+    index = torch.topk(order, k=min(topk, p_tile.size(-1)), dim=-1).indices
+    tile_p, tile_q = p_tile.gather(-1, index), q_tile.gather(-1, index)
+    if chunk_p is None:
+        return tile_p, tile_q
+    merged_p, merged_q = torch.cat([chunk_p, tile_p], dim=-1), torch.cat([chunk_q, tile_q], dim=-1)
+    order = merged_p if policy_args["logit_scale"] > 0 else _transform(merged_p, policy_args)
+    index = torch.topk(order, k=min(topk, merged_p.size(-1)), dim=-1).indices
+    return merged_p.gather(-1, index), merged_q.gather(-1, index)
 
 
-def _per_chunk_with_gathered_heads(
+def policy_reference_scores(
     policy_hidden: torch.Tensor,
     policy_head: LMHead,
     policy_settings: FusedHeadSettings,
     ref_hidden: torch.Tensor,
     ref_head: LMHead,
     ref_settings: FusedHeadSettings,
-    chunk_size: int,
-    chunk_kl: Callable[..., torch.Tensor],
-) -> torch.Tensor:
-    """`chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> (n,)` over chunks of `chunk_size` tokens,
-    float32 `(N,)` on the heads' device. Both heads are gathered (ZeRO-3) once around the whole loop, so every rank
-    issues the same collectives however many tokens it holds; the hidden states move to the heads' device (the
-    backbone of a split model can end elsewhere, as TRL's fused head allows) in the precision TRL's fused head
-    projects in (float32 outside autocast with `cast_lm_head_to_fp32`)."""
+    targets: torch.Tensor,
+    *,
+    candidate_topk: int | None = None,
+    probability_square_sums: bool = False,
+    chunk_size: int = 1024,
+    vocab_tile: int = VOCAB_TILE,
+) -> PolicyReferenceScores:
+    """Both models' scores of `N` target tokens from one float32 pass of each LM head (see the module docstring).
+
+    Per tile of `chunk_size` tokens and `vocab_tile` vocabulary entries, each head is projected once, with float32
+    output, from the stored hidden states and weights whatever the autocast (bf16 weights give bf16 x bf16 products
+    accumulated in float32; float32 weights a float32 GEMM); the backward recomputes the policy's tile once. Working
+    memory: two float32 `(chunk_size, vocab_tile)` tiles (256 MiB at the defaults) plus the fold's temporaries on
+    devices without Triton. Both heads are gathered (ZeRO-3) once per pass, and the policy's once more in the
+    backward, by every rank whatever its token count (also 0).
+
+    Args:
+        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens (moved
+            to the heads' device here); only `policy_hidden` may carry gradient.
+        policy_head, ref_head: the models' output projections (`output_head`), on one device; the reference's gets no
+            gradient.
+        policy_settings, ref_settings: their `fused_head_settings` (the same temperature).
+        targets: `(N,)` long token ids whose log-probabilities are returned.
+        candidate_topk: also return the official candidate-set KL over this many tokens (the whole vocabulary when
+            larger).
+        probability_square_sums: also return the policy's `sum_v p_v^2` (for `vimpo_adaptive_actor_coeff`).
+        chunk_size: tokens per tile (`vimpo_kl_chunk_size`).
+        vocab_tile: vocabulary entries per tile (TRL's 32,768; smaller in tests).
+
+    Returns:
+        `PolicyReferenceScores`, float32 `(N,)` tensors on the heads' device.
+
+    Raises:
+        ValueError: the heads are on different devices, or the models were given different temperatures.
+    """
     check_heads_on_one_device(policy_head, ref_head)
-    device = policy_head.weight.device
-    policy_hidden, precision = _projection_precision(policy_settings, policy_hidden.to(device))
-    ref_hidden, _ = _projection_precision(ref_settings, ref_hidden.to(device))
-    kl = torch.zeros(policy_hidden.size(0), device=device, dtype=torch.float32)
-    with precision, maybe_gather_lm_head_ctx(*policy_head), maybe_gather_lm_head_ctx(*ref_head):
-        for start in range(0, policy_hidden.size(0), chunk_size):
-            stop = start + chunk_size
-            kl[start:stop] = chunk_kl(policy_hidden[start:stop], policy_head, ref_hidden[start:stop], ref_head)
-    return kl
-
-
-@torch.no_grad()
-def exact_token_kl(
-    policy_hidden: torch.Tensor,
-    policy_head: LMHead,
-    policy_settings: FusedHeadSettings,
-    ref_hidden: torch.Tensor,
-    ref_head: LMHead,
-    ref_settings: FusedHeadSettings,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Exact per-token `KL(pi_theta || pi_ref)` over the full vocabulary at the sampling temperature, no gradient.
-
-    TRL's `ChunkedDivergenceFunction` with `beta=1.0` (the reverse KL, the policy as student), called on chunks of
-    `chunk_size` tokens: its working memory is two float32 `(min(chunk_size, 4096), 32768)` tiles (256 MiB at the
-    default 1024 tokens), whatever the vocabulary. Both heads are gathered (ZeRO-3) once around the whole loop, so
-    every rank issues the same collectives however many tokens it holds.
-
-    Args:
-        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens.
-        policy_head, ref_head: the models' output projections (`output_head`), on one device.
-        policy_settings, ref_settings: their `fused_head_settings`.
-        chunk_size: tokens per kernel call.
-
-    Returns:
-        float32 `(N,)`, in nats.
-    """
-
-    def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
-        kl, _ = ChunkedDivergenceFunction.apply(
-            policy_chunk,
-            *policy_head,
-            ref_chunk,
-            *ref_head,
-            1.0,  # beta = 1: the reverse KL, KL(student || teacher) = KL(pi_theta || pi_ref)
-            policy_settings.temperature,
-            policy_settings.logit_scale,
-            policy_settings.final_logit_softcapping,
-            ref_settings.logit_scale,
-            ref_settings.final_logit_softcapping,
+    if policy_settings.temperature != ref_settings.temperature:
+        raise ValueError(
+            f"The policy's fused head divides its logits by temperature {policy_settings.temperature} and the "
+            f"reference's by {ref_settings.temperature}: the KL between them compares the distributions at one "
+            "sampling temperature, so prepare both models with the temperature the completions were sampled at."
         )
-        return kl
-
-    return _per_chunk_with_gathered_heads(
-        policy_hidden, policy_head, policy_settings, ref_hidden, ref_head, ref_settings, chunk_size, chunk_kl
+    device = policy_head.weight.device
+    outputs = _PolicyReferenceHead.apply(
+        policy_hidden.to(device),
+        *policy_head,
+        ref_hidden.to(device).detach(),
+        *ref_head,  # the parameters themselves (ZeRO-3 gathers them); the kernel returns them no gradient
+        targets.to(device),
+        _transform_args(policy_settings),
+        _transform_args(ref_settings),
+        candidate_topk,
+        probability_square_sums,
+        chunk_size,
+        vocab_tile,
     )
-
-
-def _log_probs(hidden: torch.Tensor, head: LMHead, settings: FusedHeadSettings) -> torch.Tensor:
-    """Float32 `(n, V)` log-softmax of one head, with the numerics of the exact KL's kernel: TRL's
-    `ChunkedDivergenceFunction` projection (hidden states and head rounded to the compute dtype, float32 logits,
-    its vocabulary tiles), then its logit transform in float32 (`* logit_scale`, soft-cap `cap * tanh(z / cap)`,
-    `* (1 / temperature)`), in place on one buffer."""
-    module = "trl.kernels.chunked_divergence"
-    compute_dtype, project = trl_private(module, "_compute_dtype"), trl_private(module, "_project")
-    dtype = compute_dtype(hidden)
-    hidden = hidden.to(dtype)
-    vocab = head.weight.size(0)
-    logits = torch.empty((hidden.size(0), vocab), device=hidden.device, dtype=torch.float32)
-    for start in range(0, vocab, VOCAB_CHUNK_SIZE):
-        end = min(start + VOCAB_CHUNK_SIZE, vocab)
-        project(logits[:, start:end], hidden, head.weight, head.bias, start, end, dtype)
-    logits.mul_(settings.logit_scale)
-    if settings.final_logit_softcapping is not None:
-        logits.div_(settings.final_logit_softcapping).tanh_().mul_(settings.final_logit_softcapping)
-    logits.mul_(1 / settings.temperature)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-
-
-@torch.no_grad()
-def candidate_set_token_kl(
-    policy_hidden: torch.Tensor,
-    policy_head: LMHead,
-    policy_settings: FusedHeadSettings,
-    ref_hidden: torch.Tensor,
-    ref_head: LMHead,
-    ref_settings: FusedHeadSettings,
-    topk: int,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """The official candidate-set approximation of per-token `KL(pi_theta || pi_ref)`, no gradient.
-
-    Per token, `gnivo_trl.losses.candidate_set_kl_from_log_probs`: `sum_{v in C} p(v) (log p(v) - log q(v))`
-    over the `topk` tokens `C` of largest policy probability, `p` and `q` normalised over the full
-    vocabulary at the sampling temperature (both heads' logits transformed as TRL's fused head does). Computed on
-    chunks of `chunk_size` tokens; each chunk holds three float32 `(chunk_size, V)` buffers (the two models'
-    log-probabilities and a logsumexp temporary). The logits are projected as the exact KL's kernel projects them,
-    so that over the whole vocabulary (`topk >= V`) this is `exact_token_kl` to float32 rounding.
-    Both heads are gathered (ZeRO-3) once around the whole loop, so every rank issues the same collectives however
-    many tokens it holds.
-
-    Args:
-        policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens.
-        policy_head, ref_head: the models' output projections (`output_head`), on one device.
-        policy_settings, ref_settings: their `fused_head_settings`.
-        topk: candidate-set size (`vimpo_candidate_kl_topk`); the whole vocabulary when larger.
-        chunk_size: tokens per chunk.
-
-    Returns:
-        float32 `(N,)`, in nats (a truncated sum: can be slightly negative).
-    """
-
-    def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
-        policy_log_probs = _log_probs(policy_chunk, policy_head, policy_settings)
-        ref_log_probs = _log_probs(ref_chunk, ref_head, ref_settings)
-        return candidate_set_kl_from_log_probs(policy_log_probs, ref_log_probs, topk)
-
-    return _per_chunk_with_gathered_heads(
-        policy_hidden, policy_head, policy_settings, ref_hidden, ref_head, ref_settings, chunk_size, chunk_kl
-    )
+    return PolicyReferenceScores(*outputs)

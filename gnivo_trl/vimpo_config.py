@@ -58,9 +58,9 @@ class VIMPOConfig(GRPOConfig):
             `candidate_kl_topk`). 32 is the value of the authors' run script (`run_vimpo.sh`), which passes it
             explicitly, so the yaml's 128 never took effect on their path; a larger set is closer to the exact KL at
             about the same cost. Defaults to `32`.
-        vimpo_kl_chunk_size (int): Completion tokens whose full-vocabulary log-probabilities are held at once by the
-            exact and the candidate-set KL (the candidate set holds three float32 `(chunk, vocabulary)` buffers per
-            chunk). Defaults to `1024`.
+        vimpo_kl_chunk_size (int): Completion tokens per tile of the one pass of both LM heads that scores every
+            estimator: each head's float32 `(chunk, 32768)` tile is held at once (256 MiB for both at 1024 tokens).
+            Defaults to `1024`.
         vimpo_value_loss_type (str): Per-completion value loss of the terminal residual `r`: `"squared_error"` (`0.5
             r^2`) or `"huber"` (`0.5 r^2` for `|r| <= delta`, else `delta (|r| - delta / 2)`; PyTorch's `huber_loss`,
             gradient `clamp(r, -delta, delta)`), as the official `vimpo_value_loss_type`. Defaults to
@@ -97,7 +97,8 @@ class VIMPOConfig(GRPOConfig):
             used for that same micro-batch; a micro-batch without actor gradient gets `c_A = 0` and leaves the averages
             unchanged. The averages are not checkpointed (after a resume both restart from 0, which changes only the
             smoothing). Unlike the official code, which silently keeps the fixed coefficient with the sampled `k2`/`k3`
-            KL, it works with every `vimpo_kl_estimator` (`sum_v p_v^2` comes from the policy's own fused-head pass).
+            KL, it works with every `vimpo_kl_estimator` (`sum_v p_v^2` comes from the same pass of the policy's head as
+            its log-probabilities).
             Defaults to `False`.
         vimpo_adaptive_actor_alpha (float): Target ratio alpha (>= 0) of the actor's to the value's logit-gradient RMS.
             0.025 is the value of the authors' run script (`run_vimpo.sh`); their yaml says 0.15. Defaults to `0.025`.
@@ -170,8 +171,8 @@ class VIMPOConfig(GRPOConfig):
     vimpo_kl_chunk_size: int = field(
         default=1024,
         metadata={
-            "help": "Completion tokens whose full-vocabulary distributions the exact or candidate-set KL holds at "
-            "once."
+            "help": "Completion tokens per tile of the float32 pass of both LM heads (each head's (chunk, 32768) "
+            "float32 tile is held at once)."
         },
     )
     vimpo_value_loss_type: str = field(

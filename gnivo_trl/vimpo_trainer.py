@@ -2,28 +2,30 @@
 
 Implementation notes (users read the class docstring and the VIMPO trainer page of the docs).
 
-One scoring path, at loss time, on TRL's kernels (`gnivo_trl.scoring`):
+One scoring path, at loss time (`gnivo_trl.scoring`):
 
-* Each model runs TRL's fused forward once, as GRPO scores its policy and its reference
-  (`gnivo_trl.scoring.fused_forward_scores`): the reference without gradient (the frozen model, or under PEFT the
-  policy with its adapter disabled, whose LM head is read in that same context, so a head in `modules_to_save` is
-  the original one), the policy with gradient through its DDP / DeepSpeed wrapper. The sampled tokens'
-  log-probabilities come from TRL's fused LM head (`ChunkedLogProbFunction`), with the MoE router's
-  load-balancing loss where GRPO adds it; a forward hook keeps each backbone's final hidden states. `rho` and the
-  KL are therefore exactly 0 while the policy equals the reference. The exact KL is TRL's
-  `ChunkedDivergenceFunction` (reverse KL) on those hidden states and both heads, in chunks of
-  `vimpo_kl_chunk_size` tokens, without gradient (or the official candidate-set approximation,
-  `gnivo_trl.scoring.candidate_set_token_kl`, in the same chunks). No `(B, T, V)` tensor exists. Each model's
-  logit transform is read once, at construction, off the forward TRL patched (through accelerate's
-  mixed-precision wrapper). Heads on different devices (a `device_map`) are refused.
+* Each model's backbone runs once, through the model's own wrapper so that DDP, DeepSpeed and PEFT act as in a
+  forward: the reference's without gradient (the frozen model, or under PEFT the policy with its adapter disabled,
+  whose LM head is read in that same context, so a head in `modules_to_save` is the original one), then, inside the
+  policy's forward, the policy's backbone with gradient (and the MoE router's load-balancing loss where GRPO adds
+  it, from the model's own `load_balancing_loss_func`). One tiled pass of both LM heads
+  (`gnivo_trl.scoring.policy_reference_scores`, tiles of `vimpo_kl_chunk_size` tokens) projects each head once, in
+  float32 whatever the autocast, and gives the sampled tokens' log-probabilities of both models, the policy's
+  entropy and `sum_v p_v^2`, the exact KL and the candidate-set KL, all from the same logits; its backward
+  recomputes the policy's tile only. `rho` and the KL are therefore exactly 0 while the policy equals the reference,
+  and `rho` carries no bf16 rounding. No `(B, T, V)` tensor exists. Each model's logit transform is read once, at
+  construction, off the forward TRL patched (through accelerate's mixed-precision wrapper); TRL's fused head on the
+  policy, which computes the old log-probs at generation time, is installed again projecting in float32, so that
+  the PPO ratio compares logits of one precision. Heads on different devices (a `device_map`) are refused.
 * `rho`, `kappa`, the advantage and its whitening come from that forward, per micro-batch, whitened over the
   micro-batch's valid tokens on every process, as the official code does. In TRL's default layout (one micro-batch
   holds the process's generation batch) this is whitening over the whole generation batch. Only the value
   target `R - mean_group(R)` is fixed at generation time, on whole groups, so the value loss does not depend on
   how the batch is split over micro-batches and processes; with gradient accumulation the actor term whitens
   each micro-batch on its own.
-* Cost: one reference forward (as GRPO with `beta > 0`), the policy's forward and backward (as GRPO), the
-  reference's head once and both heads once more for the exact KL. Nothing is computed at generation time.
+* Cost: one reference forward (as GRPO with `beta > 0`) and the policy's forward and backward (as GRPO); per
+  completion token 5 LM-head projections, as GRPO with a reference (`benchmarks/results/flops/flops.md`). Nothing is
+  computed at generation time.
 * Rows without a reward (every reward function returned None) and rows masked by vLLM's sequence-level
   importance-sampling correction (`"sequence_mask"`, ratio 0) leave their group, as in GN-IVO: they are out of
   the group mean, the value loss, the actor loss and the whitening statistics. A non-zero sequence ratio
@@ -45,8 +47,7 @@ One scoring path, at loss time, on TRL's kernels (`gnivo_trl.scoring`):
   importance ratio) divided by this process's valid tokens in the micro-batch (the official token mean), by
   autograd, so that clipping and the dual clip count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
   `vimpo_adaptive_actor_ema_decay`); a micro-batch without actor gradient gets coefficient 0 and leaves the
-  EMAs unchanged. `sum_v p_v^2` comes from the policy's own fused-head pass (TRL's `log_sum_sq_probs`
-  output, which the trainer asks TRL's head for when the option is on). The EMAs live on the trainer, start at 0
+  EMAs unchanged. `sum_v p_v^2` comes from the same pass of the policy's head as its log-probabilities. The EMAs live on the trainer, start at 0
   and are not checkpointed: after a resume both restart from 0, which changes only the smoothing (they restart
   together). Evaluation uses `alpha * EMA_value / (EMA_actor + eps)` and updates nothing. Unlike the official
   code, which silently keeps the fixed coefficient with the k2/k3 KL, it works with every KL estimator.
@@ -194,18 +195,27 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 f"{type(self.processing_class).__name__}): its scoring has not been tested with image inputs. Train "
                 "a text-only model, or use GNIVOTrainer, which scores through TRL's own forward."
             )
-        policy_lm = self._unwrapped_causal_lm(self.model)
-        if args.vimpo_adaptive_actor_coeff:
-            # The adaptive weight needs sum_v p_v^2, which TRL's fused head computes in the same vocabulary pass as
-            # the log-probs when asked at installation (GRPOTrainer installed it without): install it again, with
-            # that output, in place of GRPO's (same temperature and precision).
-            del policy_lm.forward
-            add_fused_lm_head(
-                policy_lm,
-                temperature=self.temperature,
-                cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
-                outputs=("log_probs", "entropy", "log_sum_sq_probs"),
+        prompt_learning = [
+            type(config).__name__
+            for config in getattr(self.model, "peft_config", {}).values()
+            if getattr(config, "is_prompt_learning", False)
+        ]
+        if prompt_learning:
+            raise ValueError(
+                f"VIMPOTrainer does not support prompt-learning PEFT methods (peft_config is a {prompt_learning[0]}): "
+                "VIMPO scores from the backbone's final hidden states, and prompt tuning, prefix tuning and P-tuning "
+                "act through the virtual tokens PeftModel.forward prepends, so their parameters would get no "
+                "gradient. Use a weight-based adapter such as LoRA (peft.LoraConfig)."
             )
+        policy_lm = self._unwrapped_causal_lm(self.model)
+        # VIMPO scores at loss time from float32 logits (gnivo_trl.scoring); the policy's log-probs TRL computes at
+        # generation time (old log-probs with num_iterations > 1 or vLLM's importance-sampling correction) must come
+        # from float32 logits too, or the PPO ratio would carry the rounding of bf16 logit tiles: install TRL's fused
+        # head again in place of GRPO's, same temperature and outputs, projecting in float32.
+        del policy_lm.forward
+        add_fused_lm_head(
+            policy_lm, temperature=self.temperature, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy")
+        )
         # Read once, here: accelerate wraps the models' forwards under mixed precision.
         ref_model, ref_context = self._reference_model()
         ref_lm = self._unwrapped_causal_lm(ref_model)
@@ -279,57 +289,75 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     def _token_scores(self, model, inputs: dict[str, Any]) -> TokenScores:
         """Both models' scores of a micro-batch's completion tokens (see `TokenScores`).
 
-        Each model runs TRL's fused forward once (`gnivo_trl.scoring.fused_forward_scores`: GRPO's own
-        log-prob path, with the MoE router loss where GRPO adds it); the exact or candidate-set KL then projects
-        both heads from the final hidden states that forward produced. Every rank runs the same forwards and the
-        same head gathers whatever its token count, so the collectives of DeepSpeed ZeRO-3 match across processes.
+        Each model's backbone runs once, through the model's own wrapper (`gnivo_trl.scoring.call_through`): the
+        reference's without gradient, in the context that selects it (under PEFT the adapter disabled; its LM head
+        is read there too); then, inside the policy's forward, the policy's backbone (with the MoE router loss where
+        GRPO adds it) and one float32 pass of both LM heads (`gnivo_trl.scoring.policy_reference_scores`), which
+        gives every score from the same logits. Every rank runs the same forwards and the same head gathers whatever
+        its token count, so the collectives of DeepSpeed ZeRO-3 match across processes.
         """
         input_ids, attention_mask, _ = prompt_completion_sequences(inputs)
         valid = inputs["completion_mask"].bool()
+        targets = inputs["completion_ids"][valid]
         ref_model, ref_context = self._reference_model()
+        ref_unwrapped = self.accelerator.unwrap_model(ref_model, keep_torch_compile=False)
         ref_lm = self._unwrapped_causal_lm(ref_model)
+        ref_settings, settings = self._ref_head_settings, self._policy_head_settings
         with torch.no_grad(), ref_context, self.accelerator.autocast():
-            ref = scoring.fused_forward_scores(
-                ref_model, ref_lm, self._ref_head_settings, input_ids, attention_mask, valid
+            ref = scoring.call_through(
+                ref_model,
+                ref_unwrapped,
+                lambda **sequences: scoring.completion_hidden_states(ref_lm, ref_settings, valid=valid, **sequences),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
             )
             ref_head = scoring.output_head(ref_lm)  # inside the context: the frozen head, also in modules_to_save
         policy_lm = self._unwrapped_causal_lm(model)
-        with self.accelerator.autocast():
-            policy = scoring.fused_forward_scores(
-                model,
-                policy_lm,
-                self._policy_head_settings,
-                input_ids,
-                attention_mask,
-                valid,
-                output_router_logits=self.aux_loss_enabled,
-            )
         estimator = self.args.vimpo_kl_estimator
-        if estimator in ("exact", "candidate_set"):  # from both heads' full distributions
-            both_models = (
+
+        def policy_forward(**sequences):
+            policy = scoring.completion_hidden_states(
+                policy_lm, settings, valid=valid, output_router_logits=self.aux_loss_enabled, **sequences
+            )
+            scores = scoring.policy_reference_scores(
                 policy.hidden,
                 scoring.output_head(policy_lm),
-                self._policy_head_settings,
+                settings,
                 ref.hidden,
                 ref_head,
-                self._ref_head_settings,
+                ref_settings,
+                targets,
+                candidate_topk=self.args.vimpo_candidate_kl_topk if estimator == "candidate_set" else None,
+                probability_square_sums=self.args.vimpo_adaptive_actor_coeff,
+                chunk_size=self.args.vimpo_kl_chunk_size,
             )
-            with self.accelerator.autocast():
-                if estimator == "exact":
-                    kl = scoring.exact_token_kl(*both_models, self.args.vimpo_kl_chunk_size)
-                else:
-                    kl = scoring.candidate_set_token_kl(
-                        *both_models, self.args.vimpo_candidate_kl_topk, self.args.vimpo_kl_chunk_size
-                    )
-            token_kl = torch.zeros_like(policy.log_probs).masked_scatter(valid, kl.to(valid.device))
+            return scores, policy.aux_loss
+
+        with self.accelerator.autocast():
+            scores, aux_loss = scoring.call_through(
+                model,
+                self.accelerator.unwrap_model(model, keep_torch_compile=False),
+                policy_forward,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+            )
+
+        def per_position(values: torch.Tensor) -> torch.Tensor:
+            # masked_scatter keeps the policy's log-probs connected to the model even with no valid token (as TRL's
+            # fused head does), so every rank runs the same backward.
+            return values.new_zeros(valid.shape).masked_scatter(valid, values.to(valid.device))
+
+        logp, ref_logp = per_position(scores.log_probs), per_position(scores.ref_log_probs)
+        if estimator == "exact":
+            token_kl = per_position(scores.kl)
+        elif estimator == "candidate_set":
+            token_kl = per_position(scores.candidate_kl)
         else:  # k2 / k3, from the sampled tokens' log-probs
-            token_kl = token_kl_estimate(policy.log_probs.detach(), ref.log_probs, estimator) * valid
+            token_kl = token_kl_estimate(logp.detach(), ref_logp, estimator) * valid
         square_sums = None
         if self.args.vimpo_adaptive_actor_coeff:  # every estimator, unlike the official code (k2/k3 skip it)
-            square_sums = torch.where(valid, policy.log_sum_sq_probs.detach().exp(), 0.0)
-        return TokenScores(
-            policy.log_probs, policy.entropy.detach(), ref.log_probs, token_kl, policy.aux_loss, square_sums
-        )
+            square_sums = per_position(scores.probability_square_sums)
+        return TokenScores(logp, per_position(scores.entropy), ref_logp, token_kl, aux_loss, square_sums)
 
     @torch.no_grad()
     def _whitened_advantages(self, scores: TokenScores, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -3,7 +3,7 @@ saved adapter reloads with ``PeftModel.from_pretrained`` to the same logits."""
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 from trainer_harness import build_trainer, record_scored_batches
 from transformers import AutoModelForCausalLM
 
@@ -132,3 +132,19 @@ def test_vimpo_reference_head_under_modules_to_save_is_the_frozen_one(tiny_model
     torch.testing.assert_close(batch["vimpo_token_kl"][mask].double(), true_kl[mask], rtol=1e-4, atol=1e-6)
     logged = [entry for entry in trainer.state.log_history if "vimpo/kl" in entry][0]["vimpo/kl"]
     assert logged == pytest.approx(true_kl[mask].mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "peft_config",
+    [
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    ],
+    ids=["prompt-tuning", "prefix-tuning"],
+)
+def test_vimpo_refuses_prompt_learning_adapters(peft_config, tiny_model_dir, tmp_path):
+    """VIMPO scores from the backbone's hidden states, which never sees PeftModel.forward's virtual tokens: a
+    prompt-learning adapter would train nothing, so it is refused at construction, with the fix."""
+    with pytest.raises(ValueError, match="prompt-learning PEFT methods") as error:
+        build_trainer("vimpo", tiny_model_dir, str(tmp_path), trainer_kwargs=dict(peft_config=peft_config))
+    assert type(peft_config).__name__ in str(error.value) and "LoraConfig" in str(error.value)

@@ -2,7 +2,8 @@
 
 Runs ``benchmarks/vimpo_kl_memory.py``'s measurement at a vocabulary of 32k and 512 tokens: the naive reference
 keeps the full (N, V) logits of both models, both float32 log-softmaxes and their difference; VIMPOTrainer's path
-(``gnivo_trl.scoring.exact_token_kl``: TRL's divergence kernel) runs the KL in 4 chunks of 128 tokens. Each variant runs in a fresh process and reports its peak
+(``gnivo_trl.scoring.policy_reference_scores``: one float32 pass of both heads) runs the KL in 4 chunks of 128
+tokens. Each variant runs in a fresh process and reports its peak
 resident-set growth (see the benchmark's docstring for the method); the two run side by side to save wall time.
 This is a property of the chunking (a few ``(chunk, V)`` float32 tensors instead of several ``(N, V)``), not a
 timing, so the bound is loose.

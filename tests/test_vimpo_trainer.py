@@ -25,6 +25,7 @@ from trainer_harness import (
 )
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from gnivo_trl import VIMPOConfig, VIMPOTrainer
 from gnivo_trl.group_bookkeeping import loss_mask
@@ -405,9 +406,9 @@ def test_evaluation_logs_finite_loss(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("cast_lm_head_to_fp32", [False, True])
-def test_bf16_scores_match_trls_fused_head(cast_lm_head_to_fp32, tiny_model_dir, tmp_path):
-    """In bf16 both models' log-probs round exactly where TRL's fused head rounds them (bf16 tiles, or a float32 head
-    with cast_lm_head_to_fp32): they agree with GRPO's own forward to float32 rounding."""
+def test_bf16_scores_are_trls_fused_head_in_float32(cast_lm_head_to_fp32, tiny_model_dir, tmp_path):
+    """With bf16 weights both models' log-probs are those of TRL's fused head projecting in float32 (bf16 hidden
+    states and head, float32 logits), whatever cast_lm_head_to_fp32 says: VIMPO never rounds its logits to bf16."""
     trainer = build_trainer(
         "vimpo",
         tiny_model_dir,
@@ -420,11 +421,52 @@ def test_bf16_scores_match_trls_fused_head(cast_lm_head_to_fp32, tiny_model_dir,
     mask = loss_mask(batch)
     scores = trainer._token_scores(trainer.model, batch)
     ids, attention, C = _sequences(batch)
+    # TRL's fused head in float32 on the reference too (VIMPOTrainer already installed it so on the policy).
+    del trainer.ref_model.forward
+    add_fused_lm_head(trainer.ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=True)
     with torch.no_grad():
         trl_policy, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, C)
         trl_ref, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, ids, attention, C)
-    torch.testing.assert_close(scores.logp.detach(), trl_policy.float() * mask, rtol=0, atol=1e-4)
-    torch.testing.assert_close(scores.ref_logp, trl_ref.float() * mask, rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores.logp.detach(), trl_policy.float() * mask, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores.ref_logp, trl_ref.float() * mask, rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_rho_is_the_float32_logits_rho(tiny_model_dir, tmp_path):
+    """Under bf16 autocast with float32 weights (GRPOConfig's GPU default) each token's rho = log pi - log pi_ref is
+    within 1e-5 of its value from float32 logits of the same hidden states (float32 heads, float64 log-softmax)
+    after the policy's weights moved by 1e-3 (relative). The final norm is scaled so that the logits have a real
+    model's size (largest logit about 15): logit tiles rounded to bf16 put about 2**-9 of that into each rho, more
+    than the true rho of such a move, and VIMPO sums rho over whole completions (issue 32)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(50.0)
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), model=model, bf16=True, temperature=0.7)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.model.lm_head.weight.dtype == torch.float32
+    batch = moved_policy_batch(trainer, scale=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.mul_(1 + 1e-3 * torch.randn_like(p))
+    scores = trainer._token_scores(trainer.model, batch)
+    ids, attention, C = _sequences(batch)
+    valid = batch["completion_mask"].bool()
+
+    def float32_logits(causal_lm) -> torch.Tensor:
+        with torch.no_grad(), trainer.accelerator.autocast():  # the same hidden states as the scoring's
+            hidden = causal_lm.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -C - 1 : -1]
+        return hidden.float() @ causal_lm.lm_head.weight.float().T  # a float32 projection of float32 heads
+
+    def sampled_log_probs(logits: torch.Tensor) -> torch.Tensor:
+        log_probs = (logits.double() / 0.7).log_softmax(-1)
+        return log_probs.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+
+    policy_logits = float32_logits(trainer.model)
+    expected = sampled_log_probs(policy_logits) - sampled_log_probs(float32_logits(trainer.ref_model))
+    assert policy_logits.amax(-1)[valid].median() > 10  # logits of a real model's size
+    assert 1e-3 < expected[valid].abs().max() < 0.1  # the policy moved, a little
+    rho = (scores.logp.detach() - scores.ref_logp).double()
+    torch.testing.assert_close(rho[valid], expected[valid], rtol=0, atol=1e-5)
 
 
 CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
