@@ -26,7 +26,8 @@ Scenarios (the no-grad forwards TRL itself runs at scoring time differ between t
 
 * ``aligned``: one optimizer step per generation batch in one micro-batch, transformers generation (TRL's defaults
   without vLLM): GRPO computes no old log-probs. VIMPO scores at loss time only: the reference's forward, the
-  policy's forward and backward, and the exact KL from both models' hidden states (TRL's kernels).
+  policy's forward and backward, and one pass of both LM heads for the log-probabilities and the KL
+  (``gnivo_trl.scoring``; with ``@before``, TRL's fused heads and its divergence kernel for the KL).
 * ``old-logps``: ``num_iterations=2``, so TRL computes the policy's old log-probs at scoring time, the same no-grad
   forward it runs with vLLM's importance-sampling correction (TRL's default with vLLM), for every method alike.
 
@@ -85,6 +86,10 @@ METHODS = [
     "vimpo/adaptive",
 ]
 OLD_LOGPS_METHODS = ["grpo", "grpo+ref", "gnivo/token", "vimpo/exact", "vimpo/k3"]
+# VIMPO's scoring before issue 32 (benchmarks/vimpo_before.py), to measure old and new side by side in one run.
+BEFORE = "@before"
+VIMPO_METHODS = [method for method in METHODS if method.startswith("vimpo/")]
+ALL_METHODS = METHODS + [method + BEFORE for method in VIMPO_METHODS]
 SCENARIOS = {"aligned": dict(num_iterations=1), "old-logps": dict(num_iterations=2)}
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
 PROMPT_LENGTH = 128
@@ -180,13 +185,17 @@ def build_trainer(
     shape_name: str | None = None,
     num_completions: int = NUM_COMPLETIONS,
     model_dtype: str | None = None,
+    prompt_length: int = PROMPT_LENGTH,
+    num_groups: int = 1,
 ):
     """A trainer of ``method`` whose generation returns fixed completions of ``length`` tokens, and its input rows.
 
-    ``num_completions`` completions form one group (``num_generations``) in one micro-batch (benchmarks/gpu_check.py
-    measures B = 2 and 8). ``model_dtype`` (e.g. ``"bfloat16"``) is the dtype TRL loads the policy and reference in;
-    None means bfloat16 on CUDA (the anchor's setting) and TRL's default elsewhere, which is float32 whatever dtype
-    the checkpoint was saved in.
+    ``num_groups`` groups of ``num_completions`` completions each (``num_generations``), all in one micro-batch
+    (benchmarks/gpu_check.py measures one group of B = 2 and 8; benchmarks/flops.py 2 groups of 2), after distinct
+    prompts of ``prompt_length`` tokens. ``model_dtype`` (e.g. ``"bfloat16"``) is the dtype TRL loads the policy and
+    reference in; None means bfloat16 on CUDA (the anchor's setting) and TRL's default elsewhere, which is float32
+    whatever dtype the checkpoint was saved in. A VIMPO method with the suffix ``@before`` scores through the path
+    before issue 32 (``benchmarks/vimpo_before.py``).
     """
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast
@@ -200,7 +209,7 @@ def build_trainer(
         bf16=device == "cuda",
         gradient_checkpointing=True,
         num_generations=num_completions,
-        per_device_train_batch_size=num_completions,
+        per_device_train_batch_size=num_completions * num_groups,
         max_completion_length=length,
         max_steps=1,
         report_to="none",
@@ -214,6 +223,7 @@ def build_trainer(
         model_dtype = "bfloat16"  # TRL would load the bf16 checkpoint in float32
     if model_dtype is not None:
         common["model_init_kwargs"] = {"dtype": model_dtype}
+    method, before = method.removesuffix(BEFORE), method.endswith(BEFORE)
     family, _, variant = method.partition("/")
     if family.startswith("grpo"):
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
@@ -228,8 +238,8 @@ def build_trainer(
         config_cls, trainer_cls = VIMPOConfig, VIMPOTrainer
         common["vimpo_kl_estimator"] = variant
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer would pick Qwen2's BPE class
-    prompt = " ".join(f"w{4 + i}" for i in range(PROMPT_LENGTH))
-    dataset = Dataset.from_dict({"prompt": [prompt] * max(4, num_completions)})
+    prompts = [" ".join(f"w{4 + group + i}" for i in range(prompt_length)) for group in range(num_groups)]
+    dataset = Dataset.from_dict({"prompt": prompts * max(4, num_completions)})
     vocab_size = model_shape(device, shape_name)["vocab_size"]
     completions = fixed_completions(length, vocab_size, num_completions=num_completions)
 
@@ -248,11 +258,16 @@ def build_trainer(
         return [list(completions[i % num_completions]) for i in range(len(prompt_ids))], None
 
     trainer._generate_single_turn = generate
+    if before:
+        from benchmarks.vimpo_before import use_path_before
+
+        use_path_before(trainer)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss is called directly here
     if device == "cuda":
         trainer.model.to("cuda")
-    return trainer, [dict(row) for row in dataset.select(range(num_completions))]
+    # The generation batch as TRL's sampler lays it out: each group's prompt repeated num_completions times.
+    return trainer, [dict(dataset[group]) for group in range(num_groups) for _ in range(num_completions)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -428,7 +443,7 @@ def kl_memory_section(tokens: int, device: str, command: str, shape_name: str | 
         f"(`benchmarks/vimpo_kl_memory.py`: float32 heads of the configuration's shape, V={vocab:,}, H={hidden}, "
         f"{tokens} tokens, glibc mmap threshold pinned low). The naive variant holds both models' (N, V) logits, their "
         "float32 log-softmaxes and the difference, as the VIMPO port of the anchor measurements does; VIMPO "
-        f"(TRL's divergence kernel on chunks of `vimpo_kl_chunk_size` = {chunked.chunk_size} tokens) holds two "
+        f"(one float32 pass of both heads on tiles of `vimpo_kl_chunk_size` = {chunked.chunk_size} tokens) holds two "
         f"(chunk, 32768) float32 tiles. One (N, V) float32 tensor is {one_tensor:,.0f} MiB.",
         "",
         "| variant | peak MiB | ratio to naive | max abs difference of the KL |",
@@ -467,8 +482,9 @@ def write_report(
         f"(one group) of exactly T tokens after a {PROMPT_LENGTH}-token prompt, the same fixed tokens for every method "
         f"(generation stubbed out), a step delimiter every {STEP_EVERY} tokens. One step = scoring (the no-grad "
         "forwards of `_generate_and_score_completions`: old log-probs where TRL computes them, GRPO+ref's reference "
-        "forward; VIMPO runs none of its own) + loss step (forward, loss, backward; VIMPO's reference forward, exact "
-        "KL on TRL's kernels and advantages are computed here). Each figure is "
+        "forward; VIMPO runs none of its own) + loss step (forward, loss, backward; VIMPO's reference forward, KL "
+        "and advantages are computed here; `@before`: VIMPO's scoring before issue 32, `benchmarks/vimpo_before.py`). "
+        "Each figure is "
         f"the median over {repeats} repetitions of the ratio to the baseline measured in the same repetition (methods "
         "interleaved).",
     ]
@@ -544,13 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
     parser.add_argument(
-        "--methods", nargs="+", default=METHODS, choices=METHODS, help="methods of the aligned scenario"
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        choices=ALL_METHODS,
+        help=f"methods of the aligned scenario (VIMPO's with {BEFORE}: the scoring path before issue 32)",
     )
     parser.add_argument(
         "--old-logps-methods",
         nargs="*",
         default=OLD_LOGPS_METHODS,
-        choices=METHODS,
+        choices=ALL_METHODS,
         help="methods of the old-logps scenario (none: skip it)",
     )
     parser.add_argument("--repeats", type=int, default=5)

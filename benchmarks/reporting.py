@@ -22,7 +22,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 ARCHIVE = RESULTS / "archive"
-STUDIES = ("learning", "fair_comparison", "paper_claims", "agents", "credit", "overhead", "gpu_check")
+STUDIES = ("learning", "fair_comparison", "paper_claims", "agents", "credit", "overhead", "gpu_check", "flops")
 
 
 def results_dir(study: str) -> Path:
