@@ -8,7 +8,10 @@ cpu --smoke`` runs every part at a tiny shape on CPU (the smoke test in ``tests/
    (V = 151,936, bf16 weights, gradient checkpointing), B = 2 and 8 completions (one group), T = 1024, 4096 and 8192
    completion tokens after a 128-token prompt, as ratios to GRPO / GRPO with a reference model. The measurement is
    ``benchmarks/overhead.py``'s (``build_trainer``, ``one_step``: scoring + loss step, fixed completions, methods
-   interleaved, median of per-repetition ratios); the aligned scenario only (TRL's default layout).
+   interleaved, median of per-repetition ratios); the aligned scenario only (TRL's default layout). VIMPO's scoring
+   before issue 32 (``vimpo/exact@before``, ``benchmarks/vimpo_before.py``) runs beside the current one; and at the
+   smallest B and the two shortest T, GRPO with a reference model and VIMPO (now and before) again with float32
+   weights under bf16 autocast (TRL's default loading), where VIMPO's float32 head projection is a float32 GEMM.
 2. **anchor**: the same figures at B = 2, T = 4096 against the H100 anchor measurement (``benchmarks/README.md``, "The
    H100 anchor": GRPO with a reference model 0.188 s, 14.19 GiB).
 3. **end-to-end**: ``trainer.train()`` for 20 steps of GRPO, GN-IVO and VIMPO with transformers generation (real
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -71,7 +75,11 @@ overhead.MODEL_SHAPES.setdefault(
     ),
 )
 
-METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "vimpo/exact", "vimpo/k3"]
+METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "vimpo/exact", "vimpo/k3", "vimpo/exact@before"]
+# VIMPO projects its LM heads in float32 from the stored weights: with float32 weights under bf16 autocast (TRL's
+# default loading) that is a float32 GEMM where GRPO's fused head runs a bf16 one. Timed at the smallest B and the two
+# shortest T, against GRPO with a reference model and VIMPO's scoring before issue 32 (bf16 logit tiles).
+FLOAT32_WEIGHTS_METHODS = ["grpo+ref", "vimpo/exact", "vimpo/exact@before"]
 ANCHOR = {  # benchmarks/README.md, "The H100 anchor": H100 80GB, Qwen2-0.5B shape, bf16, B=2 after a 128-token prompt
     "device": "NVIDIA H100 80GB",
     "batch": 2,
@@ -241,11 +249,19 @@ def _fmt_ratio(value: float) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def measure_overhead(settings: Settings, model_dir: str, workdir: Path, deadline: float) -> dict:
+def measure_overhead(
+    settings: Settings,
+    model_dir: str,
+    workdir: Path,
+    deadline: float,
+    methods: list[str] = METHODS,
+    model_dtype: str | None = None,
+) -> dict:
     """Step figures per (B, T, method): a list of ``overhead.one_step`` dicts, or a string (``OOM``, error, skip).
 
     ``deadline`` (``time.time()`` seconds) is when the part must end: a size whose estimated cost (the previous size's
     time scaled by its token count, with a margin for attention's quadratic term) would pass it is skipped.
+    ``model_dtype``: the weights' dtype (default ``settings.model_dtype``).
     """
     vocab = overhead.model_shape(settings.device, settings.shape)["vocab_size"]
     results: dict[tuple[int, int, str], list[dict] | str] = {}
@@ -263,10 +279,10 @@ def measure_overhead(settings: Settings, model_dir: str, workdir: Path, deadline
         trainers: dict[str, tuple] = {}
         reason = skip_reason(batch * min(settings.lengths))  # not even this B's cheapest size fits: build nothing
         if reason:
-            results.update({(batch, length, method): reason for length in settings.lengths for method in METHODS})
+            results.update({(batch, length, method): reason for length in settings.lengths for method in methods})
             continue
         try:
-            for method in METHODS:
+            for method in methods:
                 trainers[method] = overhead.build_trainer(
                     method,
                     model_dir,
@@ -275,7 +291,7 @@ def measure_overhead(settings: Settings, model_dir: str, workdir: Path, deadline
                     str(workdir / "out"),
                     shape_name=settings.shape,
                     num_completions=batch,
-                    model_dtype=settings.model_dtype,
+                    model_dtype=model_dtype or settings.model_dtype,
                 )
             # overhead.PeakMemory runs gc.collect() twice a step; over the heap of six trainers and their libraries
             # that takes about 0.3 s each time. Frozen objects are not scanned (only the step's new ones), and the
@@ -286,12 +302,12 @@ def measure_overhead(settings: Settings, model_dir: str, workdir: Path, deadline
                 tokens = batch * length
                 reason = skip_reason(tokens)
                 if reason:
-                    results.update({(batch, length, method): reason for method in METHODS})
+                    results.update({(batch, length, method): reason for method in methods})
                     continue
                 started = time.time()
                 completions = overhead.fixed_completions(length, vocab, num_completions=batch)
                 live = []
-                for method in METHODS:
+                for method in methods:
                     earlier_oom = any(
                         results.get((batch, shorter, method)) == "OOM"
                         for shorter in settings.lengths
@@ -318,7 +334,7 @@ def measure_overhead(settings: Settings, model_dir: str, workdir: Path, deadline
                         else:
                             results.setdefault((batch, length, method), []).append(outcome)
                 last_cost = (tokens, time.time() - started)
-                for method in METHODS:
+                for method in methods:
                     figures = results[(batch, length, method)]
                     text = (
                         figures
@@ -419,6 +435,37 @@ def overhead_section(settings: Settings, results: dict) -> list[str]:
                 for length in settings.lengths
             ]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines
+
+
+def float32_weights_section(settings: Settings, results: dict) -> list[str]:
+    """VIMPO's float32 head projection with float32 weights under bf16 autocast, against GRPO with a reference."""
+    batch, lengths = min(settings.batches), settings.lengths[:2]
+    lines = [
+        "",
+        f"### B={batch}: float32 weights under bf16 autocast (TRL's default loading), ratio to GRPO with a reference "
+        "model: time, memory",
+        "",
+        "VIMPO projects both LM heads in float32 from the stored weights (`gnivo_trl.scoring`), so that `rho` and the KL "
+        "come from the same float32 logits; with float32 weights that is a float32 GEMM where GRPO's fused head runs "
+        "a bf16 one. `vimpo/exact@before`: VIMPO's scoring before issue 32 (bf16 logit tiles for `rho`).",
+        "",
+        "| method | " + " | ".join(f"T={t}" for t in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for method in FLOAT32_WEIGHTS_METHODS:
+        cells = []
+        for length in lengths:
+            figures = results.get((batch, length, method), "not run")
+            if isinstance(figures, str):
+                cells.append(figures)
+                continue
+            ratios = [_ratio(results, batch, length, method, "grpo+ref", key) for key in ("step_s", "peak_mib")]
+            cells.append(
+                f"{_fmt_ratio(ratios[0])}, {_fmt_ratio(ratios[1])} ({_median(figures, 'step_s'):.4f} s, "
+                f"{_median(figures, 'peak_mib'):,.0f} MiB)"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -1126,6 +1173,18 @@ def main(argv: list[str] | None = None) -> int:
                 lines = overhead_section(settings, results)
                 if skipped:
                     lines += ["", "Skipped for the time budget: " + ", ".join(f"B={b} T={t}" for b, t in skipped)]
+                float32_settings = dataclasses.replace(
+                    settings, batches=(min(settings.batches),), lengths=settings.lengths[:2]
+                )
+                float32_results = measure_overhead(
+                    float32_settings,
+                    shared_model_dir(),
+                    workdir,
+                    budget.start + budget.total_s - reserve,
+                    FLOAT32_WEIGHTS_METHODS,
+                    model_dtype="float32",
+                )
+                lines += float32_weights_section(settings, float32_results)
                 return lines
 
             parts["overhead"] = run_part(

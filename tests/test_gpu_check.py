@@ -22,7 +22,7 @@ SECTIONS = [
     "## 4. Numerics (bf16, float32 weights under autocast)",
     "## 5. DeepSpeed ZeRO-2 / ZeRO-3",
 ]
-METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "vimpo/exact", "vimpo/k3"]
+METHODS = ["grpo", "grpo+ref", "gnivo/token", "gnivo/step", "vimpo/exact", "vimpo/k3", "vimpo/exact@before"]
 
 
 def _table_rows(report: str, heading: str) -> list[str]:
@@ -68,6 +68,11 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
                 assert all(math.isfinite(float(v)) and float(v) >= 0 for v in values), row
             if title == "Step time":
                 assert all(cell.startswith("1.000 / ") for cell in rows[0].split(" | ")[1:])
+
+    # VIMPO's float32 head projection with float32 weights, against GRPO with a reference model.
+    rows = _table_rows(report, "### B=2: float32 weights under bf16 autocast")
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["grpo+ref", "vimpo/exact", "vimpo/exact@before"]
+    assert rows[0].split(" | ")[1].startswith("1.000, ")  # the baseline against itself
 
     targets = _table_rows(report, "## Targets")
     assert len(targets) == 6 and all(re.search(r"\*\*(met|missed|not measured)\*\*|indicative", t) for t in targets)
