@@ -518,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         counts = run(args.lengths, args.methods, args.layouts, args.shape, Path(workdir), args.direct)
         if args.check_direct is not None and not args.direct:
-            checked = args.check_direct or [BASELINE, "vimpo/exact", "vimpo/exact" + overhead.BEFORE]
+            default = [BASELINE, "vimpo/exact", "vimpo/exact" + overhead.BEFORE]
+            checked = args.check_direct or [method for method in default if method in args.methods]
+            if not set(checked) <= set(args.methods):
+                parser.error("--check-direct methods must be among --methods")
             length, layout = args.lengths[0], args.layouts[0]
             direct = run([length], checked, [layout], args.shape, Path(workdir) / "direct", direct=True)
             find = {(c.method, c.layout, c.length): c for c in counts}

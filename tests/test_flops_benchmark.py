@@ -46,10 +46,16 @@ def test_head_projections_per_completion_token(method, expected, model_dirs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(flops.LAYOUTS))
 @pytest.mark.parametrize(
-    "method",
-    ["grpo+ref", "gnivo/sequence", "vimpo/candidate_set", "vimpo/k3", "vimpo/adaptive", "vimpo/candidate_set@before"],
+    ("method", "layout"),
+    [
+        ("grpo+ref", "cpu"),
+        ("gnivo/sequence", "cuda"),
+        ("vimpo/candidate_set", "cuda"),
+        ("vimpo/adaptive", "cpu"),
+        ("vimpo/candidate_set@before", "cuda"),
+        ("vimpo/adaptive@before", "cpu"),
+    ],
 )
 def test_skipping_the_counted_ops_counts_what_computing_them_counts(method, layout, model_dirs):
     """The benchmark skips the counted ops (zeros of the right shape) to count a 0.5B model on a CPU: the count, op
@@ -59,7 +65,7 @@ def test_skipping_the_counted_ops_counts_what_computing_them_counts(method, layo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "vimpo/exact", "vimpo/adaptive@before"])
+@pytest.mark.parametrize("method", ["grpo+ref", "vimpo/candidate_set@before"])
 def test_counts_are_affine_in_the_layers_and_the_vocabulary(method, model_dirs):
     """The count at 3 layers and V = 1289, op by op, is the one extended from the reduced shapes (how the benchmark
     counts the 24-layer, 151,936-entry shape)."""
@@ -71,7 +77,7 @@ def test_counts_are_affine_in_the_layers_and_the_vocabulary(method, model_dirs):
 @pytest.mark.slow
 def test_report_has_both_layouts_and_the_direct_check(tmp_path):
     output = tmp_path / "flops.md"
-    methods = ["grpo", "grpo+ref", "vimpo/exact", "vimpo/exact@before"]
+    methods = ["grpo+ref", "vimpo/exact", "vimpo/exact@before"]
     argv = ["--shape", SHAPE, "--lengths", "16", "--methods", *methods, "--check-direct", "--output", str(output)]
     assert flops.main(argv) == 0
     report = output.read_text()
