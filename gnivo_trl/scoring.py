@@ -573,7 +573,9 @@ def policy_reference_scores(
     accumulated in float32; float32 weights a float32 GEMM); the backward recomputes the policy's tile once. Working
     memory: two float32 `(chunk_size, vocab_tile)` tiles (256 MiB at the defaults) plus the fold's temporaries on
     devices without Triton. Both heads are gathered (ZeRO-3) once per pass, and the policy's once more in the
-    backward, by every rank whatever its token count (also 0).
+    backward, by every rank whatever its token count (also 0). On CUDA with TF32 matrix products allowed
+    (`torch.backends.cuda.matmul.allow_tf32`, `TrainingArguments(tf32=True)`) a float32 projection rounds its inputs
+    to TF32's 10-bit mantissa: leave TF32 off for VIMPO.
 
     Args:
         policy_hidden, ref_hidden: `(N, H)` final hidden states of each model that predict the same `N` tokens (moved
