@@ -25,7 +25,8 @@ How it counts:
   batch), and extended to the 24 layers and 151,936 entries of the shape: a 0.5B-parameter step with 151,936-wide
   folds takes minutes and 10 GB on a CPU, these take seconds. ``--check-direct`` adds direct counts of the whole
   model for a few cells to the report (they must be equal; about 4 minutes and 10 GB each at T=512), ``--direct``
-  counts every cell that way; the tests check the identity at a tiny shape.
+  counts every cell that way; the tests check the identity at a tiny shape, with vocabularies of one and of
+  three 32,768-entry tiles.
 * Each counted op is attributed to the kernel it ran in (the first frame of TRL's ``chunked_logprob`` /
   ``chunked_divergence`` kernels, of ``gnivo_trl.scoring``'s pass of both heads, or of the old candidate-set
   projection, found on the Python stack; everything else is the backbone) and is an LM-head projection when one of its
@@ -382,6 +383,24 @@ def _label(method: str) -> tuple[str, str]:
     return method, "after" if method.startswith("vimpo/") else "-"
 
 
+def _extension_note(shape: dict, checks: list[tuple[StepCount, StepCount]]) -> str:
+    """How the counts were extended from reduced shapes, and what checks the extension."""
+    note = (
+        f"Counted at (decoder layers, vocabulary) = {', '.join(map(str, REDUCED))}, everything else at full size, and "
+        f"extended to ({shape['num_hidden_layers']}, {shape['vocab_size']:,}) with `F(L, V) = F(1, V1) + (L - 1) "
+        "(F(2, V1) - F(1, V1)) + (V - V1) (F(1, V2) - F(1, V1)) / (V2 - V1)`, op by op and kernel by kernel: the "
+        "decoder layers all have the same shapes, and the LM head's matrix products cost `2 N H` per vocabulary entry "
+        "however the vocabulary is tiled (nothing else depends on V). The extension refuses a count that is not "
+        "affine (a remainder or a negative count); `tests/test_flops_benchmark.py` checks it at a tiny shape against "
+        "direct counts of more layers and of vocabularies of one and of several 32,768-entry tiles. "
+    )
+    if not checks:
+        return note + "No direct count of the whole model was made for this report."
+    if all(extended.by_kernel == counted.by_kernel for extended, counted in checks):
+        return note + "The direct counts of the whole model at the end are equal to the extended ones, op by op."
+    return note + "**Some direct counts of the whole model at the end differ from the extended ones.**"
+
+
 def write_report(
     counts: list[StepCount],
     lengths,
@@ -410,13 +429,7 @@ def write_report(
         "per completion token (V the vocabulary, H the hidden size). `before`: VIMPO's scoring before issue 32 "
         "(`benchmarks/vimpo_before.py`, the code of commit 19d62dc); `after`: one float32 pass of both heads "
         "(`gnivo_trl.scoring.policy_reference_scores`). "
-        + (
-            "Counted on the model itself."
-            if direct
-            else f"Counted at (decoder layers, vocabulary) = {', '.join(map(str, REDUCED))} and extended to "
-            f"({shape['num_hidden_layers']}, {shape['vocab_size']:,}): a step's count is affine in both, op by op "
-            "(`benchmarks/flops.py`), and the direct counts at the end agree."
-        ),
+        + ("Counted on the model itself." if direct else _extension_note(shape, checks)),
         "",
         "Ops that look like matrix products or attention and have no formula: "
         + (", ".join(f"`{name}`" for name in uncounted) if uncounted else "none")
@@ -452,22 +465,29 @@ def write_report(
                     f"| {name} | {path} | {layout} | {length} | {c.total / 1e12:.4f} | {c.head / 1e12:.4f} | "
                     f"{(c.total - c.head) / 1e12:.4f} |"
                 )
-    length, layout = lengths[0], layouts[0]
-    lines += [
-        "",
-        f"## Where each projection goes (T={length}, {LAYOUT_TITLES[layout]})",
-        "",
-        "Every counted op, by the kernel it ran in; `head` marks LM-head projections (an operand with a vocabulary "
-        "dimension). GFLOP, and for head ops the projections per completion token.",
-    ]
-    for method in methods:
-        c = find[(method, layout, length)]
-        name, path = _label(method)
-        lines += ["", f"### {name} ({path})", "", "| kernel | op | head | GFLOP | projections per completion token |"]
-        lines.append("|---|---|---|---|---|")
-        for (kernel, op, is_head), flops in sorted(c.by_kernel.items(), key=lambda item: (not item[0][2], item[0])):
-            share = f"{c.projections(flops):.3f}" if is_head else ""
-            lines.append(f"| {kernel} | {op} | {'head' if is_head else ''} | {flops / 1e9:,.3f} | {share} |")
+    length = lengths[0]
+    for layout in layouts:
+        lines += [
+            "",
+            f"## Where each projection goes (T={length}, {LAYOUT_TITLES[layout]})",
+            "",
+            "Every counted op, by the kernel it ran in; `head` marks LM-head projections (an operand with a "
+            "vocabulary dimension). GFLOP, and for head ops the projections per completion token.",
+        ]
+        for method in methods:
+            c = find[(method, layout, length)]
+            name, path = _label(method)
+            lines += [
+                "",
+                f"### {name} ({path}), {layout} layout",
+                "",
+                "| kernel | op | head | GFLOP | projections per completion token |",
+                "|---|---|---|---|---|",
+            ]
+            by_kernel = sorted(c.by_kernel.items(), key=lambda item: (not item[0][2], item[0]))
+            for (kernel, op, is_head), flops in by_kernel:
+                share = f"{c.projections(flops):.3f}" if is_head else ""
+                lines.append(f"| {kernel} | {op} | {'head' if is_head else ''} | {flops / 1e9:,.3f} | {share} |")
     if checks:
         lines += [
             "",

@@ -12,8 +12,9 @@ SHAPE = "smoke"  # V = 1024, H = 32, 2 layers
 LENGTH = 16
 
 
-# The reduced shapes a count is extended from, the smoke shape itself (2 layers, V = 1024) and another point.
-POINTS = [*flops.REDUCED, (2, 1024), (3, 1289)]
+# The reduced shapes a count is extended from, the smoke shape itself (2 layers, V = 1024) and two other points: one
+# vocabulary tile as at the reduced shapes, and three 32,768-entry tiles (the last one partial) as at V = 151,936.
+POINTS = [*flops.REDUCED, (2, 1024), (3, 1289), (3, 70001)]
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +66,25 @@ def test_skipping_the_counted_ops_counts_what_computing_them_counts(method, layo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo+ref", "vimpo/candidate_set@before"])
-def test_counts_are_affine_in_the_layers_and_the_vocabulary(method, model_dirs):
-    """The count at 3 layers and V = 1289, op by op, is the one extended from the reduced shapes (how the benchmark
-    counts the 24-layer, 151,936-entry shape)."""
-    counted = {point: _count(model_dirs, method, "cpu", point) for point in flops.REDUCED}
-    extended = flops.StepCount.extended(counted, 3, 1289)
-    assert extended.by_kernel == _count(model_dirs, method, "cpu", (3, 1289)).by_kernel
+@pytest.mark.parametrize(
+    ("method", "layout", "target"),
+    [
+        ("grpo+ref", "cpu", (3, 1289)),
+        ("vimpo/candidate_set@before", "cpu", (3, 1289)),
+        ("grpo+ref", "cuda", (3, 70001)),
+        ("vimpo/exact", "cuda", (3, 70001)),
+        ("vimpo/exact@before", "cpu", (3, 70001)),
+    ],
+)
+def test_counts_are_affine_in_the_layers_and_the_vocabulary(method, layout, target, model_dirs):
+    """The count at 3 layers and V = 1289 or 70,001 (three vocabulary tiles of TRL's kernels and of VIMPO's pass, the
+    last one partial), op by op and kernel by kernel, is the one extended from the reduced shapes, whose vocabularies
+    fit one tile: how the benchmark counts the 24-layer, 151,936-entry shape."""
+    counted = {point: _count(model_dirs, method, layout, point) for point in flops.REDUCED}
+    extended = flops.StepCount.extended(counted, *target)
+    direct = _count(model_dirs, method, layout, target)
+    assert extended.by_kernel == direct.by_kernel and extended.head > 0
+    assert extended.projections() == direct.projections()
 
 
 @pytest.mark.slow
@@ -86,4 +99,7 @@ def test_report_has_both_layouts_and_the_direct_check(tmp_path):
     assert "| grpo+ref | - | 5.000 | 1.0000 |" in report  # the CUDA layout's table comes first
     assert "| vimpo/exact | after | 5.000 | 1.0000 |" in report and "| vimpo/exact | before | 7.000 |" in report
     assert report.count("| yes |") == 3 and "**no**" not in report
+    assert "The direct counts of the whole model at the end are equal to the extended ones" in report
+    for layout in flops.LAYOUTS:  # the op list by kernel, in both layouts
+        assert f"### vimpo/exact (after), {layout} layout" in report
     assert "have no formula: none." in report
