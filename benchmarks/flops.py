@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     if BASELINE not in args.methods:
         parser.error(f"--methods must include the baseline {BASELINE}")
     import torch
