@@ -259,7 +259,7 @@ def prepare_for_scoring(
     TRL's head (e.g. `trainer.model`) is returned untouched, whatever the arguments.
     """
     if not scoring.has_fused_head(model):  # anywhere in its forward chain: never patch TRL's head twice
-        from trl.trainer.utils import add_fused_lm_head
+        from trl.trainer import add_fused_lm_head
 
         add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     return model

@@ -35,17 +35,11 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from trl import GRPOTrainer
-from trl.extras.profiling import profiling_decorator
-from trl.models.utils import prepare_deepspeed, prepare_fsdp
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import (
-    add_fused_lm_head,
-    disable_dropout_in_model,
-    split_pixel_values_by_grid,
-    split_tensor_dict,
-    unsplit_pixel_values_by_grid,
-)
+from trl import GRPOTrainer, SyncRefModelCallback
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer import add_fused_lm_head, disable_dropout_in_model
+
+from ._trl_private import profiled, trl_private
 
 __all__ = [
     "GroupBookkeepingMixin",
@@ -299,7 +293,7 @@ class GroupBookkeepingMixin:
     def _group_size(self, mode: str) -> int:
         return self.num_generations if mode == "train" else self.num_generations_eval
 
-    @profiling_decorator
+    @profiled
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         try:
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -406,7 +400,7 @@ class GroupBookkeepingMixin:
         total, total_count = self.accelerator.reduce(stats, reduction="sum").tolist()
         self._metrics[mode][name].append(total / total_count if total_count > 0 else float("nan"))
 
-    @profiling_decorator
+    @profiled
     def _prepare_inputs(self, generation_batch):
         if not self.model.training or not self._keeps_groups_whole:
             return super()._prepare_inputs(generation_batch)
@@ -416,6 +410,9 @@ class GroupBookkeepingMixin:
         # that changes this buffering fails test_whole_group_buffering_is_trls_with_only_the_shuffle_changed.
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
+            split_pixel_values_by_grid = trl_private("trl.trainer.utils", "split_pixel_values_by_grid")
+            split_tensor_dict = trl_private("trl.trainer.utils", "split_tensor_dict")
+            unsplit_pixel_values_by_grid = trl_private("trl.trainer.utils", "unsplit_pixel_values_by_grid")
             batch = self._generate_and_score_completions(generation_batch)
             batch = split_pixel_values_by_grid(batch)
             batch = shuffle_whole_groups(batch, self.num_generations)

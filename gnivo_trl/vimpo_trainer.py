@@ -61,13 +61,12 @@ import textwrap
 from typing import Any, NamedTuple
 
 import torch
-from trl import GRPOTrainer
-from trl.extras.profiling import profiling_decorator
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import add_fused_lm_head, get_config_model_id, use_adapter
+from trl import GRPOTrainer, SyncRefModelCallback
+from trl.trainer import add_fused_lm_head
 
 from . import scoring
 from ._config_checks import fail
+from ._trl_private import profiled, trl_private
 from .group_bookkeeping import GroupBookkeepingMixin, loss_mask, prompt_completion_sequences
 from .losses import (
     adaptive_actor_coeff,
@@ -178,7 +177,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: VIMPOConfig | None = None, **kwargs):
         if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            model_name = model if isinstance(model, str) else model.config.name_or_path
             args = VIMPOConfig(f"{model_name.split('/')[-1]}-VIMPO")
         elif not isinstance(args, VIMPOConfig):
             raise TypeError(
@@ -273,9 +272,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         if self.ref_model is not None:
             return self.ref_model, contextlib.nullcontext()
         peft_model = self.accelerator.unwrap_model(self.model)
+        use_adapter = trl_private("trl.trainer.utils", "use_adapter")
         return self.model, use_adapter(peft_model, "ref" if "ref" in peft_model.peft_config else None)
 
-    @profiling_decorator
+    @profiled
     def _token_scores(self, model, inputs: dict[str, Any]) -> TokenScores:
         """Both models' scores of a micro-batch's completion tokens (see `TokenScores`).
 
@@ -352,7 +352,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
-    @profiling_decorator
+    @profiled
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         scores = self._token_scores(model, inputs)
