@@ -394,11 +394,14 @@ class GroupBookkeepingMixin:
         """Concatenate a per-row tensor over processes in global row order (every rank must call this)."""
         return self.accelerator.gather(tensor.contiguous())
 
-    def _log_mean_over_processes(self, mode: str, name: str, value_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Log `sum / count` of a quantity summed over every process (every rank must call this)."""
+    def _log_mean_over_processes(
+        self, mode: str, name: str, value_sum: torch.Tensor, count: torch.Tensor, empty: float = float("nan")
+    ) -> None:
+        """Log `sum / count` of a quantity summed over every process, or `empty` when the count is 0 (every rank
+        must call this)."""
         stats = torch.stack([value_sum.detach().float().reshape(()), count.detach().float().reshape(())])
         total, total_count = self.accelerator.reduce(stats, reduction="sum").tolist()
-        self._metrics[mode][name].append(total / total_count if total_count > 0 else float("nan"))
+        self._metrics[mode][name].append(total / total_count if total_count > 0 else empty)
 
     @profiled
     def _prepare_inputs(self, generation_batch):

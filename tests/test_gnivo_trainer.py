@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 from conftest import assert_refused_with_field_and_fix, assert_same_update, max_magnitude, run_two_processes
-from trainer_harness import COMPLETION_POOL, build_trainer, parameter_update, save_tiny_family_model
+from trainer_harness import (
+    COMPLETION_POOL,
+    build_trainer,
+    parameter_update,
+    save_tiny_family_model,
+    truncate_completions,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
@@ -359,3 +365,17 @@ def test_whole_group_buffering_is_trls_with_only_the_shuffle_changed(tiny_model_
         assert ours.keys() == trls.keys()
         for key, value in ours.items():
             assert torch.equal(value, trls[key]) if isinstance(value, torch.Tensor) else value == trls[key], key
+
+
+@pytest.mark.parametrize("layout", ["one micro-batch", "accumulation, split groups"])
+def test_every_completion_truncated_and_masked_gives_a_zero_loss_in_every_layout(layout, tiny_model_dir, tmp_path):
+    """mask_truncated_completions=True with every completion truncated: no group has a unit (T_g = 0), so L_g = 0.
+    The logged loss and gnivo/loss are 0, as GRPO's loss is, whether groups are whole (exact loss) or split over
+    micro-batches (linearised rows), and nothing moves."""
+    trainer = build_trainer(
+        "gnivo", tiny_model_dir, str(tmp_path), mask_truncated_completions=True, **SINGLE_PROCESS_LAYOUTS[layout]
+    )
+    truncate_completions(trainer)
+    assert max_magnitude(parameter_update(trainer)) == 0.0
+    logged = trainer.state.log_history[0]
+    assert logged["loss"] == 0.0 and logged["gnivo/loss"] == 0.0
