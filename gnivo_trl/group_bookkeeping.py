@@ -18,7 +18,10 @@ processes. This mixin
 * turns bad input into clear errors or documented behaviour: a dataset without a `prompt` column is refused at
   construction (unless an `environment_factory` supplies the prompts, as TRL allows), an exception in a reward function
   is re-raised as [`RewardFunctionError`][gnivo_trl.RewardFunctionError] naming the function, and a row whose weighted
-  reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning for infinities.
+  reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning for infinities;
+* warns at construction when a PEFT adapter's `modules_to_save` unties a tied LM head from the input embeddings;
+* writes TRL's model card also when the user saves the model (`save_model`), not only at checkpoints and on push, and
+  names a base model without a Hub id (a local folder) and a model not pushed by where they are, instead of "None".
 
 Every value attached to the batch is a tensor with the batch as its first dimension, so TRL's shuffling, splitting
 and buffering carry it along.
@@ -28,9 +31,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import math
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,6 +208,51 @@ def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference.eval().requires_grad_(False)
 
 
+def warn_if_adapter_unties_embeddings(model: torch.nn.Module) -> None:
+    """Warn when a PEFT adapter's `modules_to_save` gives a model that ties its LM head to its input embeddings
+    (`tie_word_embeddings`) a trainable copy of one of them that the other does not share: PEFT then unties them, and
+    the adapter trains and saves a full copy (for SmolLM2-135M the adapter grows from about 10 MB to 123 MB)."""
+    if not is_peft_model(model):
+        return
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model()
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) or head is None or embeddings is None:
+        return
+
+    def weights(module: torch.nn.Module) -> list[torch.Tensor]:
+        if isinstance(module, ModulesToSaveWrapper):
+            return [copy.weight for copy in module.modules_to_save.values()]
+        return [module.weight]
+
+    if {id(w) for w in weights(head)} & {id(w) for w in weights(embeddings)}:
+        return  # still tied (untouched, or PEFT's ensure_weight_tying=True)
+    copied = head if isinstance(head, ModulesToSaveWrapper) else embeddings
+    weight = weights(copied)[0]
+    logger.warning(
+        "The PEFT adapter's modules_to_save makes a trainable copy of the %s (%s, %.1f MB), which this model ties to "
+        "its %s (tie_word_embeddings=True): PEFT unties them, so the adapter trains and saves that full copy while "
+        "the %s keep the base weights. To keep them tied, set ensure_weight_tying=True in the LoraConfig; for a "
+        "small adapter, leave the %s out of modules_to_save.",
+        "LM head" if copied is head else "input embeddings",
+        " x ".join(str(size) for size in weight.shape),
+        weight.numel() * weight.element_size() / 1e6,
+        "input embeddings" if copied is head else "LM head",
+        "input embeddings" if copied is head else "LM head",
+        "LM head" if copied is head else "input embeddings",
+    )
+
+
+def _card_without_missing_hub_ids(card: str, base_model: str, saved_in: str) -> str:
+    """TRL's card text with the base model and the model's own Hub id named where TRL writes "None": the local
+    folder a base model was loaded from (or "a model built in memory"), and the directory the model is saved in."""
+    base = f"the local model `{Path(base_model).name}`" if base_model else "a model built in memory"
+    card = card.replace("[None](https://huggingface.co/None)", base)
+    return card.replace('model="None"', f"model={json.dumps(saved_in)}")
+
+
 def cast_output_head_to_float32(model: torch.nn.Module) -> None:
     """What `cast_lm_head_to_fp32` does to a model: its output head's weights in float32 and its projection
     computed in float32; a tied input embedding (which shares the weights) keeps handing the rest of the model
@@ -259,6 +309,7 @@ class GroupBookkeepingMixin:
         self.beta = beta
         if reference_copy is not None:
             self.ref_model = self._prepared_reference(reference_copy)
+        warn_if_adapter_unties_embeddings(self.model)
 
     def _needs_reference_model(self, config) -> bool:
         """Whether the loss uses the frozen reference model (GRPO's KL penalty, beta != 0, by default)."""
@@ -284,6 +335,46 @@ class GroupBookkeepingMixin:
         if args.sync_ref_model:
             self.add_callback(SyncRefModelCallback(ref_model=reference, accelerator=self.accelerator))
         return reference
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """TRL's model card (the method, its paper and citation, the tags; `GRPOTrainer.create_model_card`), written
+        to `output_dir/README.md` (default `args.output_dir`, TRL's place).
+
+        Where TRL's card would say "a fine-tuned version of [None]" and `pipeline(model="None")` (a base model
+        loaded from a local folder or built in memory, a model not pushed to the Hub), it names the local base model
+        and the directory the card is saved in.
+        """
+        directory = self.args.output_dir if output_dir is None else str(output_dir)
+        configured, self.args.output_dir = self.args.output_dir, directory  # TRL writes to args.output_dir
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            self.args.output_dir = configured
+        if self.is_world_process_zero():
+            card = Path(directory) / "README.md"
+            card.write_text(
+                _card_without_missing_hub_ids(card.read_text(), self.model.config.name_or_path or "", directory),
+                encoding="utf-8",
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; a save of the user's own (not the trainer's checkpoints or `push_to_hub`, which
+        write the card themselves) writes the model card into the directory first, so that a run with
+        `save_strategy="no"` has one. A PEFT adapter's save then adds its metadata to that card, as at TRL's
+        checkpoints, instead of writing PEFT's blank template."""
+        if not _internal_call:
+            directory = self.args.output_dir if output_dir is None else str(output_dir)
+            hub_id = self.args.hub_model_id
+            self.create_model_card(
+                model_name=hub_id.split("/")[-1] if hub_id else Path(directory).name, output_dir=directory
+            )
+        super().save_model(output_dir, _internal_call)
 
     @property
     def _keeps_groups_whole(self) -> bool:
