@@ -39,7 +39,8 @@ One scoring path, at loss time, on TRL's kernels (`gnivo_trl.scoring`):
   add their router's load-balancing loss as GRPO does.
 * Options of the official code: `vimpo_cap_v0` caps the group-mean baseline of the value target;
   `vimpo_update_ref_freq=N` hard-copies the policy into the reference after every N generation batches, with
-  TRL's `SyncRefModelCallback` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT).
+  TRL's `SyncRefModelCallback` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT), which
+  under ZeRO-3 copies one parameter at a time (`ParameterwiseSyncRefModelCallback`) instead of gathering both models.
 * `vimpo_adaptive_actor_coeff` (official `compute_vimpo_adaptive_actor_coeff`) replaces `vimpo_actor_coeff`
   by `alpha * EMA_value / (EMA_actor + eps)`, computed per micro-batch before its loss. Both losses depend on a
   position's tempered logits only through `log p_y`, so each one's logit gradient there is `c_t (e_y - p)`
@@ -65,13 +66,18 @@ import textwrap
 from typing import Any, NamedTuple
 
 import torch
-from trl import GRPOTrainer, SyncRefModelCallback
+from trl import GRPOTrainer
 from trl.trainer import add_fused_lm_head
 
 from . import scoring
 from ._config_checks import fail
 from ._trl_private import profiled, trl_private
-from .group_bookkeeping import GroupBookkeepingMixin, loss_mask, prompt_completion_sequences
+from .group_bookkeeping import (
+    GroupBookkeepingMixin,
+    ParameterwiseSyncRefModelCallback,
+    loss_mask,
+    prompt_completion_sequences,
+)
 from .losses import (
     adaptive_actor_coeff,
     dual_clip_ppo_loss,
@@ -209,14 +215,11 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
                 outputs=("log_probs", "entropy", "log_sum_sq_probs"),
             )
-        # Read once, here: accelerate wraps the models' forwards under mixed precision.
-        ref_model, ref_context = self._reference_model()
-        ref_lm = self._unwrapped_causal_lm(ref_model)
+        # Read once, here: accelerate wraps the models' forwards under mixed precision. Where the models sit is not:
+        # under DeepSpeed the reference is placed now and the policy only in train() (checked in _token_scores).
+        ref_model, _ = self._reference_model()
         self._policy_head_settings = scoring.fused_head_settings(policy_lm)
-        self._ref_head_settings = scoring.fused_head_settings(ref_lm)
-        with ref_context:
-            ref_head = scoring.output_head(ref_lm)
-        scoring.check_heads_on_one_device(scoring.output_head(policy_lm), ref_head)  # a device_map set them apart
+        self._ref_head_settings = scoring.fused_head_settings(self._unwrapped_causal_lm(ref_model))
         # vimpo_adaptive_actor_coeff's EMAs of the value's and the unscaled actor's logit-gradient RMS (official
         # initial value 0.0); not checkpointed, as in the official code.
         self._adaptive_value_rms_ema = 0.0
@@ -231,8 +234,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     def _add_reference_refresh(self) -> None:
         """`vimpo_update_ref_freq`: TRL's `SyncRefModelCallback`, as `GRPOTrainer` adds it for
         `sync_ref_model`, with the hard-copy settings [`VIMPOConfig`][gnivo_trl.VIMPOConfig] derived
-        (`ref_model_mixup_alpha=1`,
-        `ref_model_sync_steps` = N generation batches in optimizer steps)."""
+        (`ref_model_mixup_alpha=1`, `ref_model_sync_steps` = N generation batches in optimizer steps); under ZeRO-3
+        one parameter at a time (`ParameterwiseSyncRefModelCallback`)."""
         if self.ref_model is None:  # PEFT: the reference is the policy with its adapter disabled (or a "ref" adapter)
             fail(
                 "vimpo_update_ref_freq",
@@ -242,7 +245,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 "into the base weights (the official code refuses LoRA here too). Use vimpo_update_ref_freq=0 with "
                 "PEFT, or train all the weights.",
             )
-        self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        self.add_callback(ParameterwiseSyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation time: the value targets, on whole groups
@@ -299,12 +302,15 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         valid = inputs["completion_mask"].bool()
         ref_model, ref_context = self._reference_model()
         ref_lm = self._unwrapped_causal_lm(ref_model)
+        policy_lm = self._unwrapped_causal_lm(model)
+        policy_head = scoring.output_head(policy_lm)  # outside the reference's context: the trained head
         with torch.no_grad(), ref_context, self.accelerator.autocast():
+            ref_head = scoring.output_head(ref_lm)  # inside the context: the frozen head, also in modules_to_save
+            # Here, where both models are placed (DeepSpeed places the policy in train()): a device_map set them apart.
+            scoring.check_heads_on_one_device(policy_head, ref_head)
             ref = scoring.fused_forward_scores(
                 ref_model, ref_lm, self._ref_head_settings, input_ids, attention_mask, valid
             )
-            ref_head = scoring.output_head(ref_lm)  # inside the context: the frozen head, also in modules_to_save
-        policy_lm = self._unwrapped_causal_lm(model)
         with self.accelerator.autocast():
             policy = scoring.fused_forward_scores(
                 model,
