@@ -511,6 +511,23 @@ def write_report(
     return report
 
 
+@contextlib.contextmanager
+def counting_settings(threads: int):
+    """``threads`` torch threads and the ``gnivo_trl`` loggers at ERROR (VIMPO's beta x length warning would come at
+    every trainer) while counting; both restored after, since the tests call ``main`` in their own process."""
+    import torch
+
+    logger = logging.getLogger("gnivo_trl")
+    level, previous_threads = logger.level, torch.get_num_threads()
+    logger.setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        torch.set_num_threads(previous_threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
@@ -531,12 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     if BASELINE not in args.methods:
         parser.error(f"--methods must include the baseline {BASELINE}")
-    import torch
-
-    logging.getLogger("gnivo_trl").setLevel(logging.ERROR)  # VIMPO's beta x length warning, at every trainer
-    torch.set_num_threads(args.threads)
     checks = []
-    with tempfile.TemporaryDirectory() as workdir:
+    with counting_settings(args.threads), tempfile.TemporaryDirectory() as workdir:
         counts = run(args.lengths, args.methods, args.layouts, args.shape, Path(workdir), args.direct)
         if args.check_direct is not None and not args.direct:
             default = [BASELINE, "vimpo/exact", "vimpo/exact" + overhead.BEFORE]

@@ -54,7 +54,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ._trl_private import SUPPORTED_TRL, trl_private
 from .losses import candidate_set_kl_from_log_probs
@@ -73,8 +72,12 @@ __all__ = [
     "policy_reference_scores",
 ]
 
-# TRL's vocabulary tile (`trl.kernels.chunked_divergence.VOCAB_CHUNK_SIZE`, a public module constant).
+# TRL's vocabulary tile (`trl.kernels.chunked_divergence.VOCAB_CHUNK_SIZE`, the same value, not imported: that module
+# exports no names).
 VOCAB_TILE = 32768
+# TRL's kernel modules, whose pieces are read through `trl_private` where used.
+_DIVERGENCE = "trl.kernels.chunked_divergence"
+_LOGPROB = "trl.kernels.chunked_logprob"
 
 _FUSED_HEAD_FREE_VARIABLES = (
     "temperature",
@@ -316,7 +319,7 @@ def _transform_args(settings: FusedHeadSettings) -> dict[str, Any]:
 
 def _transform(raw: torch.Tensor, args: dict[str, Any]) -> torch.Tensor:
     """The tempered logits of raw float32 head outputs (TRL's `_torch_transform`, a new tensor)."""
-    transform = trl_private("trl.kernels.chunked_logprob", "_torch_transform")
+    transform = trl_private(_LOGPROB, "_torch_transform")
     return transform(raw, args["logit_scale"], args["softcap"], args["inv_t"], args["HAS_SOFTCAP"])
 
 
@@ -342,12 +345,17 @@ class _PolicyReferenceHead(torch.autograd.Function):
         vocab_tile: int,
     ):
         ctx.set_materialize_grads(False)
-        divergence, logprob = "trl.kernels.chunked_divergence", "trl.kernels.chunked_logprob"
-        project = trl_private(divergence, "_project")
-        use_triton = trl_private(logprob, "_use_triton")(policy_hidden.device)
-        block = trl_private(logprob, "_BLOCK_SIZE")
-        stats_fold = trl_private(divergence, "_stats_kernel" if use_triton else "_stats_tile")
-        square_fold = trl_private(logprob, "_forward_kernel" if use_triton else "_forward_tile")
+        project = trl_private(_DIVERGENCE, "_project")
+        use_triton = trl_private(_LOGPROB, "_use_triton")(policy_hidden.device)
+        block = trl_private(_LOGPROB, "_BLOCK_SIZE")
+        if use_triton:
+            stats_fold, square_fold = (
+                trl_private(_DIVERGENCE, "_stats_kernel"),
+                trl_private(_LOGPROB, "_forward_kernel"),
+            )
+        else:
+            stats_fold, square_fold = trl_private(_DIVERGENCE, "_stats_tile"), trl_private(_LOGPROB, "_forward_tile")
+        maybe_gather_lm_head_ctx = trl_private("trl.trainer.utils", "maybe_gather_lm_head_ctx")
         device, num_tokens = policy_hidden.device, policy_hidden.size(0)
         policy_dtype = _stored_dtype(policy_hidden, policy_weight)
         ref_dtype = _stored_dtype(ref_hidden, ref_weight)
@@ -476,12 +484,12 @@ class _PolicyReferenceHead(torch.autograd.Function):
         nothing = (None,) * 10
         if grad_log_probs is None:
             return (None, None, None, *nothing)
-        divergence, logprob = "trl.kernels.chunked_divergence", "trl.kernels.chunked_logprob"
-        project = trl_private(divergence, "_project")
-        addmm_fp32 = trl_private(logprob, "_addmm_fp32")
-        use_triton = trl_private(logprob, "_use_triton")(hidden.device)
-        block = trl_private(logprob, "_BLOCK_SIZE")
-        fold = trl_private(logprob, "_backward_kernel" if use_triton else "_backward_tile")
+        project = trl_private(_DIVERGENCE, "_project")
+        addmm_fp32 = trl_private(_LOGPROB, "_addmm_fp32")
+        use_triton = trl_private(_LOGPROB, "_use_triton")(hidden.device)
+        block = trl_private(_LOGPROB, "_BLOCK_SIZE")
+        fold = trl_private(_LOGPROB, "_backward_kernel") if use_triton else trl_private(_LOGPROB, "_backward_tile")
+        maybe_gather_lm_head_ctx = trl_private("trl.trainer.utils", "maybe_gather_lm_head_ctx")
         chunk_size, vocab_tile = ctx.chunk_size, ctx.vocab_tile
         dtype = _stored_dtype(hidden, weight)
         num_tokens = hidden.size(0)
