@@ -19,7 +19,7 @@ loss.
 Parts, as in the fair comparison: ``tune`` (every method at every rate of :data:`LEARNING_RATES`, seeds 0 and 1, final
 accuracy on :data:`EVAL_PROBLEMS` validation problems: train-split problems in neither the RL prompts nor the warm
 start's SFT rollouts), then ``test`` (5 fresh seeds at each method's chosen rate, held-out test problems), each
-with ``--noise P`` to flip each training reward with probability P (``protocol.NoisyReward``), and ``shared-rate``
+with ``--noise P`` to flip each training reward with probability P (``protocol.noisy_reward``), and ``shared-rate``
 (the first version of this study: every method at 2e-4, seeds 0-4, on the test problems). The study's command runs
 them all in two processes and writes ``benchmarks/results/agents/``::
 
@@ -182,7 +182,6 @@ def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
     from gnivo_trl.agent_task import tool_chain_reward
     from gnivo_trl.synthetic import generate_problems
 
-    noise = run["condition"].get("noise")
     validation = run["split"] == "validation"
     result = run_one(
         run["method"],
@@ -193,7 +192,7 @@ def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
         if validation
         else generate_problems(EVAL_PROBLEMS, "test", warm_start_config().num_steps, seed=0),
         eval_every=STEPS if validation else EVAL_EVERY,  # validation: read at the end only (the rate choice)
-        reward_func=protocol.NoisyReward(tool_chain_reward, noise, run["seed"]) if noise else None,
+        reward_func=protocol.noisy_reward(tool_chain_reward, run["condition"], run["seed"], NUM_GENERATIONS),
         cache_dir=cache_dir,
     )
     result.update(run, key=run.key)
