@@ -112,8 +112,10 @@ def run_one(
     eval_every: int,
     reward_func=None,
     cache_dir: str | None = None,
+    methods: dict[str, tuple[str, dict]] | None = None,
 ) -> dict:
-    """Train one method from the tool warm start; its accuracy curve on ``problems`` and timings."""
+    """Train one method from the tool warm start; its accuracy curve on ``problems`` and timings. ``methods``: where
+    ``method`` is looked up (default :data:`METHODS`)."""
     from transformers import AutoTokenizer, PrinterCallback
 
     from gnivo_trl.agent_task import (
@@ -126,7 +128,7 @@ def run_one(
 
     warm_config = warm_start_config()
     model_dir = protocol.cached_warm_start(build_tool_warm_start, warm_config, cache_dir)
-    family, settings = METHODS[method]
+    family, settings = (methods or METHODS)[method]
     config_cls, trainer_cls = protocol.trainer_classes(family)
     # A call and its response take about 20 tokens: room for every step, its answer and a stray call.
     shared = protocol.protocol_settings(
@@ -165,6 +167,11 @@ def run_one(
         "seed": seed,
         "accuracy": callback.history,
         "train_reward": [entry["reward"] for entry in trainer.state.log_history if "reward" in entry],
+        "metrics": {
+            "frac_reward_zero_std": [
+                entry["frac_reward_zero_std"] for entry in trainer.state.log_history if "frac_reward_zero_std" in entry
+            ]
+        },
         "seconds_total": seconds,
         "seconds_training": seconds - callback.eval_seconds,
         "provenance": reporting.provenance(),

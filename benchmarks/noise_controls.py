@@ -32,4 +32,712 @@ below 0.05, "not reproduced" if the 95% interval lies below the paper's +3.7 pp,
 is reproduced if every primary comparison is, not reproduced if any is not. Collapsed run: final accuracy more than
 5 points below its own step 0. Secondary analyses, the "method or anchor" rule, the budget and the cut order (4-step
 cells first, then independent flips): the pre-registration.
+
+**Running.** Workers share one queue (:func:`queue`): each claims the first run nobody holds (a claim file under
+``--scratch``, taken over when its process is gone), trains it and writes its record (the run, its accuracy curve,
+per-step training rewards and zero-signal shares, the realised flips, CPU seconds, the warm start's hash, the
+provenance the process read at its start) to ``benchmarks/results/noise_controls/runs/<cell>/<key>.json``. The
+queue is computed from the records alone, so a new session resumes from the committed records. A worker refuses to
+start from a checkout with uncommitted changes under ``gnivo_trl/`` or ``benchmarks/``. While a file ``hold-vimpo``
+exists in the scratch directory, VIMPO runs are not started (the queue goes on with the other methods). Commands,
+from the repository root::
+
+    make noise-controls-benchmark                                      # two workers, then the plan
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.noise_controls run --worker 0 &   # one worker per core
+    python -m benchmarks.noise_controls plan                           # runs done per cell, choices, edges, CPU-h
 """
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import protocol, reporting
+from benchmarks.protocol import Run, anchored_grpo, final_accuracy, late_accuracy, make_run
+
+STUDY = "noise_controls"
+RESULTS = reporting.RESULTS / STUDY
+RUNS = RESULTS / "runs"  # one JSON record per finished run, committed: the study resumes from them
+SCRATCH = Path(".cache/noise-controls")  # claims of runs in progress, trainer output (ignored by git)
+NOISE = 0.25
+TUNING_SEEDS = [0, 1]
+TEST_SEEDS = list(range(10, 20))
+PAPER_GAIN_PP = 3.7  # VIMPO paper: 35.9 vs GRPO 32.2 at 25% corrupted rewards
+ALPHA = 0.05
+VIMPO = "vimpo-b5e-2-c5e-3"  # the setting of the paper-claims study's positive result
+VIMPO_PAPER = "vimpo-b5e-4-adaptive"
+ANCHOR_BETAS = (0.01, 0.04, 0.1)  # the anchored GRPO candidates; protocol.KL_BETAS[3:] extend them upward
+BASE_METHODS = (
+    "grpo",
+    *(anchored_grpo(beta) for beta in ANCHOR_BETAS),
+    "grpo-noscale",
+    "rloo",
+    VIMPO,
+    VIMPO_PAPER,
+)
+# The tool task runs GRPOTrainer for RLOO (RLOOTrainer takes no tools): leave-one-out advantages, RLOO's gradient.
+TOOL_METHODS = {
+    name: ("grpo", protocol.RLOO_AS_GRPO) if name == "rloo" else protocol.METHODS[name]
+    for name in (*BASE_METHODS, *(anchored_grpo(beta) for beta in protocol.KL_BETAS))
+}
+
+
+def grid_rate(index: int) -> float:
+    """The learning rate at ``index`` steps of sqrt(2) from 5e-5 (index 0), rounded to three significant digits."""
+    return float(f"{5e-5 * 2 ** (index / 2):.3g}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task's protocol: horizon (synthetic problems; the tool task's 4 steps), training steps, the base rate grid
+    and the bounds of its extension (indices of :func:`grid_rate`), the test evaluation interval."""
+
+    name: str
+    horizon: int
+    steps: int
+    grid: tuple[int, ...]
+    bounds: tuple[int, int]
+    test_every: int
+
+
+TASKS = {
+    "h8": Task("h8", 8, 100, tuple(range(0, 7)), (-4, 12), 10),  # 5e-5 .. 4e-4; 1.25e-5 .. 3.2e-3
+    "tool": Task("tool", 4, 60, tuple(range(0, 11)), (-4, 14), 6),  # 5e-5 .. 1.6e-3; 1.25e-5 .. 6.4e-3
+    "h4": Task("h4", 4, 100, tuple(range(0, 7)), (-4, 12), 10),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A task under a noise model (``"group"`` or ``"independent"``) at p = :data:`NOISE`."""
+
+    name: str
+    task: Task
+    flips: str
+    condition: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def run(self, method: str, seed: int, split: str, index: int) -> Run:
+        return make_run(self.task.horizon, method, seed, split, self.condition, learning_rate=grid_rate(index))
+
+
+def _cells() -> dict[str, Cell]:
+    cells = {}
+    for flips, prefix in (("group", "group"), ("independent", "indep")):
+        for task in ("h8", "tool", "h4"):
+            name = f"{prefix}-{task}"
+            cells[name] = Cell(name, TASKS[task], flips, {"noise": NOISE, "flips": flips})
+    return cells
+
+
+CELLS = _cells()  # priority order: group flips (8-step, tool, 4-step), then independent flips
+PRIMARY_CELLS = [name for name in CELLS if CELLS[name].flips == "group"]
+
+
+def is_vimpo(method: str) -> bool:
+    return method.startswith("vimpo")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_records(runs_dir: Path = RUNS) -> dict[str, dict[str, dict]]:
+    """Every finished run's record, by cell name and run key."""
+    records: dict[str, dict[str, dict]] = {name: {} for name in CELLS}
+    for name in CELLS:
+        for path in sorted((runs_dir / name).glob("*.json")):
+            record = json.loads(path.read_text())
+            records[name][record["key"]] = record
+    return records
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    temporary.replace(path)  # atomic: a reader sees the whole record or none
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tuning: the rate grid, its edges, the anchored GRPO
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tuning:
+    """A method's tuning in a cell: its grid (indices of :func:`grid_rate`), whether it is final (complete, choice
+    interior or at a bound), the chosen index, and the edges its choice sat at on the way (``(index, "lower" or
+    "upper")``, each extended unless ``at_bound``)."""
+
+    method: str
+    grid: list[int]
+    final: bool
+    choice: int | None = None
+    edges: list[tuple[int, str]] = field(default_factory=list)
+    at_bound: bool = False
+
+    @property
+    def rate(self) -> float | None:
+        return None if self.choice is None else grid_rate(self.choice)
+
+
+def validation_score(cell: Cell, method: str, index: int, records: dict[str, dict]) -> float | None:
+    """Mean late validation accuracy over the tuning seeds at a grid index; None until every seed has run."""
+    runs = [cell.run(method, seed, "validation", index) for seed in TUNING_SEEDS]
+    if not all(run.key in records for run in runs):
+        return None
+    return statistics.fmean(late_accuracy(records[run.key]) for run in runs)
+
+
+def tune(cell: Cell, method: str, records: dict[str, dict]) -> Tuning:
+    """The method's grid as far as the records decide it: the base grid, extended one sqrt(2) step beyond an edge
+    whenever the best complete grid's choice sits on it (ties: the smaller rate), until the choice is interior or at a
+    bound (pre-registration, "Edges")."""
+    grid = list(cell.task.grid)
+    low, high = cell.task.bounds
+    edges: list[tuple[int, str]] = []
+    while True:
+        scores = {index: validation_score(cell, method, index, records) for index in grid}
+        if any(score is None for score in scores.values()):
+            return Tuning(method, grid, False, edges=edges)
+        choice = max(grid, key=lambda index: (scores[index], -index))
+        if choice == grid[0]:
+            edges.append((choice, "lower"))
+            if choice > low:
+                grid.insert(0, choice - 1)
+                continue
+            return Tuning(method, grid, True, choice, edges, at_bound=True)
+        if choice == grid[-1]:
+            edges.append((choice, "upper"))
+            if choice < high:
+                grid.append(choice + 1)
+                continue
+            return Tuning(method, grid, True, choice, edges, at_bound=True)
+        return Tuning(method, grid, True, choice, edges)
+
+
+@dataclass
+class CellPlan:
+    """What the records decide for a cell: its methods (the anchored betas extended as needed), each method's tuning,
+    the strongest anchored GRPO (None until decided) and whether the tuning is final."""
+
+    cell: Cell
+    methods: list[str]
+    tunings: dict[str, Tuning]
+    anchor: str | None
+    anchor_betas: list[float]
+    final: bool
+
+    def pending(self, records: dict[str, dict]) -> list[Run]:
+        """The runs still to do that can start now, in priority order: tuning (the GRPO family and RLOO, then VIMPO;
+        method by method, so that a grid completes and extends early), then, once the tuning is final, the test runs
+        (the GRPO family and RLOO, then VIMPO; seed by seed)."""
+        order = [m for m in self.methods if not is_vimpo(m)] + [m for m in self.methods if is_vimpo(m)]
+        runs = [
+            self.cell.run(method, seed, "validation", index)
+            for method in order
+            for seed in TUNING_SEEDS
+            for index in self.tunings[method].grid
+        ]
+        if self.final:
+            for vimpo in (False, True):
+                runs += [
+                    self.cell.run(method, seed, "test", self.tunings[method].choice)
+                    for seed in TEST_SEEDS
+                    for method in order
+                    if is_vimpo(method) == vimpo
+                ]
+        return [run for run in runs if run.key not in records]
+
+    def test_runs(self) -> list[Run]:
+        if not self.final:
+            return []
+        return [self.cell.run(m, seed, "test", self.tunings[m].choice) for m in self.methods for seed in TEST_SEEDS]
+
+
+def plan_cell(cell: Cell, records: dict[str, dict]) -> CellPlan:
+    """Tune every method; choose the anchored GRPO among the betas (extending the betas upward while the largest is
+    chosen, pre-registration "The strongest anchored GRPO")."""
+    betas = list(ANCHOR_BETAS)
+    extensions = list(protocol.KL_BETAS[len(ANCHOR_BETAS) :])
+    while True:
+        anchored = [anchored_grpo(beta) for beta in betas]
+        methods = ["grpo", *anchored, *[m for m in BASE_METHODS if m not in ("grpo", *anchored)]]
+        methods = [m for m in methods if not m.startswith("grpo-kl") or m in anchored]
+        tunings = {method: tune(cell, method, records) for method in methods}
+        anchor = None
+        if all(tunings[m].final for m in anchored):
+            scores = {
+                beta: validation_score(cell, anchored_grpo(beta), tunings[anchored_grpo(beta)].choice, records)
+                for beta in betas
+            }
+            best = max(betas, key=lambda beta: (scores[beta], -beta))
+            if best == betas[-1] and extensions:
+                betas.append(extensions.pop(0))
+                continue
+            anchor = anchored_grpo(best)
+        final = anchor is not None and all(tuning.final for tuning in tunings.values())
+        return CellPlan(cell, methods, tunings, anchor, betas, final)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with integer ``df`` degrees of freedom (Abramowitz & Stegun 26.7.3-4: the
+    exact finite series in theta = atan(|t| / sqrt(df)))."""
+    if df < 1:
+        raise ValueError(f"df={df}")
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2:  # odd
+        total, term = 0.0, math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= cos2 * (2 * k) / (2 * k + 1)
+        inside = (2 / math.pi) * (theta + (math.sin(theta) * total if df > 1 else 0.0))
+    else:
+        total, term = 0.0, 1.0
+        for k in range(0, df // 2):
+            total += term
+            term *= cos2 * (2 * k + 1) / (2 * k + 2)
+        inside = math.sin(theta) * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def paired_t_p(differences: list[float]) -> float:
+    """Two-sided paired t-test p-value of the mean difference against 0 (NaN with fewer than two pairs; 0 or 1 for a
+    zero-variance sample with a non-zero or zero mean)."""
+    n = len(differences)
+    if n < 2:
+        return math.nan
+    mean, std = statistics.fmean(differences), statistics.stdev(differences)
+    if std == 0:
+        return 0.0 if mean else 1.0
+    return t_two_sided_p(mean / (std / math.sqrt(n)), n - 1)
+
+
+def signed_rank_p(differences: list[float], tolerance: float = 1e-12) -> tuple[float, int]:
+    """Two-sided exact Wilcoxon signed-rank p-value and the number of zero differences dropped.
+
+    Zero differences (within ``tolerance``) are dropped (Wilcoxon's treatment); the rest are ranked by magnitude with
+    average ranks for ties, and the p-value is the share of all 2^n sign assignments whose rank sum of positives is
+    at least as far from its mean as the observed one (exact with ties). NaN with no non-zero difference.
+    """
+    values = [d for d in differences if abs(d) > tolerance]
+    dropped = len(differences) - len(values)
+    n = len(values)
+    if n == 0:
+        return math.nan, dropped
+    if n > 20:
+        raise ValueError(f"exact enumeration over 2^{n} sign patterns: at most 20 pairs")
+    order = sorted(range(n), key=lambda i: abs(values[i]))
+    ranks = [0.0] * n
+    position = 0
+    while position < n:
+        end = position
+        while end + 1 < n and abs(abs(values[order[end + 1]]) - abs(values[order[position]])) <= tolerance:
+            end += 1
+        for i in range(position, end + 1):
+            ranks[order[i]] = (position + end) / 2 + 1
+        position = end + 1
+    centre = sum(ranks) / 2
+    observed = abs(sum(r for r, v in zip(ranks, values) if v > 0) - centre)
+    extreme = 0
+    for signs in range(2**n):
+        total = sum(ranks[i] for i in range(n) if signs >> i & 1)
+        extreme += abs(total - centre) >= observed - 1e-9
+    return extreme / 2**n, dropped
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1), in the input's order; NaN stays NaN and does not
+    count towards the family size."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m = len(present)
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced at this scale", "not reproduced", "inconclusive"
+MIN_PAIRS = 5
+
+
+@dataclass
+class Comparison:
+    """``a − b``, late accuracy paired by test seed, within a family that is Holm-adjusted together."""
+
+    label: str
+    a: str
+    b: str
+    cell: str
+    differences: list[float]  # fractions, by seed
+    seeds: list[int]
+    p_t: float = math.nan
+    p_rank: float = math.nan
+    zeros: int = 0
+    p_t_holm: float = math.nan
+    p_rank_holm: float = math.nan
+
+    def interval(self) -> tuple[float, float, float]:
+        return protocol.paired_ci(self.differences) if len(self.differences) >= 2 else (math.nan,) * 3
+
+    def verdict(self) -> str:
+        """The pre-registered rule: reproduced if the mean is positive and both Holm-adjusted p-values are below
+        alpha; not reproduced if the 95% t interval lies below the paper's gain; inconclusive otherwise."""
+        if len(self.differences) < MIN_PAIRS:
+            return INCONCLUSIVE
+        mean, _, high = self.interval()
+        if mean > 0 and self.p_t_holm < ALPHA and self.p_rank_holm < ALPHA:
+            return REPRODUCED
+        if 100 * high < PAPER_GAIN_PP:
+            return NOT_REPRODUCED
+        return INCONCLUSIVE
+
+    def positives(self) -> int:
+        return sum(d > 0 for d in self.differences)
+
+
+def test_family(comparisons: list[Comparison]) -> list[Comparison]:
+    """Fill in each comparison's p-values and their Holm adjustment over the family (the comparisons with at least
+    :data:`MIN_PAIRS` pairs)."""
+    for comparison in comparisons:
+        if len(comparison.differences) >= MIN_PAIRS:
+            comparison.p_t = paired_t_p(comparison.differences)
+            comparison.p_rank, comparison.zeros = signed_rank_p(comparison.differences)
+    for name in ("p_t", "p_rank"):
+        adjusted = holm([getattr(c, name) for c in comparisons])
+        for comparison, value in zip(comparisons, adjusted):
+            setattr(comparison, f"{name}_holm", value)
+    return comparisons
+
+
+def claim_verdict(comparisons: list[Comparison]) -> str:
+    """Reproduced if every primary comparison is, not reproduced if any is not, inconclusive otherwise."""
+    outcomes = [c.verdict() for c in comparisons]
+    if outcomes and all(o == REPRODUCED for o in outcomes):
+        return REPRODUCED
+    if NOT_REPRODUCED in outcomes:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def method_or_anchor(against_plain: Comparison, against_anchor: Comparison) -> str:
+    """The pre-registered reading of one cell: A = VIMPO − GRPO (beta 0), B = VIMPO − the anchored GRPO."""
+    a, b = against_plain.verdict(), against_anchor.verdict()
+    if a == REPRODUCED and b == REPRODUCED:
+        return "the method"
+    if a == REPRODUCED and b == NOT_REPRODUCED:
+        return "the anchor"
+    if a == NOT_REPRODUCED:
+        return "no gain to explain"
+    return "undecided"
+
+
+def collapsed(result: dict) -> bool:
+    """Final accuracy more than 5 points below the run's own step 0 (the paper-claims definition)."""
+    return final_accuracy(result) < result["accuracy"][0][1] - 0.05
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running: one queue shared by the worker processes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def task_args(cell: Cell, split: str) -> argparse.Namespace:
+    """The synthetic protocol of a cell's task (``protocol.protocol``): validation runs evaluated every fifth of
+    training (the late window then holds steps 80 and 100), test runs every :attr:`Task.test_every` steps."""
+    every = cell.task.steps // 5 if split == "validation" else cell.task.test_every
+    return protocol.protocol(cell.task.horizon, eval_every=every, condition={"noise": NOISE})
+
+
+def warm_start_dir(cell: Cell, cache_dir: str | None) -> str:
+    """The cell's cached warm start, built on first use (under a lock: two workers may reach it together)."""
+    if cell.task.name == "tool":
+        from benchmarks import agent_learning
+        from gnivo_trl.agent_task import build_tool_warm_start
+
+        return protocol.cached_warm_start(build_tool_warm_start, agent_learning.warm_start_config(), cache_dir)
+    from gnivo_trl.synthetic import build_warm_start
+
+    return protocol.cached_warm_start(build_warm_start, protocol.warm_start_config(cell.task.horizon), cache_dir)
+
+
+def eval_problems(cell: Cell, split: str) -> list[str]:
+    from gnivo_trl.synthetic import generate_problems
+
+    if cell.task.name == "tool":
+        from benchmarks import agent_learning
+
+        if split == "validation":
+            return agent_learning.validation_problems()
+        return generate_problems(agent_learning.EVAL_PROBLEMS, "test", 4, seed=0)
+    if split == "validation":
+        return protocol.validation_problems(cell.task.horizon)
+    return generate_problems(protocol.EVAL_PROBLEMS, "test", cell.task.horizon, seed=0)
+
+
+_WARM_START_INFO: dict[str, dict] = {}
+
+
+def warm_start_info(model_dir: str) -> dict:
+    """The warm start's own record (``warm_start.json``) and a SHA-256 of its weights: runs of one cell must share
+    them (a rebuilt warm start in another session must be the same model)."""
+    if model_dir not in _WARM_START_INFO:
+        directory = Path(model_dir)
+        digest = hashlib.sha256()
+        for path in sorted(directory.glob("*.safetensors")):
+            digest.update(path.read_bytes())
+        marker = directory / "warm_start.json"
+        info = json.loads(marker.read_text()) if marker.exists() else {}
+        _WARM_START_INFO[model_dir] = {
+            "weights_sha256": digest.hexdigest(),
+            **{k: v for k, v in info.items() if k.startswith("test_accuracy")},
+        }
+    return _WARM_START_INFO[model_dir]
+
+
+def execute(cell: Cell, run: Run, runs_dir: Path, scratch: Path, cache_dir: str | None) -> dict:
+    """Train ``run`` and write its record (``runs_dir / cell / key.json``); returns the record."""
+    output = scratch / "trainers" / run.key
+    model_dir = warm_start_dir(cell, cache_dir)
+    problems = eval_problems(cell, run["split"])
+    started, cpu = time.time(), time.process_time()
+    if cell.task.name == "tool":
+        from benchmarks import agent_learning
+        from gnivo_trl.agent_task import tool_chain_reward
+
+        every = cell.task.steps // 5 if run["split"] == "validation" else cell.task.test_every
+        reward = protocol.noisy_reward(tool_chain_reward, cell.condition, run["seed"], agent_learning.NUM_GENERATIONS)
+        result = agent_learning.run_one(
+            run["method"],
+            run["seed"],
+            output,
+            learning_rate=run["overrides"]["learning_rate"],
+            problems=problems,
+            eval_every=every,
+            reward_func=reward,
+            cache_dir=cache_dir,
+            methods=TOOL_METHODS,
+        )
+    else:
+        from gnivo_trl.synthetic import chain_reward
+
+        args = task_args(cell, run["split"])
+        reward = protocol.noisy_reward(chain_reward, cell.condition, run["seed"], args.num_generations)
+        result = protocol.run_one(
+            run["method"],
+            run["seed"],
+            model_dir,
+            args,
+            output,
+            overrides=run["overrides"],
+            eval_problems=problems,
+            reward_func=reward,
+        )
+    shutil.rmtree(output, ignore_errors=True)
+    record = {
+        **run,
+        "key": run.key,
+        "cell": cell.name,
+        "accuracy": result["accuracy"],
+        "train_reward": [round(value, 5) for value in result["train_reward"]],
+        "frac_reward_zero_std": [
+            round(value, 5) for value in result.get("metrics", {}).get("frac_reward_zero_std", [])
+        ],
+        "reward_noise": result.get("reward_noise"),
+        "seconds_total": result["seconds_total"],
+        "seconds_training": result["seconds_training"],
+        "cpu_seconds": time.process_time() - cpu,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "warm_start": warm_start_info(model_dir),
+        "provenance": result["provenance"],
+    }
+    _write_json(runs_dir / cell.name / f"{run.key}.json", record)
+    return record
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(scratch: Path, cell: Cell, run: Run, worker: str) -> Path | None:
+    """Claim a run for this process (an exclusively created file naming it); a claim whose process is gone is
+    taken over. None if another live process holds it."""
+    directory = scratch / "claims"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{cell.name}--{run.key}.claim"
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None  # being written by its creator
+            if _alive(holder["pid"]):
+                return None
+            path.unlink(missing_ok=True)  # a stale claim: its process is gone
+            continue
+        with os.fdopen(handle, "w") as file:
+            json.dump({"pid": os.getpid(), "worker": worker, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, file)
+        return path
+    return None
+
+
+def live_claims(scratch: Path) -> list[dict]:
+    claims = []
+    for path in sorted((scratch / "claims").glob("*.claim")):
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(holder["pid"]):
+            claims.append({**holder, "run": path.stem})
+    return claims
+
+
+def queue(cells: list[Cell], records: dict[str, dict[str, dict]], hold_vimpo: bool) -> list[tuple[Cell, Run]]:
+    """Every run that can start now, in priority order (cell by cell; :meth:`CellPlan.pending` within a cell)."""
+    runs = []
+    for cell in cells:
+        for run in plan_cell(cell, records[cell.name]).pending(records[cell.name]):
+            if not (hold_vimpo and is_vimpo(run["method"])):
+                runs.append((cell, run))
+    return runs
+
+
+def work(args) -> int:
+    """One worker: claim the first unclaimed run of the queue, train it, record it; until nothing is left. Returns
+    the number of runs trained."""
+    here = reporting.provenance()
+    if here["dirty"] and not args.allow_dirty:
+        raise SystemExit(
+            "refusing to start runs: this checkout has uncommitted changes under gnivo_trl/ or benchmarks/ "
+            f"(commit {here['commit'][:10]}); a run must record the code it ran. Commit first (or --allow-dirty for a "
+            "trial that is not kept)"
+        )
+    cells = [CELLS[name] for name in args.cells] if args.cells else list(CELLS.values())
+    runs_dir, scratch = Path(args.runs_dir), Path(args.scratch)
+    trained, waiting_since = 0, None
+    print(f"worker {args.worker}: pid {os.getpid()}, commit {here['commit'][:10]}, cells {[c.name for c in cells]}")
+    while args.max_runs is None or trained < args.max_runs:
+        records = load_records(runs_dir)
+        hold = (scratch / "hold-vimpo").exists()
+        candidates = queue(cells, records, hold)
+        claimed = None
+        for cell, run in candidates:
+            path = claim(scratch, cell, run, args.worker)
+            if path is not None:
+                claimed = (cell, run, path)
+                break
+        if claimed is None:
+            if not candidates and not live_claims(scratch) and not (hold and queue(cells, records, False)):
+                break  # nothing left for anyone
+            if waiting_since is None:
+                waiting_since = time.time()
+                print(f"worker {args.worker}: waiting ({len(candidates)} runnable, all claimed; hold {hold})")
+            time.sleep(args.poll)
+            continue
+        waiting_since = None
+        cell, run, path = claimed
+        try:
+            record = execute(cell, run, runs_dir, scratch, args.cache_dir)
+        finally:
+            path.unlink(missing_ok=True)
+        trained += 1
+        print(
+            f"[{time.strftime('%H:%M')}] {args.worker} {cell.name} {run.key}: late {late_accuracy(record):.3f} "
+            f"(step 0 {record['accuracy'][0][1]:.3f}; {record['cpu_seconds']:.0f} CPU s, "
+            f"{record['seconds_total']:.0f} s)",
+            flush=True,
+        )
+    print(f"worker {args.worker}: done, {trained} runs")
+    return trained
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plan_lines(runs_dir: Path, scratch: Path) -> list[str]:
+    """Per cell: tuning and test runs done (of those decided so far), chosen rates, edges, the anchor, CPU-hours."""
+    records = load_records(runs_dir)
+    lines = []
+    claims = live_claims(scratch)
+    for cell in CELLS.values():
+        cell_records = records[cell.name]
+        plan = plan_cell(cell, cell_records)
+        tuning_total = sum(len(t.grid) * len(TUNING_SEEDS) for t in plan.tunings.values())
+        tuning_done = sum(r["split"] == "validation" for r in cell_records.values())
+        test_done = sum(r["split"] == "test" for r in cell_records.values())
+        cpu = sum(r["cpu_seconds"] for r in cell_records.values()) / 3600
+        lines.append(
+            f"{cell.name:11s} tuning {tuning_done}/{tuning_total}{'' if plan.final else '+'}  "
+            f"test {test_done}/{len(plan.methods) * len(TEST_SEEDS)}  anchor {plan.anchor or '-'}  "
+            f"{cpu:.2f} CPU-h"
+        )
+        for method, tuning in plan.tunings.items():
+            if tuning.final or tuning.edges:
+                edges = ", ".join(f"{side} {grid_rate(i):g}" for i, side in tuning.edges)
+                lines.append(
+                    f"    {method:22s} {'chosen ' + format(tuning.rate, 'g') if tuning.final else 'tuning':16s}"
+                    + (f" edges: {edges}" if edges else "")
+                    + (" (at a bound)" if tuning.at_bound else "")
+                )
+    lines.append(f"in flight: {len(claims)}: " + "; ".join(f"{c['worker']} {c['run']}" for c in claims))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["run", "plan"])
+    parser.add_argument("cells", nargs="*", help=f"run: the cells (default: all, in order): {', '.join(CELLS)}")
+    parser.add_argument("--worker", default="0", help="run: this process's name in the claims and the log")
+    parser.add_argument("--runs-dir", default=str(RUNS), help="the run records (committed; the study resumes)")
+    parser.add_argument("--scratch", default=str(SCRATCH), help="claims of runs in progress, trainer output")
+    parser.add_argument("--cache-dir", default=None, help="where warm starts are cached (default ~/.cache/gnivo-trl)")
+    parser.add_argument("--max-runs", type=int, default=None, help="run: stop after this many runs")
+    parser.add_argument("--poll", type=float, default=30.0, help="run: seconds between looks while all is claimed")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (trials only)")
+    args = parser.parse_args(argv)
+    reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
+    unknown = [name for name in args.cells if name not in CELLS]
+    if unknown:
+        parser.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")
+    if args.part == "plan":
+        print("\n".join(plan_lines(Path(args.runs_dir), Path(args.scratch))))
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)  # a 0.1M-parameter model gains nothing from intra-op threads
+        work(args)
+
+
+if __name__ == "__main__":
+    main()

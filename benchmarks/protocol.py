@@ -30,7 +30,10 @@ random numbers). Evaluation always uses the exact verifier, whatever the trainin
 - ``vimpo-b5e-2-c0`` / ``vimpo-b5e-2-c5e-3``: ``vimpo_beta=5e-2``, the paper's value scaled by about 4096 / 32 and
   rounded to a power of ten (chosen from that arithmetic before any run), and ``vimpo-b5e-2-adaptive``: the same beta
   with the official adaptive actor weight (``vimpo_adaptive_actor_coeff=True``, alpha 0.025, the authors' run
-  script), which never collapsed in the fair comparison's map.
+  script), which never collapsed in the fair comparison's map; ``vimpo-b5e-4-adaptive``: the paper's beta with it.
+- ``grpo-kl<beta>`` (:func:`anchored_grpo`, beta in :data:`KL_BETAS`): GRPO with TRL's KL penalty to the reference
+  model, and ``grpo-noscale``: GRPO with ``scale_rewards="none"`` (the advantage not divided by the group's reward
+  std): the controls of ``benchmarks/noise_controls.py``.
 
 VIMPO keeps its own defaults for the actor's clip range (0.2 / 0.28) and the exact full-vocabulary KL.
 
@@ -100,7 +103,19 @@ METHODS: dict[str, tuple[str, dict]] = {
     "vimpo-b5e-2-c0": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=0.0)),
     "vimpo-b5e-2-c5e-3": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=5e-3)),
     "vimpo-b5e-2-adaptive": ("vimpo", dict(vimpo_beta=5e-2, **ADAPTIVE_ACTOR)),  # vimpo_actor_coeff ignored
+    "vimpo-b5e-4-adaptive": ("vimpo", dict(vimpo_beta=5e-4, **ADAPTIVE_ACTOR)),  # the paper's beta and actor weight
+    # GRPO's controls (benchmarks/noise_controls.py): without the std normalisation, and with TRL's KL penalty.
+    "grpo-noscale": ("grpo", dict(GRPO_DEFAULTS, scale_rewards="none")),
 }
+KL_BETAS = (0.01, 0.04, 0.1, 0.25, 0.625)  # TRL's KL penalty (0.04 its former default); the last two: extensions
+
+
+def anchored_grpo(beta: float) -> str:
+    """The name of GRPO with TRL's KL penalty ``beta`` to the reference model (:data:`METHODS`)."""
+    return f"grpo-kl{beta:g}"
+
+
+METHODS.update({anchored_grpo(beta): ("grpo", dict(GRPO_DEFAULTS, beta=beta)) for beta in KL_BETAS})
 
 PRESETS = {
     "cpu": dict(

@@ -1,0 +1,358 @@
+"""benchmarks/noise_controls.py: its cells and grid, the edge and anchor rules, the run queue and its claims, the
+statistics of the verdict rule, on synthetic run records; one tiny real run per task (slow)."""
+
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+
+from benchmarks import noise_controls as nc
+from benchmarks import protocol
+
+
+def _record(cell, run, late: float, start: float = 0.3) -> dict:
+    steps = cell.task.steps
+    every = steps // 5 if run["split"] == "validation" else cell.task.test_every
+    curve = [[s, late if s >= 0.8 * steps else start] for s in range(0, steps + 1, every)]
+    return {
+        **run,
+        "key": run.key,
+        "cell": cell.name,
+        "accuracy": curve,
+        "cpu_seconds": 60.0,
+        "seconds_total": 70.0,
+        "provenance": {"commit": "abc", "dirty": False, "torch": "t", "transformers": "tf", "trl": "trl"},
+        "warm_start": {"weights_sha256": "w"},
+    }
+
+
+def _fill_tuning(cell, records: dict, score) -> None:
+    """Record every pending validation run, repeatedly, with late accuracy ``score(method, rate)`` (extensions
+    included), until the cell's tuning is final."""
+    for _ in range(50):
+        plan = nc.plan_cell(cell, records)
+        pending = [r for r in plan.pending(records) if r["split"] == "validation"]
+        if not pending:
+            return
+        for run in pending:
+            records[run.key] = _record(cell, run, score(run["method"], run["overrides"]["learning_rate"]))
+    raise AssertionError("tuning never became final")
+
+
+def test_grid_cells_and_methods_are_the_preregistered_ones():
+    assert [nc.grid_rate(i) for i in range(7)] == [5e-5, 7.07e-5, 1e-4, 1.41e-4, 2e-4, 2.83e-4, 4e-4]
+    assert [nc.grid_rate(i) for i in (7, 8, 9, 10)] == [5.66e-4, 8e-4, 1.13e-3, 1.6e-3]
+    assert nc.grid_rate(-4) == 1.25e-5 and nc.grid_rate(12) == 3.2e-3 and nc.grid_rate(14) == 6.4e-3
+    assert list(nc.CELLS) == ["group-h8", "group-tool", "group-h4", "indep-h8", "indep-tool", "indep-h4"]
+    assert nc.PRIMARY_CELLS == ["group-h8", "group-tool", "group-h4"]
+    assert nc.BASE_METHODS == (
+        "grpo",
+        "grpo-kl0.01",
+        "grpo-kl0.04",
+        "grpo-kl0.1",
+        "grpo-noscale",
+        "rloo",
+        "vimpo-b5e-2-c5e-3",
+        "vimpo-b5e-4-adaptive",
+    )
+    assert protocol.METHODS["grpo-kl0.04"] == ("grpo", dict(protocol.GRPO_DEFAULTS, beta=0.04))
+    assert protocol.METHODS["grpo-noscale"][1]["scale_rewards"] == "none"
+    assert protocol.METHODS["grpo-noscale"][1]["beta"] == 0.0  # the std control is not an anchor
+    assert protocol.METHODS[nc.VIMPO_PAPER][1]["vimpo_beta"] == 5e-4
+    assert nc.TOOL_METHODS["rloo"] == ("grpo", protocol.RLOO_AS_GRPO)  # RLOOTrainer takes no tools
+    group, indep = nc.CELLS["group-h8"], nc.CELLS["indep-h8"]
+    assert group.run("grpo", 0, "validation", 2).key.endswith("-flips=group-noise=0.25")
+    assert indep.run("grpo", 0, "validation", 2).key.endswith("learning_rate=0.0001-noise=0.25")
+    assert len(nc.plan_cell(group, {}).pending({})) == 8 * 7 * 2  # 112 tuning runs, no test run before them
+    assert len(nc.plan_cell(nc.CELLS["group-tool"], {}).pending({})) == 8 * 11 * 2
+
+
+def test_tuning_extends_an_edge_choice_until_it_is_interior_or_at_a_bound():
+    cell = nc.CELLS["group-h4"]
+    records: dict = {}
+    peak = {"grpo": 3.54e-5, "rloo": 2e-4, "grpo-noscale": 1e-5, nc.VIMPO: 8e-4}  # below, inside, below bound, above
+
+    def score(method, rate):
+        best = peak.get(method, 1e-4)
+        return 0.6 - abs(math.log(rate / best))
+
+    _fill_tuning(cell, records, score)
+    plan = nc.plan_cell(cell, records)
+    assert plan.final and plan.anchor is not None
+    grpo = plan.tunings["grpo"]
+    # 5e-5 chosen at the edge: 3.54e-5 added and chosen at the new edge: 2.5e-5 added; 3.54e-5 is then interior
+    assert grpo.rate == 3.54e-5 and grpo.edges == [(0, "lower"), (-1, "lower")] and not grpo.at_bound
+    assert plan.tunings["rloo"].rate == 2e-4 and plan.tunings["rloo"].edges == []
+    floor = plan.tunings["grpo-noscale"]
+    assert floor.rate == 1.25e-5 and floor.at_bound and [side for _, side in floor.edges] == ["lower"] * 5
+    up = plan.tunings[nc.VIMPO]
+    assert up.rate == 8e-4 and up.edges == [(6, "upper"), (7, "upper"), (8, "upper")] and up.grid[-1] == 9
+    # every test run uses its method's final choice; none was possible before the tuning was final
+    tests = [r for r in plan.pending(records) if r["split"] == "test"]
+    assert len(tests) == len(plan.methods) * 10
+    assert {r["overrides"]["learning_rate"] for r in tests if r["method"] == "grpo"} == {3.54e-5}
+
+
+def test_ties_choose_the_smaller_rate():
+    cell = nc.CELLS["group-h8"]
+    records: dict = {}
+    _fill_tuning(cell, records, lambda method, rate: 0.5 if rate >= 1e-4 else 0.4)
+    assert nc.plan_cell(cell, records).tunings["grpo"].rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("best_beta", "anchor", "betas"),
+    [(0.04, "grpo-kl0.04", [0.01, 0.04, 0.1]), (0.25, "grpo-kl0.25", [0.01, 0.04, 0.1, 0.25, 0.625])],
+)
+def test_the_anchor_is_the_best_beta_on_validation_and_the_beta_grid_extends(best_beta, anchor, betas):
+    cell = nc.CELLS["group-h8"]
+    records: dict = {}
+
+    def score(method, rate):
+        inside = 0.5 - abs(math.log(rate / 1e-4)) / 10
+        if method.startswith("grpo-kl"):
+            return inside - abs(math.log(float(method[len("grpo-kl") :]) / best_beta)) / 10
+        return inside
+
+    _fill_tuning(cell, records, score)
+    plan = nc.plan_cell(cell, records)
+    assert plan.anchor == anchor and plan.anchor_betas == betas
+    assert [m for m in plan.methods if m.startswith("grpo-kl")] == [protocol.anchored_grpo(b) for b in betas]
+
+
+def test_the_queue_runs_grpo_family_before_vimpo_within_a_cell_and_can_hold_vimpo():
+    records = {name: {} for name in nc.CELLS}
+    runs = nc.queue(list(nc.CELLS.values()), records, hold_vimpo=False)
+    first_cell = [run for cell, run in runs if cell.name == "group-h8"]
+    kinds = [nc.is_vimpo(run["method"]) for run in first_cell]
+    assert kinds == sorted(kinds) and kinds[0] is False and kinds[-1] is True
+    assert [cell.name for cell, _ in runs][:1] == ["group-h8"]
+    assert [c for c, _ in itertools.groupby(cell.name for cell, _ in runs)] == list(nc.CELLS)  # cell by cell
+    held = nc.queue(list(nc.CELLS.values()), records, hold_vimpo=True)
+    assert held and not any(nc.is_vimpo(run["method"]) for _, run in held)
+
+
+def test_claims_are_exclusive_and_a_dead_process_claim_is_taken_over(tmp_path):
+    cell = nc.CELLS["group-h4"]
+    run = cell.run("grpo", 0, "validation", 0)
+    first = nc.claim(tmp_path, cell, run, "a")
+    assert first is not None and nc.claim(tmp_path, cell, run, "b") is None
+    assert [c["worker"] for c in nc.live_claims(tmp_path)] == ["a"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    first.write_text(json.dumps({"pid": int(dead.stdout), "worker": "a", "since": "x"}))
+    assert nc.live_claims(tmp_path) == []
+    assert nc.claim(tmp_path, cell, run, "b") is not None
+
+
+def test_workers_finish_the_study_from_the_records_alone(tmp_path, monkeypatch):
+    """Two cells to the end with a fake trainer: tuning, edges, anchor, test runs; a second worker started on the
+    finished records finds nothing to do, and a worker refuses to start from uncommitted code."""
+    calls = []
+
+    def fake_execute(cell, run, runs_dir, scratch, cache_dir):
+        calls.append(run.key)
+        rate = run["overrides"]["learning_rate"]
+        late = 0.5 - abs(math.log(rate / (4e-4 if nc.is_vimpo(run["method"]) else 1e-4))) / 10
+        late += 0.001 * run["seed"]
+        record = _record(cell, run, late)
+        nc._write_json(runs_dir / cell.name / f"{run.key}.json", record)
+        return record
+
+    monkeypatch.setattr(nc, "execute", fake_execute)
+    monkeypatch.setattr(nc.reporting, "provenance", lambda: {"commit": "0" * 40, "dirty": False})
+    args = Namespace(
+        cells=["group-h4", "indep-h4"],
+        runs_dir=str(tmp_path / "runs"),
+        scratch=str(tmp_path / "scratch"),
+        cache_dir=None,
+        max_runs=None,
+        poll=0.01,
+        worker="0",
+        allow_dirty=False,
+    )
+    trained = nc.work(args)
+    records = nc.load_records(tmp_path / "runs")
+    for name in args.cells:
+        plan = nc.plan_cell(nc.CELLS[name], records[name])
+        assert plan.final and not plan.pending(records[name])
+        assert plan.tunings[nc.VIMPO].rate == 4e-4 and plan.tunings[nc.VIMPO].edges == [(6, "upper")]
+        assert sum(r["split"] == "test" for r in records[name].values()) == len(plan.methods) * 10
+    assert trained == len(calls) == sum(len(r) for r in records.values())
+    assert nc.work(args) == 0  # resumes from the records: nothing left
+    monkeypatch.setattr(nc.reporting, "provenance", lambda: {"commit": "0" * 40, "dirty": True})
+    with pytest.raises(SystemExit, match="uncommitted"):
+        nc.work(args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _t_density(x: float, df: int) -> float:
+    return (
+        math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * (1 + x * x / df) ** (-(df + 1) / 2)
+    )
+
+
+def _naive_t_p(t: float, df: int, steps: int = 20000) -> float:
+    """Two-sided p by Simpson's rule on the density from 0 to |t|."""
+    h = abs(t) / steps
+    total = _t_density(0, df) + _t_density(abs(t), df)
+    total += sum((4 if i % 2 else 2) * _t_density(i * h, df) for i in range(1, steps))
+    return 1 - 2 * total * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 10])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.262, 4.0])
+def test_t_p_value_matches_numerical_integration(t, df):
+    assert nc.t_two_sided_p(t, df) == pytest.approx(_naive_t_p(t, df), abs=1e-7)
+    assert nc.t_two_sided_p(-t, df) == nc.t_two_sided_p(t, df)
+
+
+def test_t_p_value_at_the_tabulated_quantiles_is_five_percent():
+    for df, quantile in protocol.T_975.items():
+        assert nc.t_two_sided_p(quantile, df) == pytest.approx(0.05, abs=2e-4)
+
+
+def _naive_signed_rank_p(differences: list[float]) -> float:
+    values = [d for d in differences if d != 0]
+    magnitudes = sorted(abs(v) for v in values)
+    rank = {m: statistics.fmean(i + 1 for i, x in enumerate(magnitudes) if x == m) for m in magnitudes}
+    ranks = [rank[abs(v)] for v in values]
+    observed = sum(r for r, v in zip(ranks, values) if v > 0)
+    centre = sum(ranks) / 2
+    totals = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=len(values))]
+    return sum(abs(t - centre) >= abs(observed - centre) - 1e-9 for t in totals) / len(totals)
+
+
+@pytest.mark.parametrize(
+    "differences",
+    [
+        [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09],
+        [0.05, -0.06, 0.04, 0.05, -0.07, 0.02, 0.03, -0.08, 0.01, 0.09],
+        [0.02, 0.02, -0.02, 0.04, 0.0, 0.04, -0.01, 0.03, 0.02, 0.0],  # ties and zeros
+        [-0.1, -0.2, 0.05, -0.3, -0.01],
+    ],
+)
+def test_signed_rank_p_is_the_exact_permutation_distribution(differences):
+    p, zeros = nc.signed_rank_p(differences)
+    assert zeros == sum(d == 0 for d in differences)
+    assert p == pytest.approx(_naive_signed_rank_p(differences))
+
+
+def test_signed_rank_p_known_values():
+    assert nc.signed_rank_p([0.01 * (i + 1) for i in range(10)])[0] == pytest.approx(2 / 1024)  # every seed ahead
+    assert nc.signed_rank_p([0.01, -0.01])[0] == 1.0
+    assert math.isnan(nc.signed_rank_p([0.0, 0.0])[0])
+
+
+def test_holm_adjustment():
+    assert nc.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert nc.holm([0.5, 0.01]) == pytest.approx([0.5, 0.02])
+    adjusted = nc.holm([0.2, math.nan, 0.01])
+    assert adjusted[0] == pytest.approx(0.2) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
+
+
+def _comparison(differences, label="x"):
+    return nc.Comparison(label, "a", "b", "c", differences, list(range(10, 10 + len(differences))))
+
+
+def test_verdict_rule_needs_both_adjusted_tests_and_uses_the_papers_gain():
+    ahead = [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09]
+    level = [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, -0.003, 0.001, 0.0, -0.001]
+    wide = [0.2, -0.15, 0.1, -0.05, 0.12, -0.2, 0.18, 0.0, -0.1, 0.05]
+    family = nc.test_family([_comparison(ahead), _comparison(level), _comparison(wide)])
+    assert [c.verdict() for c in family] == [nc.REPRODUCED, nc.NOT_REPRODUCED, nc.INCONCLUSIVE]
+    assert family[0].p_t_holm == pytest.approx(min(1, 3 * nc.paired_t_p(ahead)))  # the smallest p, times m
+    assert nc.claim_verdict(family[:1]) == nc.REPRODUCED
+    assert nc.claim_verdict(family) == nc.NOT_REPRODUCED
+    assert nc.claim_verdict([family[0], family[2]]) == nc.INCONCLUSIVE
+    # One large outlier: the t interval lies above 0 but the signed-rank test (6 of 10 ahead) does not reject.
+    outlier = nc.test_family([_comparison([0.5, 0.01, 0.02, -0.01, 0.015, -0.02, 0.01, -0.005, 0.02, -0.015])])[0]
+    assert outlier.p_rank_holm > 0.05 and outlier.verdict() != nc.REPRODUCED
+    assert nc.test_family([_comparison(ahead[:4])])[0].verdict() == nc.INCONCLUSIVE  # too few pairs
+    # Holm over three: a comparison significant alone can fail in the family.
+    alone = nc.test_family([_comparison([0.03, 0.01, 0.02, -0.01, 0.04, 0.02, 0.0, 0.03, 0.01, 0.02])])[0]
+    together = nc.test_family(
+        [
+            _comparison([0.03, 0.01, 0.02, -0.01, 0.04, 0.02, 0.0, 0.03, 0.01, 0.02]),
+            _comparison(wide),
+            _comparison(wide),
+        ]
+    )[0]
+    assert alone.p_t_holm < together.p_t_holm
+
+
+def test_method_or_anchor():
+    reproduced, not_reproduced, inconclusive = (
+        nc.test_family([_comparison(d)])[0]
+        for d in (
+            [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09],
+            [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, -0.003, 0.001, 0.0, -0.001],
+            [0.2, -0.15, 0.1, -0.05, 0.12, -0.2, 0.18, 0.0, -0.1, 0.05],
+        )
+    )
+    assert nc.method_or_anchor(reproduced, reproduced) == "the method"
+    assert nc.method_or_anchor(reproduced, not_reproduced) == "the anchor"
+    assert nc.method_or_anchor(not_reproduced, inconclusive) == "no gain to explain"
+    assert nc.method_or_anchor(reproduced, inconclusive) == "undecided"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One tiny real run per task
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell_name", ["group-h4", "group-tool"])
+def test_one_tiny_run_writes_its_record(cell_name, tmp_path, monkeypatch):
+    from benchmarks import agent_learning
+    from gnivo_trl.agent_task import ToolWarmStartConfig
+    from gnivo_trl.synthetic import WarmStartConfig, generate_problems
+
+    cell = nc.CELLS[cell_name]
+    tiny_task = nc.Task(cell.task.name, cell.task.horizon, 2, cell.task.grid, cell.task.bounds, 1)
+    cell = nc.Cell(cell.name, tiny_task, cell.flips, cell.condition)
+    tiny_synthetic = WarmStartConfig(
+        num_steps=2, num_examples=64, epochs=1.0, batch_size=16, hidden_size=16, intermediate_size=32
+    )
+    monkeypatch.setattr(protocol, "warm_start_config", lambda horizon, task=None: tiny_synthetic)
+    monkeypatch.setattr(
+        nc,
+        "task_args",
+        lambda cell, split: Namespace(
+            **{**vars(protocol.protocol(4, 1)), "steps": 2, "num_steps": 2, "train_problems": 64}
+        ),
+    )
+    monkeypatch.setattr(nc, "eval_problems", lambda cell, split: generate_problems(4, "test", 2, seed=0))
+    monkeypatch.setattr(
+        agent_learning,
+        "WARM_START",
+        ToolWarmStartConfig(
+            num_steps=2,
+            num_examples=96,
+            epochs=1.0,
+            batch_size=16,
+            hidden_size=16,
+            intermediate_size=32,
+            eval_problems=8,
+        ),
+    )
+    monkeypatch.setattr(agent_learning, "STEPS", 2)
+    run = cell.run("grpo-kl0.04", 10, "test", 2)
+    record = nc.execute(cell, run, tmp_path / "runs", tmp_path / "scratch", str(tmp_path / "cache"))
+    saved = json.loads((tmp_path / "runs" / cell.name / f"{run.key}.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert [step for step, _ in saved["accuracy"]] == [0, 1, 2]
+    assert len(saved["train_reward"]) == 2 and saved["reward_noise"]["mode"] == "group"
+    assert saved["reward_noise"]["scored"] == 2 * 64 and saved["reward_noise"]["groups"] == 2 * 8
+    assert saved["provenance"]["trl"] and saved["warm_start"]["weights_sha256"]
+    assert saved["cpu_seconds"] > 0 and not (tmp_path / "scratch" / "trainers" / run.key).exists()
+    assert os.path.getsize(tmp_path / "runs" / cell.name / f"{run.key}.json") < 4000
