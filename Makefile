@@ -108,7 +108,7 @@ agents-benchmark: $(STAMP)
 # share one queue of runs (each claims the next); every finished run is a record under results/noise_controls/runs/.
 noise-controls-benchmark: $(STAMP)
 	for i in 0 1; do OMP_NUM_THREADS=1 nice -n 10 $(PY) -m benchmarks.noise_controls run --worker $$i & done; wait
-	$(PY) -m benchmarks.noise_controls plan
+	$(PY) -m benchmarks.noise_controls report
 
 # Step-error localisation by implied credit (benchmarks/results/credit/credit.md).
 credit-benchmark: $(STAMP)

@@ -42,9 +42,15 @@ start from a checkout with uncommitted changes under ``gnivo_trl/`` or ``benchma
 exists in the scratch directory, VIMPO runs are not started (the queue goes on with the other methods). Commands,
 from the repository root::
 
-    make noise-controls-benchmark                                      # two workers, then the plan
+    make noise-controls-benchmark                                      # two workers, then the reports
     OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.noise_controls run --worker 0 &   # one worker per core
     python -m benchmarks.noise_controls plan                           # runs done per cell, choices, edges, CPU-h
+    python -m benchmarks.noise_controls report                         # the reports, from whatever is recorded
+
+Reports (``benchmarks/results/noise_controls/``): ``noise_controls.md`` (the answer to "method or anchor?", the
+primary comparisons and the claim-level verdict, every secondary comparison, group − independent flips, every choice
+at an edge, progress and CPU-hours per cell, deviations) and one file per cell (test table, per-seed late accuracies,
+tuning grid, curves).
 """
 
 from __future__ import annotations
@@ -415,7 +421,7 @@ class Comparison:
         return sum(d > 0 for d in self.differences)
 
 
-def test_family(comparisons: list[Comparison]) -> list[Comparison]:
+def holm_family(comparisons: list[Comparison]) -> list[Comparison]:
     """Fill in each comparison's p-values and their Holm adjustment over the family (the comparisons with at least
     :data:`MIN_PAIRS` pairs)."""
     for comparison in comparisons:
@@ -680,6 +686,434 @@ def work(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------------------
+
+ANCHOR = "<anchor>"  # in a comparison: the cell's strongest anchored GRPO, chosen on validation
+# (key, label, a, b): the primary comparison first, then the secondary ones of the pre-registration, in its order.
+FAMILIES = [
+    ("primary", "VIMPO − strongest anchored GRPO", VIMPO, ANCHOR),
+    ("plain", "VIMPO − GRPO (beta 0)", VIMPO, "grpo"),
+    ("noscale", "VIMPO − GRPO without std normalisation", VIMPO, "grpo-noscale"),
+    ("noscale-grpo", "GRPO without std normalisation − GRPO", "grpo-noscale", "grpo"),
+    ("rloo", "VIMPO − RLOO", VIMPO, "rloo"),
+    ("rloo-grpo", "RLOO − GRPO", "rloo", "grpo"),
+    ("paper-beta", "VIMPO at the paper's beta (5e-4, adaptive) − strongest anchored GRPO", VIMPO_PAPER, ANCHOR),
+    ("anchor-effect", "strongest anchored GRPO − GRPO", ANCHOR, "grpo"),
+    *(
+        (f"kl{beta:g}", f"GRPO with KL beta {beta:g} − GRPO", anchored_grpo(beta), "grpo")
+        for beta in protocol.KL_BETAS
+    ),
+]
+NAMES = {
+    "grpo": "GRPO (beta 0)",
+    "grpo-noscale": "GRPO, scale_rewards none",
+    "rloo": "RLOO",
+    VIMPO: "VIMPO beta 5e-2, actor 5e-3",
+    VIMPO_PAPER: "VIMPO beta 5e-4, adaptive actor",
+    **{anchored_grpo(beta): f"GRPO + KL, beta {beta:g}" for beta in protocol.KL_BETAS},
+}
+TASK_TITLES = {"h8": "8-step problems", "tool": "the tool task", "h4": "4-step problems"}
+FLIP_TITLES = {"group": "group flips", "independent": "independent flips"}
+# Deviations from the pre-registration, as they happen (each says what, why and when).
+DEVIATIONS: list[str] = []
+
+
+@dataclass
+class CellResults:
+    cell: Cell
+    plan: CellPlan
+    tests: dict[str, list[dict]]  # test records by method, by seed
+    records: dict[str, dict]
+
+    def resolve(self, method: str) -> str | None:
+        return self.plan.anchor if method == ANCHOR else method
+
+
+def cell_results(cell: Cell, records: dict[str, dict]) -> CellResults:
+    plan = plan_cell(cell, records)
+    tests: dict[str, list[dict]] = {m: [] for m in plan.methods}
+    for run in plan.test_runs():
+        if run.key in records:
+            tests[run["method"]].append(records[run.key])
+    return CellResults(cell, plan, {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in tests.items()}, records)
+
+
+def compare(results: CellResults, label: str, a: str, b: str) -> Comparison:
+    """``a − b`` (methods, or :data:`ANCHOR`), late test accuracy paired by seed."""
+    a_name, b_name = results.resolve(a), results.resolve(b)
+    a_runs = results.tests.get(a_name, []) if a_name else []
+    b_late = {r["seed"]: late_accuracy(r) for r in (results.tests.get(b_name, []) if b_name else [])}
+    pairs = [(r["seed"], late_accuracy(r) - b_late[r["seed"]]) for r in a_runs if r["seed"] in b_late]
+    return Comparison(
+        label, a_name or a, b_name or b, results.cell.name, [d for _, d in pairs], [seed for seed, _ in pairs]
+    )
+
+
+def families(all_results: dict[str, CellResults], flips: str) -> dict[str, list[Comparison]]:
+    """Every family of comparisons over the cells of one noise model, Holm-adjusted within the family."""
+    cells = [r for r in all_results.values() if r.cell.flips == flips]
+    return {key: holm_family([compare(results, label, a, b) for results in cells]) for key, label, a, b in FAMILIES}
+
+
+def _pp(value: float) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:+.1f}"
+
+
+def _p(value: float) -> str:
+    return "–" if math.isnan(value) else (f"{value:.4f}" if value >= 0.0001 else "<0.0001")
+
+
+def _interval(comparison: Comparison) -> str:
+    if len(comparison.differences) < 2:
+        return f"– (n = {len(comparison.differences)})"
+    mean, low, high = comparison.interval()
+    return f"{_pp(mean)} [{_pp(low)}, {_pp(high)}], n = {len(comparison.differences)}"
+
+
+def _mean_std(runs: list[dict], score=late_accuracy) -> str:
+    if not runs:
+        return "–"
+    values = [score(r) for r in runs]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+
+
+def _collapsed(runs: list[dict]) -> int:
+    return sum(map(collapsed, runs))
+
+
+def comparison_rows(comparisons: list[Comparison], with_cell: bool = True) -> list[str]:
+    lines = [
+        ("| cell " if with_cell else "")
+        + "| comparison | difference, pp [95% CI] | t-test p (Holm) | signed-rank p (Holm) | seeds ahead | verdict |",
+        ("|---" if with_cell else "") + "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        zeros = f", {c.zeros} tied" if c.zeros else ""
+        lines.append(
+            (f"| `{c.cell}` " if with_cell else "")
+            + f"| {c.label} ({c.a} − {c.b}) | {_interval(c)} | {_p(c.p_t)} ({_p(c.p_t_holm)}) "
+            f"| {_p(c.p_rank)} ({_p(c.p_rank_holm)}) | {c.positives()} of {len(c.differences)}{zeros} "
+            f"| {c.verdict() if len(c.differences) >= MIN_PAIRS else 'not enough seeds yet'} |"
+        )
+    return lines
+
+
+def _status(results: CellResults) -> str:
+    tuning = sum(r["split"] == "validation" for r in results.records.values())
+    planned = sum(len(t.grid) * len(TUNING_SEEDS) for t in results.plan.tunings.values())
+    tested = sum(len(runs) for runs in results.tests.values())
+    more = "" if results.plan.final else " so far"
+    return f"tuning {tuning}/{planned} runs{more}, test {tested}/{len(results.plan.methods) * len(TEST_SEEDS)} runs"
+
+
+def cpu_hours(results: CellResults) -> tuple[float, float, int]:
+    """CPU-hours of the cell's records, an estimate of what is left (the runs the plan knows, at the mean CPU time
+    per run of the same split so far; before any test run, test runs at 1.1x validation ones), and that run count."""
+    done = sum(r["cpu_seconds"] for r in results.records.values()) / 3600
+    by_split = {
+        split: [r["cpu_seconds"] for r in results.records.values() if r["split"] == split]
+        for split in ("validation", "test")
+    }
+    validation = statistics.fmean(by_split["validation"]) if by_split["validation"] else math.nan
+    test = statistics.fmean(by_split["test"]) if by_split["test"] else 1.1 * validation
+    pending = results.plan.pending(results.records)
+    left_tuning = sum(r["split"] == "validation" for r in pending)
+    left_test = len(results.plan.methods) * len(TEST_SEEDS) - sum(len(v) for v in results.tests.values())
+    return done, (left_tuning * validation + left_test * test) / 3600, left_tuning + left_test
+
+
+def edge_lines(all_results: dict[str, CellResults]) -> list[str]:
+    lines = []
+    for results in all_results.values():
+        for method, tuning in results.plan.tunings.items():
+            for index, side in tuning.edges:
+                extended = grid_rate(index - 1 if side == "lower" else index + 1)
+                bound = tuning.at_bound and index == tuning.choice
+                lines.append(
+                    f"- `{results.cell.name}`, {method}: chosen at the {side} edge, {grid_rate(index):g}; "
+                    + ("at the bound, not extended" if bound else f"extended to {extended:g}")
+                    + (f" (final choice {tuning.rate:g})" if tuning.final else " (tuning still running)")
+                )
+    return lines or ["- none so far"]
+
+
+def answer(all_results: dict[str, CellResults], primary: list[Comparison], plain: list[Comparison]) -> str:
+    """The one sentence: the pre-registered reading per group-flip cell and the claim-level verdict."""
+    parts = []
+    for a, b in zip(plain, primary):
+        results = all_results[b.cell]
+        if len(b.differences) < len(TEST_SEEDS) or len(a.differences) < len(TEST_SEEDS):
+            reading = f"not decided yet ({len(b.differences)} of {len(TEST_SEEDS)} test seeds)"
+        else:
+            reading = f"**{method_or_anchor(a, b)}** (VIMPO − {results.plan.anchor}: {_interval(b)})"
+        parts.append(f"{TASK_TITLES[results.cell.task.name]}: {reading}")
+    complete = all(len(c.differences) == len(TEST_SEEDS) for c in primary)
+    verdict = claim_verdict(primary) if complete else "not decided yet"
+    return (
+        "Under the paper's noise model (group flips, p = 0.25), what VIMPO's lead over GRPO comes from, per cell: "
+        + "; ".join(parts)
+        + f". Claim-level verdict, VIMPO against the strongest anchored GRPO: **{verdict}**."
+    )
+
+
+def _plot_summary(all_results: dict[str, CellResults], path: Path, runs: list[dict]) -> None:
+    """Per cell, each method's late test accuracy: every seed a dot, the mean a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in all_results.values() if any(r.tests.values())]
+    if not cells:
+        return
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 4.5), squeeze=False)
+    for ax, results in zip(axes[0], cells):
+        methods = [m for m in results.plan.methods if results.tests[m]]
+        for x, method in enumerate(methods):
+            values = [100 * late_accuracy(r) for r in results.tests[method]]
+            ax.bar(x, statistics.fmean(values), color="#c5cae9" if method != results.plan.anchor else "#7986cb")
+            ax.plot([x] * len(values), values, "o", color="#1a237e", markersize=3)
+        ax.set_xticks(range(len(methods)), methods, rotation=70, fontsize=7)
+        ax.set_title(f"{results.cell.name} ({FLIP_TITLES[results.cell.flips]})", fontsize=9)
+        ax.set_ylabel("late test accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=reporting.png_metadata(runs))
+    plt.close(fig)
+
+
+def cell_report(results: CellResults, results_dir: Path) -> tuple[str, list[dict]]:
+    cell, plan = results.cell, results.plan
+    anchor = plan.anchor
+    title = f"{TASK_TITLES[cell.task.name]}, {FLIP_TITLES[cell.flips]} at p = {NOISE:g}"
+    lines = [
+        f"# Cell `{cell.name}`: {title}",
+        "",
+        f"Generated by `python -m benchmarks.noise_controls report` on {time.strftime('%Y-%m-%d')} from the run "
+        f"records in `runs/{cell.name}/` ({_status(results)}). Plan, rule and methods: "
+        "[preregistration.md](preregistration.md); summary and verdicts: [noise_controls.md](noise_controls.md).",
+        "",
+        f"Accuracy: late test accuracy (%), the mean of the evaluations in the last 20% of training, on "
+        f"{'300' if cell.task.name == 'tool' else '500'} held-out problems, one sample each at temperature 1; mean ± "
+        f"std over test seeds {TEST_SEEDS[0]}-{TEST_SEEDS[-1]}; differences paired by seed, 95% Student t interval. "
+        "Collapsed: final accuracy more than 5 points below the run's own step 0. Strongest anchored GRPO (chosen on "
+        f"validation): **{anchor or 'not chosen yet'}**.",
+        "",
+        "## Test",
+        "",
+        f"| method | rate | seeds | step 0 | late (%) | final (%) | collapsed | late − {anchor or 'anchor'} (pp) "
+        "| late − grpo (pp) | CPU min per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in plan.methods:
+        runs = results.tests[method]
+        tuning = plan.tunings[method]
+        rate = f"{tuning.rate:g}" if tuning.final else "tuning"
+        if tuning.edges:
+            rate += " (edge)" if not tuning.at_bound else " (at a bound)"
+        if not runs:
+            lines.append(f"| {method} | {rate} | 0 | – | – | – | – | – | – | – |")
+            continue
+        against_anchor = compare(results, "", method, ANCHOR) if method != anchor else None
+        against_grpo = compare(results, "", method, "grpo") if method != "grpo" else None
+        cpu = statistics.fmean(r["cpu_seconds"] for r in runs) / 60
+        lines.append(
+            f"| {method} | {rate} | {len(runs)} | {100 * runs[0]['accuracy'][0][1]:.1f} | {_mean_std(runs)} "
+            f"| {_mean_std(runs, final_accuracy)} | {_collapsed(runs)} "
+            f"| {_interval(against_anchor).split(', n')[0] if against_anchor else '–'} "
+            f"| {_interval(against_grpo).split(', n')[0] if against_grpo else '–'} | {cpu:.1f} |"
+        )
+    lines += ["", "Per-seed late test accuracy (%; † collapsed):", ""]
+    methods = [m for m in plan.methods if results.tests[m]]
+    if methods:
+        lines += ["| seed | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for seed in TEST_SEEDS:
+            row = []
+            for method in methods:
+                match = [r for r in results.tests[method] if r["seed"] == seed]
+                row.append(
+                    f"{100 * late_accuracy(match[0]):.1f}{'†' if collapsed(match[0]) else ''}" if match else "–"
+                )
+            lines.append(f"| {seed} | " + " | ".join(row) + " |")
+    flips = [r["reward_noise"] for runs in results.tests.values() for r in runs if r.get("reward_noise")]
+    if flips:
+        rate = statistics.fmean(f["flip_rate"] for f in flips)
+        groups = sum(f["groups_flipped"] for f in flips) / max(1, sum(f["groups"] for f in flips))
+        lines += [
+            "",
+            f"Realised flips over the test runs: {100 * rate:.2f}% of rewards"
+            + (f", {100 * groups:.2f}% of groups" if cell.flips == "group" else "")
+            + f" (p = {NOISE:g}).",
+        ]
+    hashes = {r.get("warm_start", {}).get("weights_sha256") for r in results.records.values()}
+    if len(hashes) > 1:
+        lines += ["", f"**Warning**: the runs of this cell come from {len(hashes)} different warm starts."]
+    grid = sorted({i for t in plan.tunings.values() for i in t.grid})
+    lines += [
+        "",
+        "## Tuning (validation)",
+        "",
+        f"Late validation accuracy (%), mean of seeds {TUNING_SEEDS}; the choice in bold (ties: the smaller rate); "
+        "'·' not in the method's grid.",
+        "",
+        "| method | " + " | ".join(f"{grid_rate(i):g}" for i in grid) + " |",
+        "|---|" + "---|" * len(grid),
+    ]
+    for method, tuning in plan.tunings.items():
+        row = []
+        for index in grid:
+            if index not in tuning.grid:
+                row.append("·")
+                continue
+            score = validation_score(cell, method, index, results.records)
+            text = "–" if score is None else f"{100 * score:.1f}"
+            row.append(f"**{text}**" if tuning.final and index == tuning.choice else text)
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    runs = list(results.records.values())
+    if any(results.tests.values()):
+        name = f"curves_{cell.name}.png"
+        protocol.plot_curves(
+            {m: rs for m, rs in results.tests.items() if rs}, results_dir / name, f"{cell.name}: test accuracy"
+        )
+        lines += ["", f"![test accuracy against step, {cell.name}]({name})"]
+    done, left, count = cpu_hours(results)
+    lines += ["", f"CPU time: {done:.2f} CPU-hours for {len(runs)} runs; about {left:.1f} left for {count} runs.", ""]
+    return "\n".join(lines), runs
+
+
+def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Path]:
+    """``noise_controls.md`` (the answer, the verdicts, every comparison, progress, edges, CPU) and one file per
+    cell, with their plots, from the run records."""
+    records = load_records(runs_dir)
+    all_results = {name: cell_results(cell, records[name]) for name, cell in CELLS.items()}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written, every_run = [], []
+    for results in all_results.values():
+        if not results.records:
+            continue
+        text, runs = cell_report(results, results_dir)
+        every_run += runs
+        written.append(reporting.write_report(results_dir / f"{results.cell.name}.md", text, runs))
+    group, indep = families(all_results, "group"), families(all_results, "independent")
+    primary = group["primary"]
+    lines = [
+        "# The method or the anchor? VIMPO under the paper's noise model, against anchored GRPO",
+        "",
+        f"Generated by `python -m benchmarks.noise_controls report` on {time.strftime('%Y-%m-%d')} from "
+        f"{len(every_run)} run records (`runs/`). The plan, the verdict rule and the cut order were committed before "
+        "any run: [preregistration.md](preregistration.md). Late test accuracy (last 20% of training), 10 test "
+        "seeds per method, differences paired by seed.",
+        "",
+        "**Method or anchor?** " + answer(all_results, primary, group["plain"]),
+        "",
+        "## Claim 1 under the paper's noise model (group flips, p = 0.25): primary comparisons",
+        "",
+        "VIMPO (`vimpo_beta` 5e-2, actor 5e-3) − the strongest anchored GRPO of the cell (the KL beta with the best "
+        "validation accuracy at its own tuned rate). Holm over the claim-1 family (the group-flip cells, m = "
+        f"{sum(len(c.differences) >= MIN_PAIRS for c in primary)} with at least {MIN_PAIRS} pairs so far), for the "
+        "t-test and the exact signed-rank test separately. 'reproduced at this scale': mean > 0 and both adjusted "
+        f"p < {ALPHA}; 'not reproduced': the 95% interval lies below the paper's +{PAPER_GAIN_PP} pp; "
+        "'inconclusive' otherwise.",
+        "",
+        "| cell | anchor (beta, rate) | VIMPO late (%) | anchor late (%) | collapsed (VIMPO / anchor) |",
+        "|---|---|---|---|---|",
+    ]
+    for comparison in primary:
+        results = all_results[comparison.cell]
+        anchor = results.plan.anchor
+        rate = results.plan.tunings[anchor].rate if anchor else None
+        lines.append(
+            f"| `{comparison.cell}` | {anchor or 'not chosen yet'}{f', {rate:g}' if rate else ''} "
+            f"| {_mean_std(results.tests.get(VIMPO, []))} | {_mean_std(results.tests.get(anchor, []) if anchor else [])} "
+            f"| {_collapsed(results.tests.get(VIMPO, []))} / {_collapsed(results.tests.get(anchor, []) if anchor else [])} |"
+        )
+    complete = all(len(c.differences) == len(TEST_SEEDS) for c in primary)
+    lines += [
+        "",
+        *comparison_rows(primary),
+        "",
+        f"Claim-level verdict: **{claim_verdict(primary) if complete else 'not decided yet'}** (reproduced if every "
+        "primary comparison is; not reproduced if any is not; inconclusive otherwise).",
+        "",
+        "## Method or anchor, per cell",
+        "",
+        "A = VIMPO − GRPO (beta 0), B = VIMPO − the strongest anchored GRPO, both under group flips, each by the rule "
+        "above (A Holm-adjusted within its own family). A and B reproduced: the method; A reproduced, B not "
+        "reproduced: the anchor; A not reproduced: no gain to explain; otherwise undecided.",
+        "",
+        "| cell | A | B | reading |",
+        "|---|---|---|---|",
+    ]
+    for a, b in zip(group["plain"], primary):
+        done = len(a.differences) == len(b.differences) == len(TEST_SEEDS)
+        lines.append(
+            f"| `{b.cell}` | {_interval(a)}: {a.verdict()} | {_interval(b)}: {b.verdict()} "
+            f"| {method_or_anchor(a, b) if done else 'not decided yet'} |"
+        )
+    for flips, table in (("group", group), ("independent", indep)):
+        lines += [
+            "",
+            f"## Every comparison under {FLIP_TITLES[flips]}"
+            + (" (secondary: the same rule, each family Holm-adjusted within itself)" if flips == "group" else ""),
+            "",
+        ]
+        if flips == "independent":
+            lines += [
+                "The paper-claims study's noise model (each reward flipped on its own). Secondary; each family "
+                "Holm-adjusted within itself; the first family is the primary comparison under this model.",
+                "",
+            ]
+        rows = [c for key, _, _, _ in FAMILIES for c in table[key] if c.differences]
+        lines += comparison_rows(rows) if rows else ["No test runs yet."]
+    lines += [
+        "",
+        "## Does the noise model matter? Group − independent flips, same method, same seed (late, pp)",
+        "",
+        "| task | " + " | ".join(BASE_METHODS) + " |",
+        "|---|" + "---|" * len(BASE_METHODS),
+    ]
+    for task in TASKS:
+        g, i = all_results[f"group-{task}"], all_results[f"indep-{task}"]
+        row = []
+        for method in BASE_METHODS:
+            other = {r["seed"]: late_accuracy(r) for r in i.tests.get(method, [])}
+            diffs = [late_accuracy(r) - other[r["seed"]] for r in g.tests.get(method, []) if r["seed"] in other]
+            row.append(protocol.paired_cell(diffs))
+        lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(row) + " |")
+    lines += ["", "## Choices at an edge of the rate grid", "", *edge_lines(all_results), ""]
+    lines += [
+        "## Progress and CPU-hours",
+        "",
+        "CPU time of each run's process (one core, one torch thread; evaluation included), from the records.",
+        "",
+        "| cell | runs | CPU-hours so far | about left (runs) |",
+        "|---|---|---|---|",
+    ]
+    total_done = total_left = 0.0
+    for results in all_results.values():
+        done, left, count = cpu_hours(results)
+        total_done += done
+        total_left += 0.0 if math.isnan(left) else left
+        left_text = "–" if math.isnan(left) else f"{left:.1f} ({count})"
+        lines.append(f"| `{results.cell.name}` | {_status(results)} | {done:.2f} | {left_text} |")
+    lines += [
+        f"| all | | {total_done:.2f} | {total_left:.1f} |",
+        "",
+        "## Deviations from the pre-registration",
+        "",
+        *(DEVIATIONS or ["- none"]),
+        "",
+    ]
+    _plot_summary(all_results, results_dir / "late_accuracy.png", every_run)
+    if (results_dir / "late_accuracy.png").exists():
+        lines += ["![late test accuracy per method and cell, every seed a dot](late_accuracy.png)", ""]
+    written.append(reporting.write_report(results_dir / "noise_controls.md", "\n".join(lines), every_run))
+    return written
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -715,7 +1149,7 @@ def plan_lines(runs_dir: Path, scratch: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["run", "plan"])
+    parser.add_argument("part", choices=["run", "plan", "report"])
     parser.add_argument("cells", nargs="*", help=f"run: the cells (default: all, in order): {', '.join(CELLS)}")
     parser.add_argument("--worker", default="0", help="run: this process's name in the claims and the log")
     parser.add_argument("--runs-dir", default=str(RUNS), help="the run records (committed; the study resumes)")
@@ -725,6 +1159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll", type=float, default=30.0, help="run: seconds between looks while all is claimed")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (trials only)")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="report: where the reports go")
     args = parser.parse_args(argv)
     reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
     unknown = [name for name in args.cells if name not in CELLS]
@@ -732,6 +1167,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")
     if args.part == "plan":
         print("\n".join(plan_lines(Path(args.runs_dir), Path(args.scratch))))
+    elif args.part == "report":
+        for path in write_reports(Path(args.runs_dir), Path(args.results_dir)):
+            print(f"wrote {path}")
     else:
         import torch
 

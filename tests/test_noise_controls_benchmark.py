@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
@@ -268,19 +269,19 @@ def test_verdict_rule_needs_both_adjusted_tests_and_uses_the_papers_gain():
     ahead = [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09]
     level = [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, -0.003, 0.001, 0.0, -0.001]
     wide = [0.2, -0.15, 0.1, -0.05, 0.12, -0.2, 0.18, 0.0, -0.1, 0.05]
-    family = nc.test_family([_comparison(ahead), _comparison(level), _comparison(wide)])
+    family = nc.holm_family([_comparison(ahead), _comparison(level), _comparison(wide)])
     assert [c.verdict() for c in family] == [nc.REPRODUCED, nc.NOT_REPRODUCED, nc.INCONCLUSIVE]
     assert family[0].p_t_holm == pytest.approx(min(1, 3 * nc.paired_t_p(ahead)))  # the smallest p, times m
     assert nc.claim_verdict(family[:1]) == nc.REPRODUCED
     assert nc.claim_verdict(family) == nc.NOT_REPRODUCED
     assert nc.claim_verdict([family[0], family[2]]) == nc.INCONCLUSIVE
     # One large outlier: the t interval lies above 0 but the signed-rank test (6 of 10 ahead) does not reject.
-    outlier = nc.test_family([_comparison([0.5, 0.01, 0.02, -0.01, 0.015, -0.02, 0.01, -0.005, 0.02, -0.015])])[0]
+    outlier = nc.holm_family([_comparison([0.5, 0.01, 0.02, -0.01, 0.015, -0.02, 0.01, -0.005, 0.02, -0.015])])[0]
     assert outlier.p_rank_holm > 0.05 and outlier.verdict() != nc.REPRODUCED
-    assert nc.test_family([_comparison(ahead[:4])])[0].verdict() == nc.INCONCLUSIVE  # too few pairs
+    assert nc.holm_family([_comparison(ahead[:4])])[0].verdict() == nc.INCONCLUSIVE  # too few pairs
     # Holm over three: a comparison significant alone can fail in the family.
-    alone = nc.test_family([_comparison([0.03, 0.01, 0.02, -0.01, 0.04, 0.02, 0.0, 0.03, 0.01, 0.02])])[0]
-    together = nc.test_family(
+    alone = nc.holm_family([_comparison([0.03, 0.01, 0.02, -0.01, 0.04, 0.02, 0.0, 0.03, 0.01, 0.02])])[0]
+    together = nc.holm_family(
         [
             _comparison([0.03, 0.01, 0.02, -0.01, 0.04, 0.02, 0.0, 0.03, 0.01, 0.02]),
             _comparison(wide),
@@ -292,7 +293,7 @@ def test_verdict_rule_needs_both_adjusted_tests_and_uses_the_papers_gain():
 
 def test_method_or_anchor():
     reproduced, not_reproduced, inconclusive = (
-        nc.test_family([_comparison(d)])[0]
+        nc.holm_family([_comparison(d)])[0]
         for d in (
             [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09],
             [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, -0.003, 0.001, 0.0, -0.001],
@@ -356,3 +357,75 @@ def test_one_tiny_run_writes_its_record(cell_name, tmp_path, monkeypatch):
     assert saved["provenance"]["trl"] and saved["warm_start"]["weights_sha256"]
     assert saved["cpu_seconds"] > 0 and not (tmp_path / "scratch" / "trainers" / run.key).exists()
     assert os.path.getsize(tmp_path / "runs" / cell.name / f"{run.key}.json") < 4000
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _study(tmp_path: Path, cells: list[str], late) -> Path:
+    """Records of every run of ``cells``: the tuning peaks at 1e-4 for every method (at 4e-4 for VIMPO: one upper
+    edge), the anchor is beta 0.04; test late accuracy ``late(cell, method, seed)``."""
+    runs_dir = tmp_path / "runs"
+    for name in cells:
+        cell = nc.CELLS[name]
+        records: dict = {}
+
+        def score(method, rate):
+            value = 0.5 - abs(math.log(rate / (4e-4 if nc.is_vimpo(method) else 1e-4))) / 10
+            return value + (0.01 if method == "grpo-kl0.04" else 0.0)
+
+        _fill_tuning(cell, records, score)
+        plan = nc.plan_cell(cell, records)
+        for run in plan.test_runs():
+            records[run.key] = _record(cell, run, late(name, run["method"], run["seed"]))
+        for key, record in records.items():
+            nc._write_json(runs_dir / name / f"{key}.json", record)
+    return runs_dir
+
+
+def test_reports_state_the_answer_the_verdicts_every_seed_and_the_edges(tmp_path):
+    def late(cell, method, seed):
+        base = 0.4 + 0.01 * (seed - 10)
+        if method == nc.VIMPO:
+            return base + (0.1 if cell != "group-h4" else 0.0) + 0.002 * (seed % 3 - 1)  # ahead in two cells
+        if method == "grpo-kl0.04":
+            return base + (
+                0.1 - 0.002 * (seed % 3 - 1) if cell == "group-tool" else 0.0
+            )  # closes the gap on the tool task
+        return base
+
+    runs_dir = _study(tmp_path, ["group-h8", "group-tool", "group-h4"], late)
+    written = nc.write_reports(runs_dir, tmp_path / "results")
+    assert {p.name for p in written} == {"group-h8.md", "group-tool.md", "group-h4.md", "noise_controls.md"}
+    summary = (tmp_path / "results" / "noise_controls.md").read_text()
+    assert "Provenance: runs produced at package commit abc" in summary
+    primary = [line for line in summary.splitlines() if "VIMPO − strongest anchored GRPO (vimpo-b5e-2-c5e-3" in line]
+    assert len(primary) == 6  # the primary table, then the same rows among every comparison
+    primary = primary[:3]
+    h8 = next(line for line in primary if line.startswith("| `group-h8`"))
+    assert "+10.0 [" in h8 and "10 of 10" in h8 and h8.endswith(f"| {nc.REPRODUCED} |")
+    h4 = next(line for line in primary if line.startswith("| `group-h4`"))
+    assert h4.endswith(f"| {nc.NOT_REPRODUCED} |")  # +0.2 pp: a gain of 3.7 pp excluded
+    assert "Claim-level verdict: **not reproduced**" in summary
+    assert "8-step problems: **the method**" in summary and "4-step problems: **no gain to explain**" in summary
+    assert "the tool task: **the anchor**" in summary
+    assert "vimpo-b5e-2-c5e-3: chosen at the upper edge, 0.0004; extended to 0.000566 (final choice 0.0004)" in summary
+    assert "| `indep-h8` |" in summary  # the cells not run yet are listed with their progress
+    cell = (tmp_path / "results" / "group-h8.md").read_text()
+    assert "Strongest anchored GRPO (chosen on validation): **grpo-kl0.04**" in cell
+    seed_rows = [line for line in cell.splitlines() if line.startswith("| 1") and line.count("|") == 10]
+    assert len(seed_rows) == 10 and seed_rows[0].startswith("| 10 | 40.0 |")
+    assert (tmp_path / "results" / "curves_group-h8.png").exists()
+    assert (tmp_path / "results" / "late_accuracy.png").exists()
+
+
+def test_reports_from_partial_records_say_what_is_missing(tmp_path):
+    cell = nc.CELLS["group-h8"]
+    run = cell.run("grpo", 0, "validation", 0)
+    nc._write_json(tmp_path / "runs" / cell.name / f"{run.key}.json", _record(cell, run, 0.3))
+    nc.write_reports(tmp_path / "runs", tmp_path / "results")
+    summary = (tmp_path / "results" / "noise_controls.md").read_text()
+    assert "Claim-level verdict: **not decided yet**" in summary
+    assert "| `group-h8` | tuning 1/112 runs so far, test 0/80 runs |" in summary
