@@ -39,7 +39,8 @@ per-step training rewards and zero-signal shares, the realised flips, CPU second
 provenance the process read at its start) to ``benchmarks/results/noise_controls/runs/<cell>/<key>.json``. The
 queue is computed from the records alone, so a new session resumes from the committed records. A worker refuses to
 start from a checkout with uncommitted changes under ``gnivo_trl/`` or ``benchmarks/``. While a file ``hold-vimpo``
-exists in the scratch directory, VIMPO runs are not started (the queue goes on with the other methods). Commands,
+exists in the scratch directory, VIMPO runs are not started (the queue goes on with the other methods); a file
+``stop`` (or ``stop-<worker>``) there stops the workers (that worker) between two runs. Commands,
 from the repository root::
 
     make noise-controls-benchmark                                      # two workers, then the reports
@@ -651,6 +652,9 @@ def work(args) -> int:
     trained, waiting_since = 0, None
     print(f"worker {args.worker}: pid {os.getpid()}, commit {here['commit'][:10]}, cells {[c.name for c in cells]}")
     while args.max_runs is None or trained < args.max_runs:
+        if (scratch / "stop").exists() or (scratch / f"stop-{args.worker}").exists():
+            print(f"worker {args.worker}: stop file found, stopping between runs")
+            break
         records = load_records(runs_dir)
         hold = (scratch / "hold-vimpo").exists()
         candidates = queue(cells, records, hold)

@@ -186,6 +186,12 @@ def test_workers_finish_the_study_from_the_records_alone(tmp_path, monkeypatch):
         assert sum(r["split"] == "test" for r in records[name].values()) == len(plan.methods) * 10
     assert trained == len(calls) == sum(len(r) for r in records.values())
     assert nc.work(args) == 0  # resumes from the records: nothing left
+    victim = next((tmp_path / "runs" / "indep-h4").glob("*.json"))
+    victim.unlink()
+    (tmp_path / "scratch" / "stop-0").touch()
+    assert nc.work(args) == 0  # a stop file: no new run
+    (tmp_path / "scratch" / "stop-0").unlink()
+    assert nc.work(args) == 1 and victim.exists()  # the lost record is run again
     monkeypatch.setattr(nc.reporting, "provenance", lambda: {"commit": "0" * 40, "dirty": True})
     with pytest.raises(SystemExit, match="uncommitted"):
         nc.work(args)
