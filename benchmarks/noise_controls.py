@@ -148,6 +148,92 @@ CELLS = _cells()  # priority order: group flips (8-step, tool, 4-step), then ind
 PRIMARY_CELLS = [name for name in CELLS if CELLS[name].flips == "group"]
 
 
+@dataclass(frozen=True)
+class Reproduction:
+    """An archived cell run again on the landed code (pre-registration, "Reproduction subset"): every method of the
+    archived cell at its archived chosen rate, the archived test seeds; ``archived``: method -> (rate, the published
+    mean and std of the score in %, or the published per-seed values), ``score``: ``"late"`` or ``"final"``."""
+
+    cell: Cell
+    source: str
+    score: str
+    archived: dict[str, tuple[float, tuple[float, ...]]]
+
+    def runs(self) -> list[Run]:
+        return [
+            make_run(self.cell.task.horizon, method, seed, "test", self.cell.condition, learning_rate=rate)
+            for seed in REPRODUCTION_SEEDS
+            for method, (rate, _) in self.archived.items()
+        ]
+
+
+REPRODUCTION_SEEDS = [10, 11, 12, 13, 14]
+
+
+def _reproductions() -> dict[str, Reproduction]:
+    h4, h8 = Task("h4", 4, 100, (), (0, 0), 10), Task("h8", 8, 100, (), (0, 0), 10)
+    agents = Task("tool", 4, 60, (), (0, 0), 10)
+    items = [
+        Reproduction(
+            Cell("repro-clean-h4", h4, "none", {}),
+            "paper_claims/noise.md, cell clean-h4",
+            "late",
+            {
+                "grpo": (2e-4, (60.7, 2.5)),
+                "rloo": (4e-4, (57.9, 1.3)),
+                "gnivo-token": (4e-4, (58.4, 1.7)),
+                "gnivo-step": (4e-4, (57.8, 3.8)),
+                "gnivo-sequence": (2e-4, (59.1, 0.8)),
+                "vimpo-b5e-2-c0": (2e-4, (60.3, 1.5)),
+                "vimpo-b5e-2-c5e-3": (2e-4, (60.7, 0.8)),
+                "vimpo-b5e-2-adaptive": (2e-4, (61.7, 1.3)),
+            },
+        ),
+        Reproduction(
+            Cell("repro-noise0.4-h4", h4, "independent", {"noise": 0.4}),
+            "paper_claims/noise.md, cell noise0.4-h4 (independent flips, p = 0.4)",
+            "late",
+            {
+                "grpo": (1e-4, (29.3, 4.7)),
+                "rloo": (1e-4, (20.8, 11.6)),
+                "gnivo-sequence": (1e-4, (28.3, 3.3)),
+                "vimpo-b5e-2-c0": (1e-4, (34.7, 1.5)),
+                "vimpo-b5e-2-c5e-3": (1e-4, (34.3, 3.7)),
+                "vimpo-b5e-2-adaptive": (2e-4, (31.1, 1.9)),
+            },
+        ),
+        Reproduction(
+            Cell("repro-clean-h8", h8, "none", {}),
+            "paper_claims/noise.md, cell clean-h8",
+            "late",
+            {
+                "grpo": (2e-4, (72.1, 2.1)),
+                "rloo": (2e-4, (71.6, 2.0)),
+                "gnivo-token": (2e-4, (74.7, 1.4)),
+                "vimpo-b5e-2-c0": (2e-4, (72.0, 2.2)),
+                "vimpo-b5e-2-c5e-3": (2e-4, (74.1, 1.2)),
+                "vimpo-b5e-2-adaptive": (2e-4, (73.6, 1.6)),
+            },
+        ),
+        Reproduction(
+            Cell("repro-agents-clean", agents, "none", {}),
+            "agents/agent_learning.md, clean rewards (per-seed final accuracy; tool warm start version 1)",
+            "final",
+            {
+                "grpo": (8e-4, (97.0, 95.3, 95.7, 94.3, 89.0)),
+                "rloo": (8e-4, (86.0, 86.7, 94.0, 95.3, 91.0)),
+                "gnivo-turn": (8e-4, (92.0, 90.3, 92.3, 93.0, 95.0)),
+                "gnivo-token": (8e-4, (95.3, 94.7, 94.7, 94.7, 94.3)),
+                "vimpo": (1.6e-3, (91.0, 95.3, 88.0, 91.3, 86.0)),
+            },
+        ),
+    ]
+    return {item.cell.name: item for item in items}
+
+
+REPRODUCTIONS = _reproductions()  # queued after the six cells
+
+
 def is_vimpo(method: str) -> bool:
     return method.startswith("vimpo")
 
@@ -159,8 +245,8 @@ def is_vimpo(method: str) -> bool:
 
 def load_records(runs_dir: Path = RUNS) -> dict[str, dict[str, dict]]:
     """Every finished run's record, by cell name and run key."""
-    records: dict[str, dict[str, dict]] = {name: {} for name in CELLS}
-    for name in CELLS:
+    records: dict[str, dict[str, dict]] = {name: {} for name in (*CELLS, *REPRODUCTIONS)}
+    for name in records:
         for path in sorted((runs_dir / name).glob("*.json")):
             record = json.loads(path.read_text())
             records[name][record["key"]] = record
@@ -323,6 +409,28 @@ def t_two_sided_p(t: float, df: int) -> float:
             term *= cos2 * (2 * k + 1) / (2 * k + 2)
         inside = math.sin(theta) * total
     return min(1.0, max(0.0, 1.0 - inside))
+
+
+def t_quantile(df: int, alpha: float = ALPHA) -> float:
+    """The two-sided ``1 - alpha`` quantile of Student's t with integer ``df`` (bisection on :func:`t_two_sided_p`)."""
+    low, high = 0.0, 1000.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if t_two_sided_p(middle, df) > alpha else (low, middle)
+    return (low + high) / 2
+
+
+def welch_interval(a: list[float], b_mean: float, b_std: float, b_n: int) -> tuple[float, float, float]:
+    """Mean of ``a`` minus ``b_mean`` with a 95% Welch interval (``b`` given by its mean, std and size; degrees of
+    freedom Welch-Satterthwaite, rounded down)."""
+    n = len(a)
+    mean = statistics.fmean(a) - b_mean
+    va, vb = statistics.variance(a) / n, b_std**2 / b_n
+    if va + vb == 0:
+        return mean, mean, mean
+    df = (va + vb) ** 2 / (va**2 / (n - 1) + vb**2 / (b_n - 1))
+    half = t_quantile(max(1, math.floor(df))) * math.sqrt(va + vb)
+    return mean, mean - half, mean + half
 
 
 def paired_t_p(differences: list[float]) -> float:
@@ -542,7 +650,7 @@ def execute(cell: Cell, run: Run, runs_dir: Path, scratch: Path, cache_dir: str 
             eval_every=every,
             reward_func=reward,
             cache_dir=cache_dir,
-            methods=TOOL_METHODS,
+            methods={**agent_learning.METHODS, **TOOL_METHODS},  # the reproduction runs the agents study's
         )
     else:
         from gnivo_trl.synthetic import chain_reward
@@ -628,12 +736,15 @@ def live_claims(scratch: Path) -> list[dict]:
 
 
 def queue(cells: list[Cell], records: dict[str, dict[str, dict]], hold_vimpo: bool) -> list[tuple[Cell, Run]]:
-    """Every run that can start now, in priority order (cell by cell; :meth:`CellPlan.pending` within a cell)."""
+    """Every run that can start now, in priority order (cell by cell; :meth:`CellPlan.pending` within a cell; a
+    reproduction's runs seed by seed)."""
     runs = []
     for cell in cells:
-        for run in plan_cell(cell, records[cell.name]).pending(records[cell.name]):
-            if not (hold_vimpo and is_vimpo(run["method"])):
-                runs.append((cell, run))
+        if cell.name in REPRODUCTIONS:
+            pending = [r for r in REPRODUCTIONS[cell.name].runs() if r.key not in records[cell.name]]
+        else:
+            pending = plan_cell(cell, records[cell.name]).pending(records[cell.name])
+        runs += [(cell, run) for run in pending if not (hold_vimpo and is_vimpo(run["method"]))]
     return runs
 
 
@@ -647,7 +758,8 @@ def work(args) -> int:
             f"(commit {here['commit'][:10]}); a run must record the code it ran. Commit first (or --allow-dirty for a "
             "trial that is not kept)"
         )
-    cells = [CELLS[name] for name in args.cells] if args.cells else list(CELLS.values())
+    every = {**CELLS, **{name: item.cell for name, item in REPRODUCTIONS.items()}}
+    cells = [every[name] for name in args.cells] if args.cells else list(every.values())
     runs_dir, scratch = Path(args.runs_dir), Path(args.scratch)
     trained, waiting_since = 0, None
     print(f"worker {args.worker}: pid {os.getpid()}, commit {here['commit'][:10]}, cells {[c.name for c in cells]}")
@@ -987,6 +1099,68 @@ def cell_report(results: CellResults, results_dir: Path) -> tuple[str, list[dict
     return "\n".join(lines), runs
 
 
+def reproduction_report(records: dict[str, dict[str, dict]]) -> tuple[str, list[dict]]:
+    """``reproduction.md``: each archived cell's methods on the landed code against their published numbers."""
+    lines = [
+        "# Reproduction of archived results on the landed code",
+        "",
+        f"Generated by `python -m benchmarks.noise_controls report` on {time.strftime('%Y-%m-%d')}. Pre-registered "
+        "(preregistration.md, 'Reproduction subset'): every method of an archived cell at its archived chosen "
+        f"rate, the archived test seeds {REPRODUCTION_SEEDS}, on the code users install. 'Within seed noise': the "
+        "95% Welch interval of new − archived contains 0 (archived: the published mean and std of 5 seeds) and, where "
+        "per-seed values were published, so does the interval paired by seed. The archived independent flips came from a sequential "
+        "generator, these from the public wrapper's hash (same distribution, another pattern).",
+        "",
+    ]
+    runs = []
+    for name, item in REPRODUCTIONS.items():
+        done = {r["key"]: r for r in records[name].values()}
+        score = late_accuracy if item.score == "late" else final_accuracy
+        lines += [
+            f"## `{name}`: {item.source}",
+            "",
+            f"| method | rate | archived {item.score} (%) | new {item.score} (%) | new − archived, pp [95% Welch] "
+            "| paired by seed | within seed noise |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        verdicts = []
+        for method, (rate, published) in item.archived.items():
+            mine = [done[run.key] for run in item.runs() if run["method"] == method and run.key in done]
+            runs += mine
+            if len(published) == 2:
+                archived_mean, archived_std = published
+                per_seed = None
+            else:
+                per_seed = dict(zip(REPRODUCTION_SEEDS, published))
+                archived_mean, archived_std = statistics.fmean(published), statistics.stdev(published)
+            if len(mine) < 2:
+                lines.append(
+                    f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} | – ({len(mine)} runs) | – | – | – |"
+                )
+                continue
+            values = [100 * score(r) for r in mine]
+            diff, low, high = welch_interval(values, archived_mean, archived_std, len(REPRODUCTION_SEEDS))
+            paired, within = "–", low <= 0 <= high
+            if per_seed:
+                differences = [(v - per_seed[r["seed"]]) / 100 for v, r in zip(values, mine)]
+                paired = protocol.paired_cell(differences)
+                _, paired_low, paired_high = protocol.paired_ci(differences)
+                within = within and paired_low <= 0 <= paired_high
+            verdicts.append(within)
+            lines.append(
+                f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} "
+                f"| {statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f} ({len(mine)} runs) "
+                f"| {diff:+.1f} [{low:+.1f}, {high:+.1f}] | {paired} | {'yes' if within else '**no**'} |"
+            )
+        lines += [
+            "",
+            f"{sum(verdicts)} of {len(verdicts)} methods with at least two runs within seed noise"
+            + (f"; {len(item.archived) - len(verdicts)} not run yet." if len(verdicts) < len(item.archived) else "."),
+            "",
+        ]
+    return "\n".join(lines), runs
+
+
 def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Path]:
     """``noise_controls.md`` (the answer, the verdicts, every comparison, progress, edges, CPU) and one file per
     cell, with their plots, from the run records."""
@@ -1102,8 +1276,13 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
         total_left += 0.0 if math.isnan(left) else left
         left_text = "–" if math.isnan(left) else f"{left:.1f} ({count})"
         lines.append(f"| `{results.cell.name}` | {_status(results)} | {done:.2f} | {left_text} |")
+    repro_done = sum(len(records[name]) for name in REPRODUCTIONS)
+    repro_total = sum(len(item.runs()) for item in REPRODUCTIONS.values())
+    repro_cpu = sum(r["cpu_seconds"] for name in REPRODUCTIONS for r in records[name].values()) / 3600
     lines += [
         f"| all | | {total_done:.2f} | {total_left:.1f} |",
+        f"| reproduction subset (after the cells; [reproduction.md](reproduction.md)) | {repro_done}/{repro_total} "
+        f"runs | {repro_cpu:.2f} | |",
         "",
         "## Deviations from the pre-registration",
         "",
@@ -1114,6 +1293,9 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
     if (results_dir / "late_accuracy.png").exists():
         lines += ["![late test accuracy per method and cell, every seed a dot](late_accuracy.png)", ""]
     written.append(reporting.write_report(results_dir / "noise_controls.md", "\n".join(lines), every_run))
+    if any(records[name] for name in REPRODUCTIONS):
+        text, runs = reproduction_report(records)
+        written.append(reporting.write_report(results_dir / "reproduction.md", text, runs))
     return written
 
 
@@ -1147,6 +1329,8 @@ def plan_lines(runs_dir: Path, scratch: Path) -> list[str]:
                     + (f" edges: {edges}" if edges else "")
                     + (" (at a bound)" if tuning.at_bound else "")
                 )
+    for name, item in REPRODUCTIONS.items():
+        lines.append(f"{name:19s} {len(records[name])}/{len(item.runs())} runs (after the cells)")
     lines.append(f"in flight: {len(claims)}: " + "; ".join(f"{c['worker']} {c['run']}" for c in claims))
     return lines
 
@@ -1154,7 +1338,9 @@ def plan_lines(runs_dir: Path, scratch: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=["run", "plan", "report"])
-    parser.add_argument("cells", nargs="*", help=f"run: the cells (default: all, in order): {', '.join(CELLS)}")
+    parser.add_argument(
+        "cells", nargs="*", help=f"run: the cells (default: all, in order): {', '.join([*CELLS, *REPRODUCTIONS])}"
+    )
     parser.add_argument("--worker", default="0", help="run: this process's name in the claims and the log")
     parser.add_argument("--runs-dir", default=str(RUNS), help="the run records (committed; the study resumes)")
     parser.add_argument("--scratch", default=str(SCRATCH), help="claims of runs in progress, trainer output")
@@ -1166,9 +1352,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results-dir", default=str(RESULTS), help="report: where the reports go")
     args = parser.parse_args(argv)
     reporting.provenance()  # the code this process runs, recorded now: later commits do not change it
-    unknown = [name for name in args.cells if name not in CELLS]
+    unknown = [name for name in args.cells if name not in CELLS and name not in REPRODUCTIONS]
     if unknown:
-        parser.error(f"unknown cells {unknown}; choose from {', '.join(CELLS)}")
+        parser.error(f"unknown cells {unknown}; choose from {', '.join([*CELLS, *REPRODUCTIONS])}")
     if args.part == "plan":
         print("\n".join(plan_lines(Path(args.runs_dir), Path(args.scratch))))
     elif args.part == "report":

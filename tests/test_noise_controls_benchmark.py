@@ -435,3 +435,42 @@ def test_reports_from_partial_records_say_what_is_missing(tmp_path):
     summary = (tmp_path / "results" / "noise_controls.md").read_text()
     assert "Claim-level verdict: **not decided yet**" in summary
     assert "| `group-h8` | tuning 1/112 runs so far, test 0/80 runs |" in summary
+
+
+def test_welch_interval_and_t_quantile():
+    for df, quantile in protocol.T_975.items():
+        assert nc.t_quantile(df) == pytest.approx(quantile, abs=1e-3)
+    a = [60.0, 62.0, 58.0, 61.0, 59.0]
+    mean, low, high = nc.welch_interval(a, 57.0, 3.0, 5)
+    va, vb = statistics.variance(a) / 5, 9 / 5
+    df = (va + vb) ** 2 / (va**2 / 4 + vb**2 / 4)  # 6.9: rounded down to 6
+    half = protocol.T_975[math.floor(df)] * math.sqrt(va + vb)
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-3)
+
+
+def test_reproduction_runs_are_the_archived_cells_and_come_after_the_study(tmp_path):
+    items = nc.REPRODUCTIONS
+    assert list(items) == ["repro-clean-h4", "repro-noise0.4-h4", "repro-clean-h8", "repro-agents-clean"]
+    assert len(items["repro-clean-h4"].runs()) == 8 * 5 and len(items["repro-agents-clean"].runs()) == 5 * 5
+    noisy = items["repro-noise0.4-h4"].runs()[0]
+    assert noisy.key.endswith("-noise=0.4") and noisy["overrides"]["learning_rate"] == 1e-4  # archived key form
+    every = [*nc.CELLS.values(), *(item.cell for item in items.values())]
+    runs = nc.queue(every, {cell.name: {} for cell in every}, hold_vimpo=False)
+    names = [cell.name for cell, _ in runs]
+    assert names.index("repro-clean-h4") > max(i for i, n in enumerate(names) if n in nc.CELLS)
+    # The report: published mean/std against the new runs; the agents' per-seed values paired by seed.
+    runs_dir = tmp_path / "runs"
+    for name, item in items.items():
+        for run in item.runs():
+            rate, published = item.archived[run["method"]]
+            if len(published) == 2:
+                value = published[0] / 100 + 0.002 * (run["seed"] - 12)
+            else:
+                value = published[run["seed"] - 10] / 100 + (0.05 if run["method"] == "vimpo" else 0.0)
+            nc._write_json(runs_dir / name / f"{run.key}.json", _record(item.cell, run, value, start=0.3))
+    text, used = nc.reproduction_report(nc.load_records(runs_dir))
+    assert len(used) == sum(len(item.runs()) for item in items.values())
+    grpo = next(line for line in text.splitlines() if line.startswith("| grpo | 0.0002 | 60.7 ± 2.5 | 60.7 ±"))
+    assert grpo.endswith("| yes |")
+    vimpo = next(line for line in text.splitlines() if line.startswith("| vimpo | 0.0016 |"))
+    assert "| +5.0 [+5.0, +5.0] | **no** |" in vimpo  # 5 points above on every seed: paired, and not within noise
