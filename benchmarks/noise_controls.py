@@ -832,7 +832,15 @@ NAMES = {
 TASK_TITLES = {"h8": "8-step problems", "tool": "the tool task", "h4": "4-step problems"}
 FLIP_TITLES = {"group": "group flips", "independent": "independent flips"}
 # Deviations from the pre-registration, as they happen (each says what, why and when).
-DEVIATIONS: list[str] = []
+DEVIATIONS: list[str] = [
+    "- 2026-12-07, `group-h8` and `indep-h8` held, before any test run: the 8-step warm start rebuilt from the "
+    "recipe of the paper-claims runs (`protocol.warm_start_config(8)`, cache key aa26197f1c08) solves 0.4% of 256 "
+    "test problems where the archived one solved 14.6% at step 0. Rebuilt under transformers 5.24 as well, it solves "
+    "0%, and the 5.25 weights score the same under both versions (3.1% of 128 problems): the weights differ, not the "
+    "generation, and not because of transformers. The environment of the archived build was not recorded. Its 5 GRPO "
+    "tuning runs (late accuracy 0-3%, no learning signal) are set aside in `runs-discarded/group-h8/`. The cell waits "
+    "for a warm start that solves about as much as the archived one; until then `group-tool` and `group-h4` run first.",
+]
 
 
 @dataclass
