@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-latest lint format demo docs docs-serve docs-vendor docs-screenshots chromium notebook learning-benchmark \
-	fair-comparison-benchmark paper-claims-benchmark agents-benchmark credit-benchmark overhead-benchmark flops-benchmark gpu-check clean
+	fair-comparison-benchmark paper-claims-benchmark agents-benchmark noise-controls-benchmark credit-benchmark overhead-benchmark flops-benchmark gpu-check clean
 
 # The docs site renders equations with KaTeX served from the site itself (no CDN: the site works offline). `npm pack`
 # fetches the pinned release from the npm registry; only what the site loads is kept.
@@ -128,6 +128,12 @@ paper-claims-benchmark: $(STAMP)
 agents-benchmark: $(STAMP)
 	$(call SHARDS,agent_learning)
 	$(PY) -m benchmarks.agent_learning report
+
+# VIMPO under the paper's group-flip noise against anchored GRPO (benchmarks/results/noise_controls/): two workers
+# share one queue of runs (each claims the next); every finished run is a record under results/noise_controls/runs/.
+noise-controls-benchmark: $(STAMP)
+	for i in 0 1; do OMP_NUM_THREADS=1 nice -n 10 $(PY) -m benchmarks.noise_controls run --worker $$i & done; wait
+	$(PY) -m benchmarks.noise_controls report
 
 # Step-error localisation by implied credit (benchmarks/results/credit/credit.md).
 credit-benchmark: $(STAMP)

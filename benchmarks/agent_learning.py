@@ -19,7 +19,7 @@ loss.
 Parts, as in the fair comparison: ``tune`` (every method at every rate of :data:`LEARNING_RATES`, seeds 0 and 1, final
 accuracy on :data:`EVAL_PROBLEMS` validation problems: train-split problems in neither the RL prompts nor the warm
 start's SFT rollouts), then ``test`` (5 fresh seeds at each method's chosen rate, held-out test problems), each
-with ``--noise P`` to flip each training reward with probability P (``protocol.NoisyReward``), and ``shared-rate``
+with ``--noise P`` to flip each training reward with probability P (``protocol.noisy_reward``), and ``shared-rate``
 (the first version of this study: every method at 2e-4, seeds 0-4, on the test problems). The study's command runs
 them all in two processes and writes ``benchmarks/results/agents/``::
 
@@ -112,8 +112,10 @@ def run_one(
     eval_every: int,
     reward_func=None,
     cache_dir: str | None = None,
+    methods: dict[str, tuple[str, dict]] | None = None,
 ) -> dict:
-    """Train one method from the tool warm start; its accuracy curve on ``problems`` and timings."""
+    """Train one method from the tool warm start; its accuracy curve on ``problems`` and timings. ``methods``: where
+    ``method`` is looked up (default :data:`METHODS`)."""
     from transformers import AutoTokenizer, PrinterCallback
 
     from gnivo_trl.agent_task import (
@@ -126,7 +128,7 @@ def run_one(
 
     warm_config = warm_start_config()
     model_dir = protocol.cached_warm_start(build_tool_warm_start, warm_config, cache_dir)
-    family, settings = METHODS[method]
+    family, settings = (methods or METHODS)[method]
     config_cls, trainer_cls = protocol.trainer_classes(family)
     # A call and its response take about 20 tokens: room for every step, its answer and a stray call.
     shared = protocol.protocol_settings(
@@ -165,6 +167,11 @@ def run_one(
         "seed": seed,
         "accuracy": callback.history,
         "train_reward": [entry["reward"] for entry in trainer.state.log_history if "reward" in entry],
+        "metrics": {
+            "frac_reward_zero_std": [
+                entry["frac_reward_zero_std"] for entry in trainer.state.log_history if "frac_reward_zero_std" in entry
+            ]
+        },
         "seconds_total": seconds,
         "seconds_training": seconds - callback.eval_seconds,
         "provenance": reporting.provenance(),
@@ -182,7 +189,6 @@ def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
     from gnivo_trl.agent_task import tool_chain_reward
     from gnivo_trl.synthetic import generate_problems
 
-    noise = run["condition"].get("noise")
     validation = run["split"] == "validation"
     result = run_one(
         run["method"],
@@ -193,7 +199,7 @@ def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
         if validation
         else generate_problems(EVAL_PROBLEMS, "test", warm_start_config().num_steps, seed=0),
         eval_every=STEPS if validation else EVAL_EVERY,  # validation: read at the end only (the rate choice)
-        reward_func=protocol.NoisyReward(tool_chain_reward, noise, run["seed"]) if noise else None,
+        reward_func=protocol.noisy_reward(tool_chain_reward, run["condition"], run["seed"], NUM_GENERATIONS),
         cache_dir=cache_dir,
     )
     result.update(run, key=run.key)

@@ -11,8 +11,9 @@ Experiments (``CELLS``; each a horizon, a condition and its methods):
 
 1. **VIMPO under noisy rewards** (VIMPO paper: with 25% of the rewards corrupted, average 35.9 against GRPO's 32.2).
    Each training reward is flipped (1 <-> 0) independently with probability p in {0.1, 0.25, 0.4}
-   (``protocol.NoisyReward``: seeded by the run's seed and step, so every method at a seed sees the same flips;
-   evaluation exact). The official code flips a whole group's rewards at once; the issue asks for each reward
+   (``protocol.noisy_reward``: ``gnivo_trl.rewards.NoisyReward``, seeded by the run's seed and step, so every method
+   at a seed sees the same flips; evaluation exact; the archived runs drew their flips from a sequential generator of
+   the same distribution, before the public wrapper existed). The official code flips a whole group's rewards at once; the issue asks for each reward
    independently, which is what runs here. Both horizons at p = 0.25, 4-step problems only at 0.1 and 0.4. Methods:
    GRPO, RLOO, VIMPO value-only, with the map's best fixed actor setting (beta 5e-2, c_A 5e-3) and with the adaptive
    weight, and GN-IVO's best unit (the unit with the best validation accuracy in the fair comparison's tuning:

@@ -30,7 +30,10 @@ random numbers). Evaluation always uses the exact verifier, whatever the trainin
 - ``vimpo-b5e-2-c0`` / ``vimpo-b5e-2-c5e-3``: ``vimpo_beta=5e-2``, the paper's value scaled by about 4096 / 32 and
   rounded to a power of ten (chosen from that arithmetic before any run), and ``vimpo-b5e-2-adaptive``: the same beta
   with the official adaptive actor weight (``vimpo_adaptive_actor_coeff=True``, alpha 0.025, the authors' run
-  script), which never collapsed in the fair comparison's map.
+  script), which never collapsed in the fair comparison's map; ``vimpo-b5e-4-adaptive``: the paper's beta with it.
+- ``grpo-kl<beta>`` (:func:`anchored_grpo`, beta in :data:`KL_BETAS`): GRPO with TRL's KL penalty to the reference
+  model, and ``grpo-noscale``: GRPO with ``scale_rewards="none"`` (the advantage not divided by the group's reward
+  std): the controls of ``benchmarks/noise_controls.py``.
 
 VIMPO keeps its own defaults for the actor's clip range (0.2 / 0.28) and the exact full-vocabulary KL.
 
@@ -52,13 +55,13 @@ import argparse
 import fcntl
 import json
 import math
-import random
 import statistics
 import time
 from pathlib import Path
 
 import gnivo_trl.testing  # noqa: F401, I001  (offline environment variables before any Hugging Face import)
 from benchmarks import reporting
+from gnivo_trl.rewards import NOISE_MODES, NoisyReward
 from gnivo_trl.synthetic import (
     AccuracyCallback,
     WarmStartConfig,
@@ -100,7 +103,19 @@ METHODS: dict[str, tuple[str, dict]] = {
     "vimpo-b5e-2-c0": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=0.0)),
     "vimpo-b5e-2-c5e-3": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=5e-3)),
     "vimpo-b5e-2-adaptive": ("vimpo", dict(vimpo_beta=5e-2, **ADAPTIVE_ACTOR)),  # vimpo_actor_coeff ignored
+    "vimpo-b5e-4-adaptive": ("vimpo", dict(vimpo_beta=5e-4, **ADAPTIVE_ACTOR)),  # the paper's beta and actor weight
+    # GRPO's controls (benchmarks/noise_controls.py): without the std normalisation, and with TRL's KL penalty.
+    "grpo-noscale": ("grpo", dict(GRPO_DEFAULTS, scale_rewards="none")),
 }
+KL_BETAS = (0.01, 0.04, 0.1, 0.25, 0.625)  # TRL's KL penalty (0.04 its former default); the last two: extensions
+
+
+def anchored_grpo(beta: float) -> str:
+    """The name of GRPO with TRL's KL penalty ``beta`` to the reference model (:data:`METHODS`)."""
+    return f"grpo-kl{beta:g}"
+
+
+METHODS.update({anchored_grpo(beta): ("grpo", dict(GRPO_DEFAULTS, beta=beta)) for beta in KL_BETAS})
 
 PRESETS = {
     "cpu": dict(
@@ -175,48 +190,20 @@ def protocol_settings(args, seed: int) -> dict:
     )
 
 
-class NoisyReward:
-    """A training reward with each 0/1 reward flipped (``1 - r``) independently with probability ``flip_probability``.
-
-    The flips are a deterministic function of ``(seed, step, position in the generation batch)``: a
-    ``random.Random`` seeded with the run's seed and TRL's ``trainer_state.global_step`` draws one uniform per
-    completion, in batch order. Methods trained with the same seed therefore see the same flip pattern (common random
-    numbers, as for the prompts), and a larger probability flips a superset of a smaller one's positions. ``None``
-    rewards stay ``None`` (their draw is still consumed). :meth:`stats` reports the realised flip rate. Only training
-    rewards go through it: evaluation calls the exact verifier.
-    """
-
-    def __init__(self, reward_func, flip_probability: float, seed: int) -> None:
-        if not 0.0 <= flip_probability <= 1.0:
-            raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
-        self.reward_func = reward_func
-        self.flip_probability = flip_probability
-        self.seed = seed
-        self.__name__ = getattr(reward_func, "__name__", "reward")  # TRL logs each reward under its function's name
-        self.flipped = 0
-        self.scored = 0
-
-    def __call__(self, completions, trainer_state=None, **kwargs) -> list[float | None]:
-        rewards = self.reward_func(completions, **kwargs)
-        step = trainer_state.global_step if trainer_state is not None else 0
-        rng = random.Random(f"gnivo-trl-benchmarks/reward-noise/{self.seed}/{step}")
-        noisy = []
-        for reward in rewards:
-            flip = rng.random() < self.flip_probability
-            if reward is None:
-                noisy.append(None)
-                continue
-            if reward not in (0.0, 1.0):
-                raise ValueError(f"reward noise flips 0/1 rewards; got {reward}")
-            self.scored += 1
-            self.flipped += flip
-            noisy.append(1.0 - reward if flip else reward)
-        return noisy
-
-    def stats(self) -> dict:
-        """``flip_probability``, ``flipped`` and ``scored`` counts, and the realised ``flip_rate``."""
-        rate = self.flipped / self.scored if self.scored else math.nan
-        return dict(flip_probability=self.flip_probability, flipped=self.flipped, scored=self.scored, flip_rate=rate)
+def noisy_reward(reward_func, condition: dict, seed: int, num_generations: int) -> NoisyReward | None:
+    """The training reward under a condition's reward noise (:data:`CONDITION_FIELDS` ``noise`` and ``flips``), or
+    None for exact rewards: :class:`gnivo_trl.rewards.NoisyReward` seeded with the run's seed, so that every method
+    at a seed sees the same flips (common random numbers, as for the prompts). ``flips`` defaults to
+    ``"independent"``, the paper-claims study's model."""
+    if not condition.get("noise"):
+        return None
+    return NoisyReward(
+        reward_func,
+        condition["noise"],
+        mode=condition.get("flips", "independent"),
+        num_generations=num_generations,
+        seed=seed,
+    )
 
 
 def run_one(
@@ -373,7 +360,9 @@ COMPLETIONS_PER_STEP = 64  # prompts x K: fixed when K varies
 # start that solves none, 30% also 10%); 200 RL steps instead of 100.
 TASKS = {"weak": dict(error_rate=0.35, steps=200)}
 CONDITION_FIELDS = {
-    "noise": "probability of flipping each training reward (1 <-> 0), seeded per run and step",
+    "noise": "probability of flipping a training reward (1 <-> 0), or a group's rewards, seeded per run and step",
+    "flips": "the noise model: 'group' (every reward of a prompt's group at once, the VIMPO authors') or "
+    "'independent' (each reward on its own; the default, absent from the key)",
     "k": f"completions per prompt K, at {COMPLETIONS_PER_STEP} completions per step ({COMPLETIONS_PER_STEP} / K prompts)",
     "task": f"the task variant: {', '.join(TASKS)} (see TASKS)",
 }
@@ -439,6 +428,13 @@ def make_run(horizon: int, method: str, seed: int, split: str, condition: dict |
         del condition["k"]  # K=8 at 64 completions per step is the plain protocol: the same run
     if not condition.get("noise", 1):
         del condition["noise"]
+    if "flips" in condition:
+        if condition["flips"] not in NOISE_MODES:
+            raise ValueError(f"flips={condition['flips']!r}; expected one of {NOISE_MODES}")
+        if "noise" not in condition:
+            raise ValueError("flips without noise: a noise model needs a flip probability")
+        if condition["flips"] == "independent":
+            del condition["flips"]  # the paper-claims runs' model: their keys stay as they were
     return Run(horizon=horizon, method=method, seed=seed, split=split, overrides=overrides, condition=condition)
 
 
@@ -472,7 +468,7 @@ def execute(run: Run, work: Path, cache_dir: str | None) -> dict:
         problems = validation_problems(horizon)
     else:
         problems = generate_problems(EVAL_PROBLEMS, "test", horizon, seed=0)
-    reward = NoisyReward(chain_reward, condition["noise"], run["seed"]) if condition.get("noise") else None
+    reward = noisy_reward(chain_reward, condition, run["seed"], args.num_generations)
     result = run_one(
         run["method"],
         run["seed"],

@@ -22,7 +22,17 @@ BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 ARCHIVE = RESULTS / "archive"
-STUDIES = ("learning", "fair_comparison", "paper_claims", "agents", "credit", "overhead", "gpu_check", "flops")
+STUDIES = (
+    "learning",
+    "fair_comparison",
+    "paper_claims",
+    "noise_controls",
+    "agents",
+    "credit",
+    "overhead",
+    "gpu_check",
+    "flops",
+)
 
 
 def results_dir(study: str) -> Path:

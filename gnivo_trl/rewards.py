@@ -1,5 +1,7 @@
 r"""Verifiable math rewards for TRL trainers: [`math_accuracy_reward`][gnivo_trl.rewards.math_accuracy_reward] and
-[`format_reward`][gnivo_trl.rewards.format_reward].
+[`format_reward`][gnivo_trl.rewards.format_reward]; and [`NoisyReward`][gnivo_trl.rewards.NoisyReward], which flips
+a 0/1 reward at random (each reward on its own, or a prompt's whole group at once) to test how a method copes with
+a noisy verifier.
 
 Both follow TRL's reward-function convention: they take `completions` (plain strings, or conversational lists such
 as `[{"role": "assistant", "content": "..."}]`), the dataset columns as keyword arguments (`solution` holds the
@@ -54,18 +56,23 @@ Decisions, in the order a completion meets them:
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
     "FALLBACK_WINDOW_CHARS",
     "MAX_ANSWER_CHARS",
+    "NOISE_MODES",
+    "NoisyReward",
     "PARSING_TIMEOUT_SECONDS",
     "SUBPROCESS_STARTUP_SECONDS",
     "VERIFY_TIMEOUT_SECONDS",
@@ -473,3 +480,225 @@ def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
             well_formed = False
         rewards.append(1.0 if well_formed else 0.0)
     return rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward noise: a 0/1 reward flipped at random, for robustness tests.
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: The noise models of :class:`NoisyReward`: ``"group"`` flips every reward of a prompt's group together (the VIMPO
+#: authors' ``group_flip_binary_score``), ``"independent"`` flips each reward on its own.
+NOISE_MODES = ("group", "independent")
+
+
+def _unit_draw(seed: int, step: int, key: str) -> float:
+    """A uniform number in [0, 1) that depends only on ``(seed, step, key)``: the first 8 bytes of a BLAKE2b digest
+    of ``"{seed}:{step}:{key}"`` read as a little-endian integer over 2**64 (the VIMPO authors' construction)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, byteorder="little", signed=False) / 2.0**64
+
+
+def _process_index() -> int:
+    """This process's rank in the default ``torch.distributed`` group (TRL's ``accelerator.process_index``), 0 when
+    no process group is initialised or torch is not imported."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank()
+
+
+class NoisyReward:
+    r"""A 0/1 reward function whose rewards are flipped (`r -> 1 - r`) at random, to test robustness to a noisy
+    verifier.
+
+    Wrap the reward you want to corrupt and pass the wrapper to a TRL trainer (`GRPOTrainer`, `RLOOTrainer`,
+    `GNIVOTrainer`, `VIMPOTrainer`) in its place. Keep shaped terms (format, length) in separate reward functions:
+    TRL sums them after the flip. Evaluate with the exact reward.
+
+    Two noise models (`mode`):
+
+    * `"group"`: with probability `flip_probability` per prompt group, every reward of the group (the
+      `num_generations` completions of one prompt) is flipped. This is the VIMPO authors' noise model
+      (`apply_group_reward_noise`, mode `group_flip_binary_score`, in their `recipe/dapo/dapo_ray_trainer.py`):
+      a flipped group's centred rewards change sign exactly, so its gradient points the wrong way.
+    * `"independent"`: each reward is flipped on its own with probability `flip_probability`; this also changes
+      which groups carry any signal.
+
+    **Draws.** Each decision is one uniform number, the first 8 bytes of the BLAKE2b digest of
+    `"{seed}:{step}:{key}"` over 2**64, flipped when it is below `flip_probability` (as the authors' code does).
+    `step` is `trainer_state.global_step`, which TRL passes to every reward function. The key is the group's
+    index `g` in the global generation batch (`"{g}"`), or, for independent flips, the completion's group and place
+    in it (`"{g}/{j}"`). The authors key a group by a random `uuid4`; a deterministic key instead makes the
+    flips a function of `(seed, step, position)`: every method trained with the same `seed` (TRL's sampler then
+    gives the same prompts in the same order) sees the same flips, a larger probability flips a superset of a
+    smaller one's, and every process of a distributed run computes the same decision for a group.
+
+    **Finding the group.** TRL's `RepeatSampler` lays a generation batch out as `num_generations` consecutive
+    copies of each prompt, and the data loader hands process `r` the contiguous slice
+    `[r * n, (r + 1) * n)` of it, `n` the number of completions each process scores (the same on every process).
+    TRL computes advantages on the gathered batch over consecutive runs of `num_generations` rows, so the
+    completion at local index `i` of process `r` belongs to group `(r * n + i) // num_generations`, the same group
+    TRL normalises it with, including a group split between two processes. The process index is the rank of the
+    default `torch.distributed` process group (TRL's `accelerator.process_index`; 0 on one process). As a check,
+    the rows of one group must share their prompt; a mismatch (a `num_generations` that is not the trainer's, a
+    batch not laid out by TRL) raises.
+
+    `None` rewards (TRL's "no reward for this row") and NaN stay as they are; a flipped group flips its other
+    rewards. Rewards must be 0 or 1 (booleans included): anything else raises, because `1 - r` is a flip only for
+    a binary reward.
+
+    Args:
+        reward_func: A TRL reward function returning 0/1 rewards (or `None`) for `completions`. It is called with
+            every keyword argument the trainer passes (`prompts`, `completions`, `completion_ids`,
+            `trainer_state`, dataset columns, ...). Synchronous functions only.
+        flip_probability: The probability `p` in [0, 1] that a group (`"group"`) or a reward (`"independent"`)
+            is flipped.
+        mode: `"group"` or `"independent"` (:data:`NOISE_MODES`).
+        num_generations: The trainer's `num_generations` (K). Required: both models key a completion by its group.
+        seed: The seed of the draws; use the trainer's `seed` so that methods compared at a seed see the same flips.
+
+    Attributes:
+        flipped: Rewards this process flipped so far.
+        scored: Rewards (not `None`) this process scored so far.
+        groups: Groups with a row on this process so far (a group split between processes counts on each).
+        groups_flipped: Those of them whose draw was a flip (group mode; 0 otherwise).
+
+    Example:
+        ```python
+        from types import SimpleNamespace
+
+        from gnivo_trl.rewards import NoisyReward
+
+
+        def correct(completions, **kwargs):
+            return [1.0 if completion.strip() == "4" else 0.0 for completion in completions]
+
+
+        noisy = NoisyReward(correct, flip_probability=0.5, mode="group", num_generations=4, seed=0)
+        # TRL passes `prompts` and `trainer_state`; outside a trainer, any object with `global_step` will do.
+        for step in range(3):
+            rewards = noisy(
+                prompts=["2+2="] * 8,
+                completions=["4", "4", "5", "4", "3", "4", "4", "4"],
+                trainer_state=SimpleNamespace(global_step=step),
+            )
+            print(step, rewards)  # each group of 4 exact or flipped as a whole
+        # 0 [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]   the second group flipped
+        # 1 [1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+        # 2 [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+        print(noisy.stats()["flip_rate"])  # 0.333...: 8 of 24 rewards
+        ```
+
+        In training: `GRPOTrainer(..., reward_funcs=NoisyReward(math_accuracy_reward, 0.25,
+        num_generations=config.num_generations, seed=config.seed), args=config)`.
+    """
+
+    def __init__(
+        self,
+        reward_func: Callable[..., Sequence[float | None]],
+        flip_probability: float,
+        *,
+        mode: str = "group",
+        num_generations: int,
+        seed: int = 0,
+    ) -> None:
+        if not callable(reward_func):
+            raise TypeError(f"reward_func must be a reward function, got {type(reward_func).__name__}")
+        if inspect.iscoroutinefunction(reward_func) or inspect.iscoroutinefunction(type(reward_func).__call__):
+            raise TypeError("NoisyReward wraps synchronous reward functions; got an async one")
+        if not 0.0 <= flip_probability <= 1.0:
+            raise ValueError(f"flip_probability={flip_probability} is not a probability; use a value in [0, 1]")
+        if mode not in NOISE_MODES:
+            raise ValueError(f"mode={mode!r} is not a noise model; use one of {', '.join(map(repr, NOISE_MODES))}")
+        if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
+            raise ValueError(
+                f"num_generations={num_generations!r} must be the trainer's num_generations (a positive integer)"
+            )
+        self.reward_func = reward_func
+        self.flip_probability = float(flip_probability)
+        self.mode = mode
+        self.num_generations = num_generations
+        self.seed = seed
+        # TRL logs each reward under its function's name (trl.trainer.utils.get_callable_name).
+        self.__name__ = getattr(reward_func, "__name__", type(reward_func).__name__)
+        self.flipped = 0
+        self.scored = 0
+        self.groups = 0
+        self.groups_flipped = 0
+
+    def flip_mask(self, step: int, start: int, count: int) -> list[bool]:
+        """Whether each of the completions at global positions `start, ..., start + count - 1` of the generation
+        batch of `step` is flipped (whatever its reward)."""
+        k = self.num_generations
+        if self.mode == "group":
+            decisions = {
+                group: _unit_draw(self.seed, step, str(group)) < self.flip_probability
+                for group in range(start // k, (start + count - 1) // k + 1)
+            }
+            return [decisions[position // k] for position in range(start, start + count)]
+        return [
+            _unit_draw(self.seed, step, f"{position // k}/{position % k}") < self.flip_probability
+            for position in range(start, start + count)
+        ]
+
+    def __call__(self, completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        state = kwargs.get("trainer_state")
+        if state is None or not hasattr(state, "global_step"):
+            raise ValueError(
+                "NoisyReward draws its flips per training step and needs `trainer_state` (TRL's GRPOTrainer and "
+                "RLOOTrainer pass it to every reward function); outside a trainer pass an object with `global_step`"
+            )
+        rewards = list(self.reward_func(completions=completions, **kwargs))
+        if len(rewards) != len(completions):
+            raise ValueError(f"{self.__name__} returned {len(rewards)} rewards for {len(completions)} completions")
+        k = self.num_generations
+        start = _process_index() * len(completions)
+        prompts = kwargs.get("prompts")
+        if prompts is not None:
+            for index in range(1, len(completions)):
+                if (start + index) % k and prompts[index] != prompts[index - 1]:
+                    raise ValueError(
+                        f"rows {index - 1} and {index} belong to group {(start + index) // k} but have different "
+                        f"prompts: num_generations={k} is not the trainer's num_generations, or the batch is not laid "
+                        "out as TRL's RepeatSampler lays it out (K consecutive completions per prompt)"
+                    )
+        step = int(state.global_step)
+        flips = self.flip_mask(step, start, len(completions))
+        noisy: list[float | None] = []
+        batch_flipped = batch_scored = 0
+        for position, (reward, flip) in enumerate(zip(rewards, flips, strict=True)):
+            if reward is None or (isinstance(reward, float) and math.isnan(reward)):
+                noisy.append(reward)
+                continue
+            if reward not in (0, 1):  # 0, 1, 0.0, 1.0, False, True
+                raise ValueError(
+                    f"{self.__name__} returned {reward!r} at position {position}; NoisyReward flips 0/1 rewards "
+                    "(r -> 1 - r). Wrap only the binary part (e.g. the accuracy reward) and pass shaped terms as "
+                    "separate reward functions"
+                )
+            batch_scored += 1
+            batch_flipped += flip
+            noisy.append(1.0 - float(reward) if flip else float(reward))
+        self.scored += batch_scored
+        self.flipped += batch_flipped
+        first_group, last_group = start // k, (start + len(completions) - 1) // k
+        self.groups += last_group - first_group + 1
+        if self.mode == "group":
+            self.groups_flipped += sum(flips[max(0, g * k - start)] for g in range(first_group, last_group + 1))
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric) and batch_scored:
+            log_metric(f"reward_noise/{self.__name__}/flip_rate", batch_flipped / batch_scored)
+        return noisy
+
+    def stats(self) -> dict[str, float | int | str]:
+        """This process's counts so far: `mode`, `flip_probability`, `flipped`, `scored`, the realised `flip_rate`
+        (NaN before any scored reward), `groups` and `groups_flipped`."""
+        return dict(
+            mode=self.mode,
+            flip_probability=self.flip_probability,
+            flipped=self.flipped,
+            scored=self.scored,
+            flip_rate=self.flipped / self.scored if self.scored else math.nan,
+            groups=self.groups,
+            groups_flipped=self.groups_flipped,
+        )

@@ -18,48 +18,19 @@ class _State:
         self.global_step = step
 
 
-def _constant_reward(value):
-    def reward(completions, **kwargs):
-        return [value] * len(completions)
-
-    return reward
-
-
-def test_noisy_reward_flips_at_the_rate_deterministically_by_seed_and_step():
-    noisy = protocol.NoisyReward(_constant_reward(1.0), 0.25, seed=10)
-    completions = ["x"] * 64
-    first = [noisy(completions, trainer_state=_State(step)) for step in range(200)]
-    again = protocol.NoisyReward(_constant_reward(1.0), 0.25, seed=10)
-    assert [again(completions, trainer_state=_State(step)) for step in range(200)] == first  # deterministic
-    flips = sum(r == 0.0 for rewards in first for r in rewards)
-    # 12,800 Bernoulli(0.25) draws: the realised rate is within 4 standard deviations of p.
-    assert abs(flips / 12_800 - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 12_800)
-    assert noisy.stats() == dict(flip_probability=0.25, flipped=flips, scored=12_800, flip_rate=flips / 12_800)
-    # Steps and seeds draw differently; a zero reward flips to one.
-    assert first[0] != first[1]
-    other = protocol.NoisyReward(_constant_reward(1.0), 0.25, seed=11)
-    assert other(completions, trainer_state=_State(0)) != first[0]
-    zeros = protocol.NoisyReward(_constant_reward(0.0), 0.25, seed=10)
-    assert zeros(completions, trainer_state=_State(0)) == [1.0 - r for r in first[0]]
-
-
-def test_noisy_reward_flips_a_superset_at_a_larger_probability_and_keeps_none():
-    small = protocol.NoisyReward(_constant_reward(1.0), 0.1, seed=3)(["x"] * 256, trainer_state=_State(5))
-    large = protocol.NoisyReward(_constant_reward(1.0), 0.4, seed=3)(["x"] * 256, trainer_state=_State(5))
-    assert {i for i, r in enumerate(small) if r == 0.0} <= {i for i, r in enumerate(large) if r == 0.0}
-    with_none = protocol.NoisyReward(lambda completions, **kw: [None, 1.0, None, 0.0], 1.0, seed=0)
-    assert with_none(["a", "b", "c", "d"], trainer_state=_State(0)) == [None, 0.0, None, 1.0]
-    assert with_none.stats()["scored"] == 2
-    with pytest.raises(ValueError, match="0/1"):
-        protocol.NoisyReward(_constant_reward(0.5), 0.1, seed=0)(["x"], trainer_state=_State(0))
-
-
-def test_noisy_reward_passes_the_columns_to_the_exact_reward():
+def test_noisy_reward_follows_the_condition_and_passes_the_columns_to_the_exact_reward():
+    from gnivo_trl.rewards import NoisyReward
     from gnivo_trl.synthetic import chain_reward, solution_text
 
-    noisy = protocol.NoisyReward(chain_reward, 0.0, seed=0)
-    rewards = noisy([solution_text("3+4*2"), "wrong"], problem=["3+4*2", "3+4*2"], trainer_state=_State(0))
-    assert rewards == [1.0, 0.0] and noisy.__name__ == "chain_reward"
+    assert protocol.noisy_reward(chain_reward, {}, 0, 8) is None  # exact rewards
+    independent = protocol.noisy_reward(chain_reward, {"noise": 0.25}, 10, 8)
+    assert isinstance(independent, NoisyReward) and independent.mode == "independent"  # the paper-claims model
+    assert (independent.flip_probability, independent.seed, independent.num_generations) == (0.25, 10, 8)
+    group = protocol.noisy_reward(chain_reward, {"noise": 0.25, "flips": "group"}, 10, 4)
+    assert group.mode == "group" and group.num_generations == 4
+    exact = protocol.noisy_reward(chain_reward, {"noise": 1e-12}, 0, 2)
+    rewards = exact([solution_text("3+4*2"), "wrong"], problem=["3+4*2", "3+4*2"], trainer_state=_State(0))
+    assert rewards == [1.0, 0.0] and exact.__name__ == "chain_reward"
 
 
 def test_run_keys_keep_the_plain_protocol_and_name_each_condition():
@@ -71,6 +42,15 @@ def test_run_keys_keep_the_plain_protocol_and_name_each_condition():
     assert noisy.key == plain.key + "-k=2-noise=0.25"
     with pytest.raises(ValueError, match="unknown condition"):
         protocol.make_run(4, "grpo", 0, "test", {"temperature": 2})
+    # The noise model: independent flips are the default and keep the paper-claims keys; group flips are named.
+    independent = protocol.make_run(4, "grpo", 0, "test", {"noise": 0.25, "flips": "independent"}, learning_rate=1e-4)
+    assert independent.key == protocol.make_run(4, "grpo", 0, "test", {"noise": 0.25}, learning_rate=1e-4).key
+    group = protocol.make_run(4, "grpo", 0, "test", {"noise": 0.25, "flips": "group"}, learning_rate=1e-4)
+    assert group.key.endswith("-flips=group-noise=0.25") and group["condition"]["flips"] == "group"
+    with pytest.raises(ValueError, match="flips"):
+        protocol.make_run(4, "grpo", 0, "test", {"noise": 0.25, "flips": "row"})
+    with pytest.raises(ValueError, match="without noise"):
+        protocol.make_run(4, "grpo", 0, "test", {"flips": "group"})
 
 
 def test_protocol_under_conditions():

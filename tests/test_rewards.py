@@ -6,8 +6,10 @@ not the only reasonable one, the row records math-verify's verdict and a comment
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +379,233 @@ def test_child_failure_scores_the_batch_zero(monkeypatch):
 )
 def test_format_reward(completion, expected):
     assert format_reward([completion]) == [expected]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# NoisyReward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _State:
+    def __init__(self, step: int) -> None:
+        self.global_step = step
+
+
+def _constant(value):
+    def reward(completions, **kwargs):
+        return [value] * len(completions)
+
+    return reward
+
+
+def _naive_draw(seed: int, step: int, key: str) -> float:
+    """The authors' draw, written out: blake2b of "seed:step:key", 8 bytes little-endian, over 2**64."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / float(2**64)
+
+
+def _flipped(noisy, step: int, count: int, **kwargs) -> list[bool]:
+    """Which of ``count`` rewards of 1.0 a wrapper flips at ``step``."""
+    return [r == 0.0 for r in noisy(["x"] * count, trainer_state=_State(step), **kwargs)]
+
+
+def test_noisy_reward_group_flips_whole_groups_at_the_rate():
+    k, groups, steps = 8, 8, 400
+    noisy = rewards.NoisyReward(_constant(1.0), 0.25, mode="group", num_generations=k, seed=10)
+    decisions = []
+    for step in range(steps):
+        flips = _flipped(noisy, step, k * groups)
+        for g in range(groups):
+            members = flips[g * k : (g + 1) * k]
+            assert len(set(members)) == 1  # all of a group's rewards flip, or none
+            decisions.append(members[0])
+    n = steps * groups
+    # 3,200 Bernoulli(0.25) group decisions: the realised share is within 4 standard deviations of p.
+    assert abs(sum(decisions) / n - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+    stats = noisy.stats()
+    assert stats["groups"] == n and stats["groups_flipped"] == sum(decisions)
+    assert stats["scored"] == n * k and stats["flipped"] == k * sum(decisions)
+    assert stats["flip_rate"] == pytest.approx(sum(decisions) / n)
+
+
+def test_noisy_reward_independent_flips_at_the_rate_and_within_groups():
+    k, steps = 8, 200
+    noisy = rewards.NoisyReward(_constant(1.0), 0.25, mode="independent", num_generations=k, seed=10)
+    flips = [_flipped(noisy, step, 64) for step in range(steps)]
+    total = sum(map(sum, flips))
+    assert abs(total / (64 * steps) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / (64 * steps))
+    mixed = sum(len(set(f[g * k : (g + 1) * k])) == 2 for f in flips for g in range(8))
+    assert mixed > 0.8 * 8 * steps  # 1 - 0.75**8 - 0.25**8 = 90% of groups have flipped and kept rewards
+    assert noisy.stats()["groups_flipped"] == 0
+
+
+@pytest.mark.parametrize("mode", rewards.NOISE_MODES)
+def test_noisy_reward_draws_are_the_authors_hash_of_seed_step_and_group(mode):
+    k, seed = 4, 7
+    noisy = rewards.NoisyReward(_constant(1.0), 0.4, mode=mode, num_generations=k, seed=seed)
+    for step in (0, 1, 13):
+        expected = [
+            _naive_draw(seed, step, str(i // k) if mode == "group" else f"{i // k}/{i % k}") < 0.4 for i in range(24)
+        ]
+        assert _flipped(noisy, step, 24) == expected
+
+
+@pytest.mark.parametrize("mode", rewards.NOISE_MODES)
+def test_noisy_reward_is_deterministic_and_common_to_every_method_at_a_seed(mode):
+    def flips_of(reward_func, seed, p=0.25):
+        noisy = rewards.NoisyReward(reward_func, p, mode=mode, num_generations=8, seed=seed)
+        out = []
+        for step in range(20):
+            clean = reward_func(["x"] * 64, step=step)
+            noisy_rewards = noisy(["x"] * 64, trainer_state=_State(step), step=step)
+            out.append([a != b for a, b in zip(clean, noisy_rewards)])
+        return out
+
+    def policy_a(completions, step, **kwargs):  # two "methods": different rewards for the same prompts
+        return [float((i + step) % 3 == 0) for i in range(len(completions))]
+
+    def policy_b(completions, step, **kwargs):
+        return [float((i * step) % 2 == 0) for i in range(len(completions))]
+
+    assert flips_of(policy_a, 10) == flips_of(policy_b, 10)  # the same positions flipped, whatever the rewards
+    assert flips_of(policy_a, 10) == flips_of(policy_a, 10)
+    assert flips_of(policy_a, 10) != flips_of(policy_a, 11)  # another seed, another pattern
+    first = flips_of(policy_a, 10)
+    assert first[0] != first[1]  # another step, another pattern
+    small, large = flips_of(policy_a, 10, 0.1), flips_of(policy_a, 10, 0.4)
+    assert all(not a or b for row_a, row_b in zip(small, large) for a, b in zip(row_a, row_b))  # a superset
+
+
+def test_noisy_reward_keeps_none_and_nan_and_flips_the_rest_of_a_group():
+    values = [None, 1.0, 0.0, True, math.nan, 0, 1, False]
+    noisy = rewards.NoisyReward(lambda completions, **kw: values, 1.0, mode="group", num_generations=4)
+    out = noisy(["x"] * 8, trainer_state=_State(0))
+    assert out[0] is None and math.isnan(out[4])
+    assert [out[i] for i in (1, 2, 3, 5, 6, 7)] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert noisy.stats()["scored"] == 6 and noisy.stats()["flipped"] == 6
+    kept = rewards.NoisyReward(lambda completions, **kw: values, 0.0, mode="independent", num_generations=4)
+    out = kept(["x"] * 8, trainer_state=_State(0))
+    assert out[0] is None and [out[i] for i in (1, 2, 3, 5, 6, 7)] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0])
+def test_noisy_reward_refuses_non_binary_rewards(value):
+    noisy = rewards.NoisyReward(_constant(value), 0.25, num_generations=2)
+    with pytest.raises(ValueError, match="flips 0/1 rewards"):
+        noisy(["x", "y"], trainer_state=_State(0))
+
+
+def test_noisy_reward_refuses_bad_settings_and_calls_without_a_step():
+    with pytest.raises(ValueError, match="flip_probability=1.5"):
+        rewards.NoisyReward(_constant(1.0), 1.5, num_generations=2)
+    with pytest.raises(ValueError, match="mode='prompt'"):
+        rewards.NoisyReward(_constant(1.0), 0.1, mode="prompt", num_generations=2)
+    with pytest.raises(ValueError, match="num_generations=0"):
+        rewards.NoisyReward(_constant(1.0), 0.1, num_generations=0)
+
+    async def async_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    with pytest.raises(TypeError, match="synchronous"):
+        rewards.NoisyReward(async_reward, 0.1, num_generations=2)
+    with pytest.raises(ValueError, match="trainer_state"):
+        rewards.NoisyReward(_constant(1.0), 0.1, num_generations=2)(["x", "y"])
+
+
+def test_noisy_reward_checks_that_a_group_shares_its_prompt():
+    prompts = ["a"] * 4 + ["b"] * 4
+    right = rewards.NoisyReward(_constant(1.0), 0.5, num_generations=4)
+    right(["x"] * 8, prompts=prompts, trainer_state=_State(0))
+    wrong = rewards.NoisyReward(_constant(1.0), 0.5, num_generations=8)  # not the trainer's K
+    with pytest.raises(ValueError, match="num_generations=8 is not the trainer's"):
+        wrong(["x"] * 8, prompts=prompts, trainer_state=_State(0))
+
+
+def test_noisy_reward_passes_every_argument_on_and_logs_its_flip_rate():
+    seen, logged = {}, {}
+
+    def reward(completions, prompts, trainer_state, solution, **kwargs):
+        seen.update(prompts=prompts, step=trainer_state.global_step, solution=solution)
+        return [1.0] * len(completions)
+
+    noisy = rewards.NoisyReward(reward, 1.0, num_generations=2)
+    assert noisy.__name__ == "reward"  # TRL logs the reward under the wrapped function's name
+    noisy(
+        completions=["x", "y"],
+        prompts=["p", "p"],
+        solution=["1", "1"],
+        trainer_state=_State(5),
+        log_metric=lambda name, value: logged.update({name: value}),
+    )
+    assert seen == dict(prompts=["p", "p"], step=5, solution=["1", "1"])
+    assert logged == {"reward_noise/reward/flip_rate": 1.0}
+
+
+@pytest.mark.parametrize("mode", rewards.NOISE_MODES)
+@pytest.mark.parametrize("per_process", [6, 8, 12])
+def test_noisy_reward_finds_each_group_on_every_process(monkeypatch, mode, per_process):
+    """TRL hands process r the rows [r * n, (r + 1) * n) of the generation batch; with n = 6 and K = 4 group 1 is
+    split between processes 0 and 1. Each process's slice must come out as that slice of the one-process result."""
+    k, processes, p = 4, 2, 0.5
+    values = [float(i % 3 == 0) for i in range(per_process * processes)]
+    prompts = [f"prompt {i // k}" for i in range(per_process * processes)]
+
+    def reward(completions, offset, **kwargs):
+        return values[offset : offset + len(completions)]
+
+    for step in range(6):
+        one = rewards.NoisyReward(reward, p, mode=mode, num_generations=k, seed=1)
+        monkeypatch.setattr(rewards, "_process_index", lambda: 0)
+        whole = one(["x"] * len(values), prompts=prompts, offset=0, trainer_state=_State(step))
+        parts = []
+        for rank in range(processes):
+            monkeypatch.setattr(rewards, "_process_index", lambda rank=rank: rank)
+            local = slice(rank * per_process, (rank + 1) * per_process)
+            wrapper = rewards.NoisyReward(reward, p, mode=mode, num_generations=k, seed=1)
+            parts += wrapper(
+                ["x"] * per_process, prompts=prompts[local], offset=local.start, trainer_state=_State(step)
+            )
+        assert parts == whole
+
+
+@pytest.mark.slow
+def test_noisy_reward_flips_trl_groups_on_one_and_on_two_processes(tiny_model_dir, tmp_path):
+    """GRPOTrainer on one process (12 rows) and on two gloo processes (6 rows each, so the second of the three
+    groups of 4 is split between them): in the rewards TRL gathers, every group's rows are all flipped or all kept,
+    exactly as the draw for (seed, step, group) says, in both layouts."""
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import torchrun_two_processes
+
+    script = str(Path(__file__).parent / "noisy_reward_layout.py")
+    layouts = {"one": ([sys.executable], 12), "two": (torchrun_two_processes(), 6)}
+    saved = {}
+    for name, (launcher, per_device) in layouts.items():
+        out = tmp_path / name / "gathered.pt"
+        out.parent.mkdir()
+        done = subprocess.run(
+            [*launcher, script, tiny_model_dir, str(out), str(per_device)], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        saved[name] = torch.load(out)
+    k, p, seed = 4, 0.5, 3
+    patterns = {}
+    for name, record in saved.items():
+        assert [step for step, _ in record["gathered"]] == [0, 1, 2, 3]
+        pattern = []
+        for step, gathered in record["gathered"]:
+            assert gathered.shape == (12, 2)
+            flipped = (gathered[:, 0] != gathered[:, 1]).view(-1, k)  # TRL's groups: consecutive rows of K
+            assert torch.equal(gathered[:, 0], torch.where(flipped.flatten(), 1 - gathered[:, 1], gathered[:, 1]))
+            for g in range(3):
+                assert flipped[g].all() or not flipped[g].any()
+                assert bool(flipped[g, 0]) == (_naive_draw(seed, step, str(g)) < p)
+            pattern.append(flipped[:, 0].tolist())
+        patterns[name] = pattern
+    assert patterns["one"] == patterns["two"]
+    split_group = [step_pattern[1] for step_pattern in patterns["two"]]
+    assert True in split_group and False in split_group  # the split group was flipped at some step and kept at another
