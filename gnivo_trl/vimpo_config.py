@@ -107,12 +107,12 @@ class VIMPOConfig(GRPOConfig):
             to `1e-12`.
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl import VIMPOConfig
 
         paper = VIMPOConfig(output_dir="qwen-vimpo")  # beta 5e-4, actor weight 5e-3, K=8
         short = VIMPOConfig(output_dir="vimpo-short", vimpo_adaptive_actor_coeff=True)
-        ``
+        ```
     """
 
     num_generations: int | None = field(

@@ -146,7 +146,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             `tools`, `environment_factory`, `callbacks`, ...).
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl import VIMPOConfig, VIMPOTrainer
         from gnivo_trl.data import load_math_dataset
         from gnivo_trl.rewards import math_accuracy_reward
@@ -159,7 +159,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             train_dataset=load_math_dataset("guru_math"),
         )
         trainer.train()
-        ``
+        ```
     """
 
     _tag_names = ["trl", "vimpo"]
