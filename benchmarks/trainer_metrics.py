@@ -243,6 +243,31 @@ def _table(result: dict, columns: list[tuple[str, list[int]]]) -> list[str]:
     return lines
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Mean training reward and pre-clipping gradient norm per step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (reward_axis, norm_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for result in results:
+        steps = result["steps"]
+        x = range(1, len(steps) + 1)
+        reward_axis.plot(x, [step.get("reward", float("nan")) for step in steps], label=result["method"])
+        norm_axis.plot(x, [step.get("grad_norm", float("nan")) for step in steps], label=result["method"])
+    reward_axis.set(xlabel="optimizer step", ylabel="mean training reward", ylim=(0, 1))
+    reward_axis.set_title("reward (share of completions the verifier accepts)")
+    norm_axis.set(xlabel="optimizer step", ylabel="grad_norm before clipping", yscale="log")
+    norm_axis.set_title("gradient norm (clipped to 1.0 for the update)")
+    for axis in (reward_axis, norm_axis):
+        axis.grid(alpha=0.3)
+    norm_axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=reporting.png_metadata(results))
+    plt.close(fig)
+
+
 def report(work: Path) -> Path:
     synthetic = [
         cached_run("synthetic", m, work) for m in SYNTHETIC_METHODS if (work / f"synthetic-{m}.json").exists()
@@ -266,7 +291,10 @@ def report(work: Path) -> Path:
             f"{SYNTHETIC_STEPS} steps of 8 prompts x K=8 on 4-step problems (answers of 32 tokens), seed 0, each "
             "method at its tuned learning rate; CPU, float32.",
             "",
+            "![reward and gradient norm per step](trainer_metrics.png)",
+            "",
         ]
+        plot(synthetic, reporting.results_dir(STUDY) / "trainer_metrics.png")
         for result in synthetic:
             lines += [
                 f"### {result['method']} (learning rate {result['learning_rate']:g}, {result['seconds']:.0f} s)",
