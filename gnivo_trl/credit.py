@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gnivo_trl.credit import completion_credit, prepare_for_scoring
 from gnivo_trl.credit import render_html, score_completions
 
-# a trained run (its output_dir, or its Hub id) and the model it started from; scoring a model
-# against itself gives zero credit everywhere
+# a trained run (its output_dir, or its Hub id) and the model it started
+# from; scoring a model against itself gives zero credit everywhere
 run_dir, base_dir = "your-name/qwen-gnivo", "Qwen/Qwen2.5-Math-1.5B"
 tokenizer = AutoTokenizer.from_pretrained(base_dir)
 # prepare_for_scoring calls trl.trainer.utils.add_fused_lm_head(model, ...)
@@ -51,7 +51,8 @@ the value curve, matplotlib's Agg backend).
 Command line (samples a completion with `model.generate` when `--completion` is not given):
 
 ```bash
-python -m gnivo_trl.credit --model RUN_DIR --reference BASE_DIR --prompt "3+4*2-5" --output-dir credit_out
+python -m gnivo_trl.credit --model RUN_DIR --reference BASE_DIR \\
+    --prompt "3+4*2-5" --output-dir credit_out
 ```
 
 writes `credit_out/credit.html` and `credit_out/credit.png` (both readouts) and `credit_out/credit.json`.

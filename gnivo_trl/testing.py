@@ -12,9 +12,19 @@ Examples:
     from gnivo_trl.testing import save_tiny_model, tiny_prompt_dataset
 
     model_dir = save_tiny_model("tiny-model")
-    args = GNIVOConfig(output_dir="tiny-run", use_cpu=True, bf16=False, max_steps=1, max_completion_length=8)
-    trainer = GNIVOTrainer(model=model_dir, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
-                           args=args, train_dataset=tiny_prompt_dataset(16))
+    args = GNIVOConfig(
+        output_dir="tiny-run",
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        max_completion_length=8,
+    )
+    trainer = GNIVOTrainer(
+        model=model_dir,
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=tiny_prompt_dataset(16),
+    )
     ```
 """
 

@@ -28,8 +28,9 @@ class VIMPOConfig(GRPOConfig):
     r"""Configuration of [`VIMPOTrainer`][gnivo_trl.VIMPOTrainer]: Value-Implicit Policy Optimization.
 
     The semantics are those of the authors' official implementation. Inherits every `trl.GRPOConfig` field. Defaults
-    that differ from `GRPOConfig`: `num_generations=8`, `epsilon_high=0.28` (the official run's clip range 0.2 /
-    0.28) and `use_bias_correction_kl=False` (there is no GRPO KL term to correct). `epsilon` and `epsilon_high` clip
+    that differ from `GRPOConfig`: `epsilon_high=0.28` (the official run's clip range 0.2 / 0.28) and
+    `use_bias_correction_kl=False` (there is no GRPO KL term to correct); `num_generations` is 8, as in GRPOConfig and
+    the official run. `epsilon` and `epsilon_high` clip
     the actor's PPO ratio. `beta` must stay 0.0: VIMPO's KL coefficient lives inside the value (`vimpo_beta`).
     `scale_rewards` has no effect: the value target is `R - mean_group(R)`. GRPO loss options that VIMPO would
     otherwise ignore silently (`loss_type` other than its token mean `"dapo"`, `importance_sampling_level="sequence"`,
@@ -110,7 +111,8 @@ class VIMPOConfig(GRPOConfig):
         ```python
         from gnivo_trl import VIMPOConfig
 
-        paper = VIMPOConfig(output_dir="qwen-vimpo")  # beta 5e-4, actor weight 5e-3, K=8
+        # the authors' run: beta 5e-4, actor weight 5e-3, K=8
+        paper = VIMPOConfig(output_dir="qwen-vimpo")
         short = VIMPOConfig(output_dir="vimpo-short", vimpo_adaptive_actor_coeff=True)
         ```
     """
