@@ -136,6 +136,26 @@ def smollm2_file() -> Path:
     return Path(found[0].locate())
 
 
+def float32_smollm2(work: Path) -> Path:
+    """The GGUF model dequantised once into a plain float32 checkpoint under ``work`` (transformers refuses to train a
+    model it loaded through its GGUF quantizer, and cannot save one), with its tokenizer; returns the directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = work / "smollm2-135m-instruct-float32"
+    if (directory / "config.json").is_file():
+        return directory
+    path = smollm2_file()
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(directory)
+    return directory
+
+
 def arithmetic_dataset(count: int, seed: int = 0):
     """Two-number word problems (sum or product of numbers up to 50) with the math instruction and gold answers."""
     from datasets import Dataset
@@ -156,14 +176,11 @@ def arithmetic_dataset(count: int, seed: int = 0):
 
 
 def run_smollm2(method: str, work: Path) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback
 
     from gnivo_trl.rewards import math_accuracy_reward
 
-    path = smollm2_file()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model_dir = float32_smollm2(work)
     family, settings = SMOLLM2_METHODS[method]
     config_cls, trainer_cls = protocol.trainer_classes(family)
     config = config_cls(
@@ -191,11 +208,11 @@ def run_smollm2(method: str, work: Path) -> dict:
         **settings,
     )
     trainer = trainer_cls(
-        model=model,
+        model=str(model_dir),
         reward_funcs=math_accuracy_reward,
         args=config,
         train_dataset=arithmetic_dataset(64),
-        processing_class=tokenizer,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -203,7 +220,7 @@ def run_smollm2(method: str, work: Path) -> dict:
     return dict(
         part="smollm2",
         method=method,
-        model=path.name,
+        model=smollm2_file().name,
         steps=_per_step(trainer.state.log_history),
         seconds=time.perf_counter() - started,
         provenance=reporting.provenance(),
