@@ -1,23 +1,35 @@
 """The documentation site builds with ``mkdocs build --strict`` and renders in a real browser as a reader sees it.
 
-The site is served on 127.0.0.1 and three pages are opened in headless Chromium (Debian's package, installed by
-``make chromium``; without it these tests fail, they do not skip). The home page, the VIMPO trainer page and the
-credit example page are checked the way a reader would notice a problem. Equations must be typeset by KaTeX, with no
-raw ``$$`` or ``\\(`` left in the text. Tables must be present. Every image and embedded page must load from the site
-itself, and the screenshot must not be blank. ``make docs-screenshots`` copies the screenshots to
-``docs/assets/screenshots/``, where the docs show them.
+The site is served on 127.0.0.1 and opened in headless Chromium (Debian's package, installed by ``make chromium``;
+without it these tests fail, they do not skip).
+
+* Every page is laid out at 1280 px and checked by ``tests/docs_layout.js``: no identifier in a table broken across
+  lines, no display equation, code block or table wider than the content column.
+* The screenshotted pages are checked the way a reader would notice a problem. Equations must be typeset by KaTeX,
+  with no raw ``$$`` or ``\\(`` left in the text. Tables must be present. Every image and embedded page must load
+  from the site itself, and the screenshot must not be blank. ``make docs-screenshots`` copies the screenshots to
+  ``docs/assets/screenshots/``, where the docs show them.
+* In the built HTML: no heading inside an API docstring (a sign of a broken code fence), the notebook's outputs set
+  apart from its code and free of warnings.
+* In the sources: nested lists indented as Python-Markdown needs, and every number quoted next to a results file
+  found in that file.
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import urllib.request
 from dataclasses import dataclass, field
+from decimal import Decimal
+from html import unescape
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +38,10 @@ from urllib.parse import urljoin
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOTS = ROOT / "docs" / "assets" / "screenshots"
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "benchmarks" / "results"
+SCREENSHOTS = DOCS / "assets" / "screenshots"
+LAYOUT_CHECK = Path(__file__).with_name("docs_layout.js")
 
 # The docs sources (pages, their images, mkdocs.yml) are in the repository, not in the sdist (MANIFEST.in): the site is
 # built and checked from a checkout, as CI does.
@@ -42,6 +57,18 @@ PAGES = {
     "vimpo_trainer": ("vimpo_trainer/index.html", 3300, dict(equations=20, tables=5, images=0, frames=0)),
     "credit": ("credit/index.html", 2300, dict(equations=3, tables=0, images=1, frames=1)),
 }
+
+
+def site_path(page: Path) -> str:
+    """The built page of a docs source page (``docs/a/b.md`` -> ``a/b/index.html``)."""
+    relative = page.relative_to(DOCS).with_suffix("")
+    return "index.html" if relative.as_posix() == "index" else f"{relative.as_posix()}/index.html"
+
+
+# Every page of the site: the Markdown pages of docs/ and the page the build hook generates from the notebook.
+SITE_PAGES = sorted(
+    {site_path(page) for page in DOCS.rglob("*.md") if "_hooks" not in page.parts} | {"quickstart/index.html"}
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +89,25 @@ def site(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(site):
-    """The built site over HTTP on 127.0.0.1 (KaTeX's fonts do not load from file:// URLs)."""
+    """The built site over HTTP on 127.0.0.1 (KaTeX's fonts do not load from file:// URLs), every HTML page served
+    with ``tests/docs_layout.js`` appended (a hidden report; the built files are unchanged)."""
+    layout_check = f"<script>{LAYOUT_CHECK.read_text()}</script></body>"
 
     class QuietHandler(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
+
+        def send_head(self):
+            path = Path(self.translate_path(self.path))
+            path = path / "index.html" if path.is_dir() else path
+            if path.suffix != ".html" or not path.is_file() or not self.path.split("?")[0].endswith(("/", ".html")):
+                return super().send_head()
+            body = path.read_text(encoding="utf-8").replace("</body>", layout_check).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return io.BytesIO(body)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -233,3 +274,249 @@ def test_page_renders_in_chromium(name, server, tmp_path):
     if os.environ.get("GNIVO_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOTS / f"{name}.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout at 1280 px, on every page
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def layout_report(dom: str) -> dict:
+    match = re.search(r'<pre id="layout-report" hidden="">(.*?)</pre>', dom, re.S)
+    assert match, "tests/docs_layout.js did not report (a script error on the page?)"
+    return json.loads(unescape(match.group(1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SITE_PAGES)
+def test_page_layout_fits_the_column_at_1280_px(path, server, tmp_path):
+    """Material breaks inline code anywhere and lets equations, code and tables run past the column; none of that may
+    happen on any page at 1280 px (tests/docs_layout.js measures it in the rendered page)."""
+    report = layout_report(run_chromium(tmp_path, urljoin(server, path), "--dump-dom").stdout)
+    assert not report["brokenIdentifiers"], f"identifiers in tables broken across lines: {report['brokenIdentifiers']}"
+    assert not report["wideEquations"], f"display equations wider than the column: {report['wideEquations']}"
+    assert not report["wideCode"], f"code lines wider than the column: {report['wideCode']}"
+    assert not report["wideTables"], f"tables wider than the column: {report['wideTables']}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The built HTML
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_api_pages_have_no_heading_inside_a_docstring(site):
+    """mkdocstrings gives every documented object a ``doc-heading``; any other heading in an API page comes from a
+    docstring (a ``#`` comment of an example whose fence is broken, which also fills the table of contents)."""
+    for page in sorted((site / "api").glob("*/index.html")):
+        text = page.read_text()
+        article = text[text.index("<article") : text.index("</article>")]
+        headings = re.findall(r"<h([2-6])([^>]*)>(.*?)</h\1>", article, re.S)
+        stray = [
+            re.sub(r"<[^>]+>", "", body).strip() for _, attributes, body in headings if "doc-heading" not in attributes
+        ]
+        assert not stray, f"{page.relative_to(site)}: headings inside docstrings: {stray}"
+        toc = re.findall(r'<a href="#([^"]+)" class="md-nav__link">', text)
+        assert all(anchor.startswith("gnivo_trl") for anchor in toc), (
+            f"{page.relative_to(site)}: table of contents {toc}"
+        )
+
+
+def test_notebook_outputs_are_set_apart_and_free_of_warnings(site):
+    """The notebook page shows each cell's stored outputs in a block marked as output (consecutive prints in one),
+    and no stored output is a warning: the page is what a reader gets, not the log of the machine it ran on."""
+    page = (site / "quickstart" / "index.html").read_text()
+    outputs = re.findall(r'<div class="notebook-output">(.*?)</div>\s*(?=<|$)', page, re.S)
+    assert len(outputs) >= 4, "the notebook's outputs are not marked as outputs"
+    assert any(
+        "step  100: test accuracy" in unescape(o) and "step    0: test accuracy" in unescape(o) for o in outputs
+    ), "the accuracy prints of one cell are not one output block"
+    for output in outputs:
+        text = unescape(re.sub(r"<[^>]+>", "", output))
+        assert not re.search(r"warn", text, re.I), f"a stored output is a warning: {text[:300]}"
+        assert "\n\n\n" not in text.strip(), f"blank lines in a stored output: {text[:300]!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sources
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def markdown_sources() -> list[Path]:
+    """What Python-Markdown renders for the site: the pages, and the changelog (included by docs/changelog.md)."""
+    return [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted(DOCS.rglob("*.md"))]
+
+
+def without_code_blocks(text: str) -> str:
+    """``text`` with fenced code blocks blanked (line numbers kept)."""
+    return re.sub(r"^([ \t]*)```.*?^\1```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
+
+
+NESTED_TOO_LITTLE = re.compile(r"^( {1,3})(?:[-*+]|\d+[.)]) ", re.M)
+
+
+def test_nested_lists_are_indented_by_four_spaces():
+    """Python-Markdown nests a list only under 4 spaces of indentation: with 1 to 3 the sub-items render as items of
+    the outer list, and which number belongs to which claim is lost. GitHub renders 4 spaces the same way."""
+    from docs_snippets import docstrings
+
+    sources = [(str(path.relative_to(ROOT)), path.read_text()) for path in markdown_sources()] + docstrings()
+    flattened = [
+        f"{where}, line {text.count(chr(10), 0, match.start()) + 1}"
+        for where, text in sources
+        for match in NESTED_TOO_LITTLE.finditer(without_code_blocks(text))
+    ]
+    assert not flattened, f"list items indented by fewer than 4 spaces (rendered flat): {flattened}"
+
+
+# Result files are named by their study folder and file name (`agents/agent_learning.md`, a link to it), or by a file
+# name that exists in one study only.
+STUDIES = sorted(path.name for path in RESULTS.iterdir() if path.is_dir())
+RESULT_FILE = re.compile(r"(?:\b(" + "|".join(STUDIES) + r")/)?\b([\w.-]+\.md)\b")
+# A number as a reader reads it: signed or not, a decimal or 5e-3, maybe a percentage; not part of a name (Qwen2.5,
+# 0.5B, 8-step, K=8 counts: `8` is a number there).
+QUOTED_NUMBER = re.compile(r"(?<![\w.+\-−])([+\-−]?)(\d+(?:\.\d+)?(?:e-?\d+)?)(?![\w.]*[A-Za-wyz_])(%?)")
+FILE_NUMBER = re.compile(r"([+\-−]?)(\d+(?:\.\d+)?(?:e-?\d+)?)")
+INTERVAL = re.compile(r"\[[+\-−]?\d+(?:\.\d+)?, [+\-−]?\d+(?:\.\d+)?\]")
+
+
+def _value(sign: str, digits: str) -> Decimal:
+    return (-1 if sign in ("-", "−") else 1) * Decimal(digits)
+
+
+def prose(text: str) -> str:
+    """What of a Markdown section states numbers in words: no code, no math (a computation, not a quote), no link
+    targets, HTML tags or heading anchors."""
+    text = without_code_blocks(text)
+    for pattern in (r"`[^`\n]*`", r"\$\$.*?\$\$", r"\$[^$\n]*\$", r"<[^>]*>", r"\{#[\w-]+\}"):
+        text = re.sub(pattern, " ", text, flags=re.S)
+    text = re.sub(r"(\d)-(?=\d)", r"\1 to ", text)  # a range, 0.98-1.69x: two numbers
+    return re.sub(r"\]\([^)]*\)", "]", text)
+
+
+def sections(text: str) -> list[str]:
+    return re.split(r"^(?=#{1,6} )", without_code_blocks(text), flags=re.M)
+
+
+def named_result_files(section: str) -> list[Path]:
+    """The results files ``section`` names; next to one, ``benchmarks/README.md`` counts too (its estimates from
+    tensor shapes)."""
+    files = []
+    for study, name in RESULT_FILE.findall(section):
+        candidates = [RESULTS / study / name] if study else list(RESULTS.glob(f"*/{name}"))
+        if len(candidates) == 1 and candidates[0].is_file():
+            files.append(candidates[0])
+    if files and "benchmarks/README.md" in section:
+        files.append(ROOT / "benchmarks" / "README.md")
+    return files
+
+
+def unfound_numbers(section: str) -> list[str]:
+    """The numbers of ``section``'s prose that none of the results files it names contains (a percentage may also
+    be found as a fraction: 25% as p = 0.25)."""
+    files = named_result_files(section)
+    found = {_value(sign, digits) for path in files for sign, digits in FILE_NUMBER.findall(path.read_text())}
+    return [
+        f"{sign}{digits}{percent}"
+        for sign, digits, percent in QUOTED_NUMBER.findall(prose(section))
+        if _value(sign, digits) not in found and not (percent and _value(sign, digits) / 100 in found)
+    ]
+
+
+def test_the_number_check_finds_what_a_results_file_lacks():
+    section = "## Agents\n\nVIMPO -3.9 [-7.6, -0.2] ($\\beta L = 3.21$, `lr=1.234`), turn units 123.45, 98.76%.\n\n"
+    section += "File: `agents/agent_learning.md`."
+    assert unfound_numbers(section) == ["123.45", "98.76%"]  # code and math are not quotes
+    assert unfound_numbers(section.replace("-3.9", "+3.9")) == ["+3.9", "123.45", "98.76%"]  # the sign counts
+    assert named_result_files("Quoted without a file: 12.345.") == []  # the next test says what that means
+
+
+@pytest.mark.parametrize("source", markdown_sources()[:1] + sorted(DOCS.rglob("*.md")), ids=lambda p: p.name)
+def test_numbers_next_to_a_results_file_are_in_it(source):
+    """Every section (a heading and its text) that names a results file quotes only numbers found in the files it
+    names; a section that quotes a measured interval names its file. A number that does not come from the results
+    (a setting, a computation) is written as code or math."""
+    for section in sections(source.read_text()):
+        heading = section.splitlines()[0] if section.strip() else "(top)"
+        if named_result_files(section):
+            assert not unfound_numbers(section), (
+                f"{source.name}, {heading!r}: {unfound_numbers(section)} are in none of "
+                f"{sorted({str(p.relative_to(ROOT)) for p in named_result_files(section)})}"
+            )
+        elif INTERVAL.search(prose(section)):
+            pytest.fail(
+                f"{source.name}, {heading!r} quotes {INTERVAL.search(prose(section)).group(0)} but names no results file"
+            )
+
+
+# History and process belong in the CHANGELOG (and the development page); user pages say what is, not what was.
+MAINTENANCE_TALK = re.compile(
+    r"\b(until this release|in this release|this release (?:fixes|adds)|no longer crashes|used to crash|"
+    r"the one place (?:on|in)|the machines? these runs|(?:was|were) built to catch|reconstructed from git|"
+    r"stay(?:s)? stable|so that a change shows up|is that of the current code)\b",
+    re.IGNORECASE,
+)
+
+
+def test_user_pages_hold_no_maintenance_talk():
+    pages = [
+        ROOT / "README.md",
+        *(p for p in sorted(DOCS.rglob("*.md")) if p.name not in ("changelog.md", "development.md")),
+    ]
+    found = [
+        f"{page.relative_to(ROOT)}: {match.group(0)!r}"
+        for page in pages
+        for match in MAINTENANCE_TALK.finditer(" ".join(page.read_text().split()))
+    ]
+    assert not found, f"maintenance talk on user pages (history goes in the CHANGELOG): {found}"
+
+
+def test_the_trainer_step_diagram_is_what_its_script_draws():
+    """docs/assets/diagrams/trainer_step.svg is generated by docs/_hooks/trainer_step_diagram.py (committed both)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trainer_step_diagram", DOCS / "_hooks" / "trainer_step_diagram.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.OUT.read_text() == module.svg(), "run `python docs/_hooks/trainer_step_diagram.py`"
+
+
+TRAINER_PAGE_SECTIONS = (
+    "## Overview",
+    "## Quick start",
+    "## Looking deeper",
+    "## Loss",
+    "## Logged metrics",
+    "## Customization",
+    "### Custom reward functions",
+    "### vLLM",
+    "### Multi-GPU and multi-node",
+    "## Configuration reference",
+)
+
+
+@pytest.mark.parametrize("page", ["gnivo_trainer.md", "vimpo_trainer.md"])
+def test_trainer_pages_have_the_sections_of_trls_trainer_pages(page):
+    """The shape of TRL's GRPO page: overview, quick start (script, accelerate launch, runtime, a reward curve), a
+    step-by-step look with the diagram, the loss, logged metrics with healthy values, customization (reward functions,
+    vLLM, multi-node) and the config reference, in that order."""
+    text = (DOCS / page).read_text()
+    positions = []
+    for heading in TRAINER_PAGE_SECTIONS:
+        match = re.search(rf"^{re.escape(heading)}\b", text, re.M)
+        assert match, f"{page} lacks {heading!r}"
+        positions.append(match.start())
+    assert positions == sorted(positions), f"{page}: sections out of TRL's order"
+    assert "accelerate launch" in text and "assets/diagrams/trainer_step.svg" in text
+    assert "assets/results/trainer_metrics/" in text, "a reward curve from the trainer-metrics study"
+    assert "trainer_metrics/trainer_metrics.md" in text, "healthy values read from the study's file"
+
+
+def test_embedded_examples_read_as_pages_for_users(site):
+    """Every HTML page a docs page embeds (an iframe) has a heading without Python string escapes and carries no
+    maintenance comments (provenance lives in the study's report)."""
+    for page in sorted(site.rglob("index.html")):
+        for source in re.findall(r'<iframe[^>]*\ssrc="([^"]+)"', page.read_text()):
+            embedded = (page.parent / source).resolve().read_text()
+            headings = re.findall(r"<h1>(.*?)</h1>", embedded, re.S)
+            assert headings and not any("\\n" in h or "&#x27;" in h for h in headings), (source, headings)
+            assert "<!--" not in embedded, f"{source} carries an HTML comment"
