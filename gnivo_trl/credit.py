@@ -288,10 +288,12 @@ class CreditScores:
         from gnivo_trl.credit import prepare_for_scoring, score_completions
         from gnivo_trl.testing import save_tiny_model
 
-        path = save_tiny_model("tiny-model")  # in practice: a run and its base model
-        policy = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(path))
-        reference = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(path))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # in practice: a trained run and the base model it started from
+        run_dir = save_tiny_model("tiny-run", seed=1)
+        base_dir = save_tiny_model("tiny-base", seed=0)
+        policy = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(run_dir))
+        reference = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(base_dir))
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
         scores = score_completions(policy, reference, tokenizer, ["1+1"], ["2"])
         print(scores.token_kl.shape)  # (1, C)
         ```

@@ -230,6 +230,21 @@ def install_offline_stand_ins(monkeypatch, local: Callable[[str | Path], str]) -
 
     monkeypatch.setattr(transformers.Trainer, "train", train_at_least_one_step)
 
+    import gnivo_trl.credit
+
+    original_score_completions = gnivo_trl.credit.score_completions
+
+    def score_a_policy_against_another_model(*args, **kwargs):
+        scores = original_score_completions(*args, **kwargs)
+        # A model scored against itself gets a log-ratio of 0, hence zero credit, at every token: an example that does
+        # so shows nothing and misleads whoever copies it.
+        assert (scores.logp - scores.ref_logp).abs().max() > 0, (
+            "a credit example scores a model against itself (zero credit everywhere): score a run against its base"
+        )
+        return scores
+
+    monkeypatch.setattr(gnivo_trl.credit, "score_completions", score_a_policy_against_another_model)
+
 
 def run_snippets(snippets: list[Snippet], namespace: dict, local: Callable[[str | Path], str]) -> None:
     """Execute ``snippets`` in order in ``namespace``; a failure names the block's file and line."""
