@@ -218,7 +218,8 @@ def test_site_builds_strictly_with_every_page(site):
         assert (site / page).is_file(), page
     # The trainer pages' config tables are generated from the dataclasses, every field included.
     vimpo = (site / "vimpo_trainer" / "index.html").read_text()
-    assert "<code>vimpo_adaptive_actor_eps</code>" in vimpo and "<code>vimpo_kl_estimator</code>" in vimpo
+    for name in ("vimpo_adaptive_actor_eps", "vimpo_kl_estimator"):
+        assert re.search(rf"<code[^>]*>{name}</code>", vimpo), name
     # The site serves KaTeX itself and pulls nothing from a CDN or Google Fonts.
     assert (site / "assets" / "vendor" / "katex" / "katex.min.js").is_file()
     for html_file in site.rglob("*.html"):
@@ -448,11 +449,151 @@ def test_numbers_next_to_a_results_file_are_in_it(source):
             )
 
 
+# An estimate with its paired interval, as the summary tables quote it: "+1.3 F1 [-0.9, +3.6]", "-3.9 pp [-7.6, -0.2]".
+ESTIMATE_WITH_INTERVAL = re.compile(
+    r"([+\-−]?\d+(?:\.\d+)?)(?:\s*(?:pp|points|F1))?\s*\[([+\-−]?\d+(?:\.\d+)?), ([+\-−]?\d+(?:\.\d+)?)\]"
+)
+
+
+def results_page_sections() -> dict[str, str]:
+    """The sections of docs/results.md by their anchor (``## Title {#anchor}``)."""
+    found = {}
+    for part in re.split(r"^(?=## )", (DOCS / "results.md").read_text(), flags=re.M):
+        match = re.match(r"## .*\{#([\w-]+)\}", part)
+        if match:
+            found[match.group(1)] = part
+    return found
+
+
+def test_summary_rows_quote_what_their_results_section_shows():
+    """A row of a summary table (the README's results table, the Results page's findings) links to a section of the
+    Results page; every estimate with its interval in the row is shown in that section, so that a reader who follows
+    the link finds the number (a summary may not quote a row the section's table leaves out)."""
+    by_anchor = results_page_sections()
+    rows = [
+        line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("|") and "results/#" in line
+    ]
+    rows += [line for line in by_anchor["findings"].splitlines() if line.startswith("|") and "](#" in line]
+    assert len(rows) >= 10, "the summary tables were not found"
+    unshown = []
+    for row in rows:
+        anchors = re.findall(r"(?:results/)?#([\w-]+)\)", row)
+        assert anchors and all(anchor in by_anchor for anchor in anchors), (row, anchors)
+        shown = set(ESTIMATE_WITH_INTERVAL.findall("".join(by_anchor[anchor] for anchor in anchors)))
+        unshown += [(anchors, quote) for quote in ESTIMATE_WITH_INTERVAL.findall(row) if quote not in shown]
+    assert not unshown, f"summary numbers their linked Results section does not show: {unshown}"
+
+
+@pytest.mark.parametrize("name", ["GNIVOConfig", "VIMPOConfig"])
+def test_config_docstring_lists_the_defaults_that_differ_from_grpo_config(name):
+    """The config's docstring (the API page) names, as `field=value`, exactly the fields whose default differs from
+    `GRPOConfig`'s, with their values."""
+    import dataclasses
+    import inspect
+
+    from trl import GRPOConfig
+
+    import gnivo_trl
+
+    cls = getattr(gnivo_trl, name)
+    parent = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    differing = {
+        f.name: repr(f.default) for f in dataclasses.fields(cls) if f.name in parent and f.default != parent[f.name]
+    }
+    doc = " ".join(inspect.getdoc(cls).split())
+    sentence = re.search(
+        r"(?:Defaults that differ from `GRPOConfig`|The only default that differs from `GRPOConfig` is)(.*?)\.(?:\s|$)",
+        doc,
+    )
+    assert sentence, f"{name}'s docstring does not say which defaults differ from GRPOConfig's"
+    assert dict(re.findall(r"`(\w+)=([^`]+)`", sentence.group(1))) == differing
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_home_quickstart_is_the_readmes():
+    """The home page's quickstart runs the same code as the README's (layout and comments aside)."""
+    import ast
+
+    readme, home = (
+        python_blocks((ROOT / "README.md").read_text())[0],
+        python_blocks((DOCS / "index.md").read_text())[0],
+    )
+    assert ast.dump(ast.parse(home)) == ast.dump(ast.parse(readme))
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", DOCS / "index.md"], ids=lambda p: p.name)
+def test_install_instructions_serve_pip_users(page):
+    """The install block lists every user-facing extra of pyproject.toml; the page says what needs a clone and gives
+    the pip equivalent of `make demo`, with options the demo accepts."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    user_extras = extras - {"test", "docs", "dev"}
+    text = page.read_text()
+    install = re.search(r"^```bash\n(pip install .*?)^```", text, flags=re.S | re.M).group(1)
+    listed = set(re.findall(r'pip install "gnivo-trl\[(\w+)\]"', install))
+    assert listed == user_extras, (
+        f"{page.name}: install block lists {sorted(listed)}, pyproject has {sorted(user_extras)}"
+    )
+    assert re.search(r"clone", text) and "make demo" in text
+    from gnivo_trl.demo import parse_arguments
+
+    commands = re.findall(r"python -m gnivo_trl\.demo([^`\n]*)", " ".join(text.split()))
+    assert commands, f"{page.name} does not give the pip equivalent of `make demo`"
+    for arguments in commands:
+        parse_arguments(arguments.split())  # exits on an option the demo does not know
+
+
+def test_results_page_opens_with_its_findings():
+    """A reader comes for the answers: the Results page's first section is the table of findings with their verdicts,
+    and the map of result files comes last."""
+    by_anchor = results_page_sections()
+    anchors = list(by_anchor)
+    assert anchors[0] == "findings" and anchors[-1] == "result-files", anchors
+    findings = by_anchor["findings"]
+    assert findings.count("\n|") >= 8 and "**No**" in findings and "**Not reproduced**" in findings
+
+
+def claim_verdicts() -> list[tuple[str, str, tuple[str, str, str]]]:
+    """Each paper claim of ``paper_claims/paper_claims.md``: its number, its verdict and its primary comparison's
+    estimate with interval."""
+    claims = []
+    for line in (RESULTS / "paper_claims" / "paper_claims.md").read_text().splitlines():
+        match = re.match(r"\| (\d+)\. .*? \| \*\*([^*]+)\*\* \|", line)
+        if match:
+            claims.append((match.group(1), match.group(2), ESTIMATE_WITH_INTERVAL.search(line).groups()))
+    return claims
+
+
+@pytest.mark.parametrize(
+    "page", [DOCS / "which_method.md", DOCS / "results.md", ROOT / "README.md"], ids=lambda p: p.name
+)
+def test_claim_verdicts_are_stated_as_the_results_file_states_them(page):
+    """Where a page quotes a paper claim's primary comparison, the same table row or paragraph gives the claim's
+    verdict as paper_claims.md decides it (a gain elsewhere does not turn "inconclusive" into "reproduced")."""
+    claims = claim_verdicts()
+    assert len(claims) == 4, claims
+    blocks = [
+        line if line.startswith("|") else paragraph
+        for paragraph in re.split(r"\n\s*\n", without_code_blocks(page.read_text()))
+        for line in (paragraph.splitlines() if paragraph.lstrip().startswith("|") else [paragraph])
+    ]
+    for number, verdict, quote in claims:
+        quoting = [block for block in blocks if quote in ESTIMATE_WITH_INTERVAL.findall(block)]
+        assert quoting, f"{page.name} does not quote claim {number}'s primary comparison {quote}"
+        assert any(verdict.lower() in block.lower() for block in quoting), (
+            f"{page.name}: claim {number}'s primary comparison {quote} is quoted without its verdict {verdict!r}"
+        )
+
+
 # History and process belong in the CHANGELOG (and the development page); user pages say what is, not what was.
 MAINTENANCE_TALK = re.compile(
     r"\b(until this release|in this release|this release (?:fixes|adds)|no longer crashes|used to crash|"
     r"the one place (?:on|in)|the machines? these runs|(?:was|were) built to catch|reconstructed from git|"
-    r"stay(?:s)? stable|so that a change shows up|is that of the current code)\b",
+    r"anchors, which stay stable|so that a change shows up|is that of the current code)\b",
     re.IGNORECASE,
 )
 
