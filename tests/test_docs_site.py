@@ -50,12 +50,17 @@ pytestmark = pytest.mark.skipif(
 )
 WIDTH = 1280
 
-# Page, the screenshot's height (from the top: down to the VIMPO page's loss and metrics, the credit page's embedded
+# Page, the screenshot's height (from the top: down to the trainer pages' diagram and loss, the credit page's embedded
 # example), and what it must render: at least this many typeset equations, tables, images and embedded pages.
 PAGES = {
     "home": ("index.html", 1500, dict(equations=0, tables=0, images=0, frames=0)),
-    "vimpo_trainer": ("vimpo_trainer/index.html", 3300, dict(equations=20, tables=5, images=0, frames=0)),
+    "gnivo_trainer": ("gnivo_trainer/index.html", 3000, dict(equations=10, tables=4, images=2, frames=0)),
+    "vimpo_trainer": ("vimpo_trainer/index.html", 3300, dict(equations=20, tables=4, images=2, frames=0)),
+    "which_method": ("which_method/index.html", 2600, dict(equations=0, tables=2, images=0, frames=0)),
+    "results": ("results/index.html", 2000, dict(equations=3, tables=8, images=8, frames=0)),
+    "quickstart": ("quickstart/index.html", 2600, dict(equations=0, tables=0, images=1, frames=0)),
     "credit": ("credit/index.html", 2300, dict(equations=3, tables=0, images=1, frames=1)),
+    "api_credit": ("api/credit/index.html", 2000, dict(equations=0, tables=0, images=0, frames=0)),
 }
 
 
@@ -259,6 +264,8 @@ def test_page_renders_in_chromium(name, server, tmp_path):
             from PIL import Image
 
             Image.open(__import__("io").BytesIO(body)).verify()  # a real, complete PNG
+        elif source.endswith(".svg"):
+            assert "svg" in content_type and b"<svg" in body, (source, content_type)
         else:
             assert "html" in content_type, (source, content_type)
 
@@ -626,7 +633,9 @@ TRAINER_PAGE_SECTIONS = (
     "## Quick start",
     "## Looking deeper",
     "## Loss",
+    "### Loss types",
     "## Logged metrics",
+    "### Healthy values",
     "## Customization",
     "### Custom reward functions",
     "### vLLM",
@@ -647,7 +656,9 @@ def test_trainer_pages_have_the_sections_of_trls_trainer_pages(page):
         assert match, f"{page} lacks {heading!r}"
         positions.append(match.start())
     assert positions == sorted(positions), f"{page}: sections out of TRL's order"
-    assert "accelerate launch" in text and "assets/diagrams/trainer_step.svg" in text
+    quick_start = text[positions[1] : positions[2]]
+    assert "accelerate launch" in quick_start and "**Expected runtime.**" in quick_start
+    assert "assets/diagrams/trainer_step.svg" in text[positions[2] : positions[3]], "the diagram under Looking deeper"
     assert "assets/results/trainer_metrics/" in text, "a reward curve from the trainer-metrics study"
     assert "trainer_metrics/trainer_metrics.md" in text, "healthy values read from the study's file"
 
