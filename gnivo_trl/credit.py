@@ -261,7 +261,7 @@ def prepare_for_scoring(
     TRL's head (e.g. `trainer.model`) is returned untouched, whatever the arguments.
     """
     if not scoring.has_fused_head(model):  # anywhere in its forward chain: never patch TRL's head twice
-        from trl.trainer.utils import add_fused_lm_head
+        from trl.trainer import add_fused_lm_head
 
         add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     return model
@@ -714,7 +714,8 @@ class CreditCallback(TrainerCallback):
     `reference` (a prepared causal LM, see [`prepare_for_scoring`][gnivo_trl.credit.prepare_for_scoring]) or, when
     None, a frozen copy of the policy as it is when training begins: the initial model for a fresh run, but the
     checkpoint's policy when training resumes from a checkpoint (a warning says so; pass the initial model as
-    `reference` to score against it). The copy costs one model's memory and is used for scoring only. Sampling
+    `reference` to score against it). The copy costs one model's memory on the main process only (the other processes
+    neither render nor copy) and is used for scoring only. Sampling
     restores the RNG state and the training mode ([`sample_completions`][gnivo_trl.credit.sample_completions]), so
     the run is unchanged, and the trainer's model is never patched again (it already carries TRL's fused head, also
     under mixed precision). Runs on the main process only, on a model it holds whole: DeepSpeed ZeRO-3 and FSDP,
@@ -796,6 +797,8 @@ class CreditCallback(TrainerCallback):
         self._refuse_sharded_models(args)
         temperature = getattr(args, "temperature", 1.0)
         policy = prepare_for_scoring(self._causal_lm(model), temperature)
+        if not state.is_world_process_zero:
+            return  # only the main process renders, so only it holds a copy (sampling there issues no collective)
         if self.reference is None:
             if state.global_step > 0:
                 logger.warning(
@@ -808,8 +811,7 @@ class CreditCallback(TrainerCallback):
             # forward, which only the plain (non-fused) path calls: the copy is never used to generate.
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         prepare_for_scoring(self.reference, temperature)
-        if state.is_world_process_zero:
-            self._render(args, state.global_step, policy)
+        self._render(args, state.global_step, policy)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 and state.is_world_process_zero:

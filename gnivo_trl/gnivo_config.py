@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ._config_checks import check_common_grpo_options, check_field_names, fail, policy_moves_within_generation_batch
+from ._config_checks import (
+    GRPO_DEFAULTS,
+    Refusals,
+    check_common_grpo_options,
+    check_field_names,
+    policy_moves_within_generation_batch,
+)
 
 PREFIX_UNITS = ("token", "step", "turn", "sequence")
 WEIGHT_NORMALIZATIONS = ("softmax", "none")
@@ -16,11 +22,13 @@ WEIGHT_NORMALIZATIONS = ("softmax", "none")
 class GNIVOConfig(GRPOConfig):
     r"""Configuration of [`GNIVOTrainer`][gnivo_trl.GNIVOTrainer]: Group-Normalized Implicit Value Optimization.
 
-    Inherits every `trl.GRPOConfig` field. GN-IVO replaces GRPO's clipped-ratio loss, so `loss_type`, `epsilon`,
-    `epsilon_high`, `delta`, `importance_sampling_level`, `scale_rewards` and the other GRPO loss knobs have no
-    effect. Generation (vLLM included), reward functions and `reward_weights`, `beta` (TRL's per-token KL penalty to
-    the frozen initial model), `num_iterations`, batching, logging and saving still apply. GRPO options that cannot
-    carry over are refused at construction, with a `ValueError` naming the field and the fix. The only default that
+    Inherits every `trl.GRPOConfig` field. GN-IVO replaces GRPO's clipped-ratio loss, so GRPO's loss options
+    (`loss_type`, `epsilon`, `epsilon_high`, `delta`, `importance_sampling_level`, `scale_rewards`, the entropy and
+    off-policy masks) would have no effect: a value other than `GRPOConfig`'s default is refused at construction,
+    with one `ValueError` naming every refused field, its value and the fix. Generation (vLLM included), reward
+    functions and `reward_weights`, `beta` (TRL's per-token KL penalty to the frozen initial model, with
+    `use_bias_correction_kl` and `sync_ref_model`), `num_iterations`, `mask_truncated_completions`, batching, logging
+    and saving still apply. The only default that
     differs from `GRPOConfig` is `num_generations=4`, the paper's K. The
     [GN-IVO trainer page](https://gnivo-trl.github.io/gnivo-trl/gnivo_trainer/#configuration-reference) lists every
     field with its default.
@@ -82,26 +90,53 @@ class GNIVOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        refusals = Refusals()  # every refused setting, reported together
         if not isinstance(self.gnivo_alpha, int | float) or not self.gnivo_alpha > 0:
-            fail("gnivo_alpha", self.gnivo_alpha, "the reward temperature must be a number > 0 (the paper uses 0.2).")
+            refusals.add(
+                "gnivo_alpha", self.gnivo_alpha, "the reward temperature must be a number > 0 (the paper uses 0.2)."
+            )
         if self.gnivo_prefix_unit not in PREFIX_UNITS:
-            fail("gnivo_prefix_unit", self.gnivo_prefix_unit, f"choose one of {', '.join(PREFIX_UNITS)}.")
+            refusals.add("gnivo_prefix_unit", self.gnivo_prefix_unit, f"choose one of {', '.join(PREFIX_UNITS)}.")
         if self.gnivo_prefix_unit == "step" and (
             not isinstance(self.gnivo_step_delimiter, str) or not self.gnivo_step_delimiter
         ):
-            fail("gnivo_step_delimiter", self.gnivo_step_delimiter, "step units need a non-empty delimiter string.")
+            refusals.add(
+                "gnivo_step_delimiter", self.gnivo_step_delimiter, "step units need a non-empty delimiter string."
+            )
         if self.gnivo_weight_normalization not in WEIGHT_NORMALIZATIONS:
-            fail(
+            refusals.add(
                 "gnivo_weight_normalization",
                 self.gnivo_weight_normalization,
                 f"choose one of {', '.join(WEIGHT_NORMALIZATIONS)}.",
             )
         if self.num_generations is None or self.num_generations < 2:
-            fail("num_generations", self.num_generations, "GN-IVO compares completions within a group; use K >= 2.")
-        super().__post_init__()
-        check_common_grpo_options(self, "GN-IVO")
+            refusals.add(
+                "num_generations", self.num_generations, "GN-IVO compares completions within a group; use K >= 2."
+            )
+        check_common_grpo_options(self, "GN-IVO", refusals)
+        # GN-IVO has no clipped ratio: GRPO's clip range would be ignored.
+        for name in ("epsilon", "epsilon_high"):
+            if getattr(self, name) != GRPO_DEFAULTS[name]:
+                refusals.add(
+                    name,
+                    getattr(self, name),
+                    "it is the clip range of GRPO's ratio; GN-IVO's loss has no clipped ratio and would ignore it. "
+                    f"Leave {name}={GRPO_DEFAULTS[name]!r}; the step size is set by learning_rate and gnivo_alpha.",
+                )
+        if (
+            self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and not self.vllm_importance_sampling_mode.startswith("sequence")
+        ):
+            refusals.add(
+                "vllm_importance_sampling_mode",
+                self.vllm_importance_sampling_mode,
+                "GN-IVO weights whole completions, so it needs a sequence-level ratio. Use 'sequence_mask' "
+                "(default) or 'sequence_truncate', or set vllm_importance_sampling_correction=False.",
+            )
+        refusals.run_grpo_post_init(super().__post_init__)
         if policy_moves_within_generation_batch(self) and self.per_device_train_batch_size % self.num_generations:
-            fail(
+            refusals.add(
                 "per_device_train_batch_size",
                 self.per_device_train_batch_size,
                 f"the policy moves while a generation batch is in use (num_iterations={self.num_iterations}, "
@@ -111,17 +146,7 @@ class GNIVOConfig(GRPOConfig):
                 f"num_generations={self.num_generations}, or use num_iterations=1 with steps_per_generation equal "
                 "to gradient_accumulation_steps.",
             )
-        if (
-            self.use_vllm
-            and self.vllm_importance_sampling_correction
-            and not self.vllm_importance_sampling_mode.startswith("sequence")
-        ):
-            fail(
-                "vllm_importance_sampling_mode",
-                self.vllm_importance_sampling_mode,
-                "GN-IVO weights whole completions, so it needs a sequence-level ratio. Use 'sequence_mask' "
-                "(default) or 'sequence_truncate', or set vllm_importance_sampling_correction=False.",
-            )
+        refusals.raise_if_any()
 
 
 check_field_names(GNIVOConfig, "gnivo_")

@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
-from trl.extras.profiling import profiling_decorator
-from trl.trainer.utils import get_config_model_id
 
+from ._trl_private import profiled
 from .gnivo_config import GNIVOConfig
 from .group_bookkeeping import GroupBookkeepingMixin, loss_mask
 from .losses import (
@@ -103,7 +102,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: GNIVOConfig | None = None, **kwargs):
         if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            model_name = model if isinstance(model, str) else model.config.name_or_path
             args = GNIVOConfig(f"{model_name.split('/')[-1]}-GNIVO")
         elif not isinstance(args, GNIVOConfig):
             raise TypeError(
@@ -177,7 +176,7 @@ class GNIVOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
-    @profiling_decorator
+    @profiled
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         group_size = self._group_size(mode)

@@ -13,12 +13,16 @@ processes. This mixin
   that every micro-batch holds complete groups;
 * builds the reference of a policy passed as an instance as a copy of it, taken before TRL patches the policy and
   then prepared exactly as TRL prepares its own (TRL would reload `config._name_or_path`, which an instance changed
-  in memory no longer is, or which a model built from a config does not have); under DeepSpeed ZeRO-3, where the
-  instance's weights may already be shards, the copy is rebuilt from the config and filled from gathered weights;
+  in memory no longer is, or which a model built from a config does not have); under DeepSpeed ZeRO-3 the copy is
+  built sharded from the config, without initialisation, and filled one parameter at a time, and a refresh
+  (`sync_ref_model`, VIMPO's `vimpo_update_ref_freq`) copies one parameter at a time too;
 * turns bad input into clear errors or documented behaviour: a dataset without a `prompt` column is refused at
   construction (unless an `environment_factory` supplies the prompts, as TRL allows), an exception in a reward function
   is re-raised as [`RewardFunctionError`][gnivo_trl.RewardFunctionError] naming the function, and a row whose weighted
-  reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning for infinities.
+  reward is not finite (NaN, +inf or -inf) has no reward and leaves its group, with a warning for infinities;
+* warns at construction when a PEFT adapter's `modules_to_save` unties a tied LM head from the input embeddings;
+* writes TRL's model card also when the user saves the model (`save_model`), not only at checkpoints and on push, and
+  names a base model without a Hub id (a local folder) and a model not pushed by where they are, instead of "None".
 
 Every value attached to the batch is a tensor with the batch as its first dimension, so TRL's shuffling, splitting
 and buffering carry it along.
@@ -28,28 +32,26 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import math
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from trl import GRPOTrainer
-from trl.extras.profiling import profiling_decorator
-from trl.models.utils import prepare_deepspeed, prepare_fsdp
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import (
-    add_fused_lm_head,
-    disable_dropout_in_model,
-    split_pixel_values_by_grid,
-    split_tensor_dict,
-    unsplit_pixel_values_by_grid,
-)
+from trl import GRPOTrainer, SyncRefModelCallback
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer import add_fused_lm_head, disable_dropout_in_model
+
+from ._trl_private import profiled, trl_private
 
 __all__ = [
     "GroupBookkeepingMixin",
+    "ParameterwiseSyncRefModelCallback",
     "RewardFunctionError",
+    "copy_parameters_one_at_a_time",
     "loss_mask",
     "prompt_completion_sequences",
     "shuffle_whole_groups",
@@ -181,40 +183,158 @@ def _is_zero3_partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(parameter, "ds_id") for parameter in model.parameters())
 
 
+def _no_init_weights():
+    """transformers' context that skips weight initialisation while a model is built (what `from_pretrained` builds
+    under before it loads the weights): `transformers.initialization.no_init_weights` from transformers 5,
+    `transformers.modeling_utils.no_init_weights` before."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _gathered(parameter: torch.nn.Parameter, modifier_rank: int | None = None):
+    """DeepSpeed's `GatheredParameters` of one parameter: its full value on every rank inside the context (a no-op
+    for a parameter that is not a ZeRO-3 shard); with `modifier_rank`, that rank's value is kept on exit."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([parameter], modifier_rank=modifier_rank)
+
+
+def copy_parameters_one_at_a_time(source: torch.nn.Module, target: torch.nn.Module, alpha: float = 1.0) -> None:
+    """`target <- (1 - alpha) * target + alpha * source` for every parameter, one parameter at a time; `alpha=1` is
+    an exact copy (the target's old value, possibly uninitialised memory, is not read). Parameters are matched by name
+    (tied ones once); buffers, which ZeRO-3 never partitions, are not touched.
+
+    Either model may hold ZeRO-3 shards: each parameter is then gathered alone (the source's and the target's, the
+    target written on rank 0 and broadcast), so no rank ever holds more than one parameter of each model at full size.
+    TRL's `SyncRefModelCallback` gathers every parameter of both models at once instead. Every rank must call this.
+
+    Raises:
+        ValueError: the two models do not have the same parameter names.
+    """
+    targets = dict(target.named_parameters())
+    sources = dict(source.named_parameters())
+    if targets.keys() != sources.keys():
+        raise ValueError(
+            f"Cannot copy {type(source).__name__} into {type(target).__name__}: their parameters differ "
+            f"(only in the source: {sorted(sources.keys() - targets.keys())[:5]}; only in the target: "
+            f"{sorted(targets.keys() - sources.keys())[:5]})."
+        )
+    with torch.no_grad():
+        for name, source_parameter in sources.items():
+            target_parameter = targets[name]
+            with _gathered(source_parameter), _gathered(target_parameter, modifier_rank=0):
+                if hasattr(target_parameter, "ds_id") and torch.distributed.get_rank() != 0:
+                    continue  # a shard: rank 0 writes the gathered value, which the context then broadcasts
+                if alpha == 1.0:
+                    target_parameter.data.copy_(source_parameter.data)
+                else:
+                    target_parameter.data.mul_(1.0 - alpha).add_(source_parameter.data, alpha=alpha)
+
+
 def initial_policy_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of `model` as it is now, for the reference of a policy passed as an instance.
 
-    A plain model is deep-copied. A model whose parameters are ZeRO-3 shards cannot be (a copy of a shard is not a
-    model): its architecture is rebuilt from its config (`zero.Init` partitions it the same way) and each
-    parameter is copied from the policy's gathered values, one parameter at a time; every rank must call this.
+    Outside DeepSpeed ZeRO-3 the model is deep-copied. Under ZeRO-3 (a ZeRO-3 config is alive: the trainer's
+    `TrainingArguments` exist) no rank ever holds the whole copy: the architecture is built from the model's config
+    inside `deepspeed.zero.Init` (each parameter partitioned as its module is created, as `from_pretrained` loads
+    under ZeRO-3) without initialising any weight, then filled parameter by parameter from the policy (whole on every
+    rank if it was loaded before the config, shards if after: `copy_parameters_one_at_a_time`); the buffers are the
+    policy's. Every rank must call this.
     """
-    if not _is_zero3_partitioned(model):
-        reference = copy.deepcopy(model)
-    else:
-        import deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-        reference = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
-        targets = dict(reference.named_parameters())
-        for name, source in model.named_parameters():
-            target = targets[name]
-            with (
-                deepspeed.zero.GatheredParameters([source]),
-                deepspeed.zero.GatheredParameters([target], modifier_rank=0),
-            ):
-                if torch.distributed.get_rank() == 0:
-                    target.data.copy_(source.data)
-        buffers = dict(reference.named_buffers())
-        for name, source in model.named_buffers():
-            buffers[name].data.copy_(source.data)  # buffers are never partitioned
+    if not is_deepspeed_zero3_enabled():
+        if _is_zero3_partitioned(model):
+            raise ValueError(
+                "The model's parameters are DeepSpeed ZeRO-3 shards, but no ZeRO-3 configuration is alive: build the "
+                "trainer's config (accelerate launch with a ZeRO-3 config) before loading the model, and keep it."
+            )
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    import deepspeed
+    from transformers.integrations import deepspeed_config
+
+    with _no_init_weights(), deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        reference = type(model)(copy.deepcopy(model.config))
+    reference.tie_weights()  # what initialisation would have done: tied parameters are one
+    copy_parameters_one_at_a_time(model, reference)
+    buffers = dict(model.named_buffers())
+    for name, buffer in reference.named_buffers():
+        # Assigned, not copied into: zero.Init may have built a float buffer (RoPE's inv_freq) in its own dtype. On the
+        # device zero.Init put the reference on, which the policy, if loaded before the config, is not on yet.
+        buffer.data = buffers[name].detach().to(device=buffer.device, copy=True)
     return reference.eval().requires_grad_(False)
+
+
+def warn_if_adapter_unties_embeddings(model: torch.nn.Module) -> None:
+    """Warn when a PEFT adapter's `modules_to_save` gives a model that ties its LM head to its input embeddings
+    (`tie_word_embeddings`) a trainable copy of one of them that the other does not share: PEFT then unties them, and
+    the adapter trains and saves a full copy (for SmolLM2-135M the adapter grows from about 10 MB to 123 MB)."""
+    if not is_peft_model(model):
+        return
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model()
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) or head is None or embeddings is None:
+        return
+
+    def weights(module: torch.nn.Module) -> list[torch.Tensor]:
+        if isinstance(module, ModulesToSaveWrapper):
+            return [copy.weight for copy in module.modules_to_save.values()]
+        return [module.weight]
+
+    if {id(w) for w in weights(head)} & {id(w) for w in weights(embeddings)}:
+        return  # still tied (untouched, or PEFT's ensure_weight_tying=True)
+    copied = head if isinstance(head, ModulesToSaveWrapper) else embeddings
+    weight = weights(copied)[0]
+    logger.warning(
+        "The PEFT adapter's modules_to_save makes a trainable copy of the %s (%s, %.1f MB), which this model ties to "
+        "its %s (tie_word_embeddings=True): PEFT unties them, so the adapter trains and saves that full copy while "
+        "the %s keep the base weights. To keep them tied, set ensure_weight_tying=True in the LoraConfig; for a "
+        "small adapter, leave the %s out of modules_to_save.",
+        "LM head" if copied is head else "input embeddings",
+        " x ".join(str(size) for size in weight.shape),
+        weight.numel() * weight.element_size() / 1e6,
+        "input embeddings" if copied is head else "LM head",
+        "input embeddings" if copied is head else "LM head",
+        "LM head" if copied is head else "input embeddings",
+    )
+
+
+def _card_without_missing_hub_ids(card: str, base_model: str, saved_in: str) -> str:
+    """TRL's card text with the base model and the model's own Hub id named where TRL writes "None": the local
+    folder a base model was loaded from (or "a model built in memory"), and the directory the model is saved in."""
+    base = f"the local model `{Path(base_model).name}`" if base_model else "a model built in memory"
+    card = card.replace("[None](https://huggingface.co/None)", base)
+    return card.replace('model="None"', f"model={json.dumps(saved_in)}")
+
+
+class ParameterwiseSyncRefModelCallback(SyncRefModelCallback):
+    """TRL's `SyncRefModelCallback` (same schedule and mixing: `ref_model_sync_steps`, `ref_model_mixup_alpha`),
+    copying under DeepSpeed ZeRO-3 one parameter at a time (`copy_parameters_one_at_a_time`) instead of gathering
+    every parameter of the policy and of the reference at once (two whole models on every rank)."""
+
+    @staticmethod
+    def sync_target_model(model, target_model, alpha):
+        from accelerate.state import AcceleratorState
+
+        plugin = AcceleratorState().deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:  # TRL's own test
+            SyncRefModelCallback.sync_target_model(model, target_model, alpha)
+            return
+        copy_parameters_one_at_a_time(model, getattr(target_model, "module", target_model), alpha)
 
 
 def cast_output_head_to_float32(model: torch.nn.Module) -> None:
     """What `cast_lm_head_to_fp32` does to a model: its output head's weights in float32 and its projection
     computed in float32; a tied input embedding (which shares the weights) keeps handing the rest of the model
-    activations of the model's own dtype."""
+    activations of the dtype the rest of the model is in when it runs (read then, not now: DeepSpeed under bf16 casts
+    every parameter, the head included, when it prepares the model)."""
     head = model.get_output_embeddings()
-    original_dtype = head.weight.dtype
     head.float()
 
     def float32_projection(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -224,7 +344,12 @@ def cast_output_head_to_float32(model: torch.nn.Module) -> None:
     head.forward = float32_projection
     embeddings = model.get_input_embeddings()
     if embeddings.weight is head.weight:
-        embeddings.register_forward_hook(lambda module, args, output: output.to(original_dtype))
+
+        def in_the_model_dtype(module, args, output):
+            others = (p.dtype for p in model.parameters() if p is not head.weight and p.is_floating_point())
+            return output.to(next(others, output.dtype))
+
+        embeddings.register_forward_hook(in_the_model_dtype)
 
 
 class GroupBookkeepingMixin:
@@ -265,6 +390,7 @@ class GroupBookkeepingMixin:
         self.beta = beta
         if reference_copy is not None:
             self.ref_model = self._prepared_reference(reference_copy)
+        warn_if_adapter_unties_embeddings(self.model)
 
     def _needs_reference_model(self, config) -> bool:
         """Whether the loss uses the frozen reference model (GRPO's KL penalty, beta != 0, by default)."""
@@ -288,8 +414,48 @@ class GroupBookkeepingMixin:
         else:
             reference = self.accelerator.prepare_model(reference, evaluation_mode=True)
         if args.sync_ref_model:
-            self.add_callback(SyncRefModelCallback(ref_model=reference, accelerator=self.accelerator))
+            self.add_callback(ParameterwiseSyncRefModelCallback(ref_model=reference, accelerator=self.accelerator))
         return reference
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """TRL's model card (the method, its paper and citation, the tags; `GRPOTrainer.create_model_card`), written
+        to `output_dir/README.md` (default `args.output_dir`, TRL's place).
+
+        Where TRL's card would say "a fine-tuned version of [None]" and `pipeline(model="None")` (a base model
+        loaded from a local folder or built in memory, a model not pushed to the Hub), it names the local base model
+        and the directory the card is saved in.
+        """
+        directory = self.args.output_dir if output_dir is None else str(output_dir)
+        configured, self.args.output_dir = self.args.output_dir, directory  # TRL writes to args.output_dir
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            self.args.output_dir = configured
+        if self.is_world_process_zero():
+            card = Path(directory) / "README.md"
+            card.write_text(
+                _card_without_missing_hub_ids(card.read_text(), self.model.config.name_or_path or "", directory),
+                encoding="utf-8",
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; a save of the user's own (not the trainer's checkpoints or `push_to_hub`, which
+        write the card themselves) writes the model card into the directory first, so that a run with
+        `save_strategy="no"` has one. A PEFT adapter's save then adds its metadata to that card, as at TRL's
+        checkpoints, instead of writing PEFT's blank template."""
+        if not _internal_call:
+            directory = self.args.output_dir if output_dir is None else str(output_dir)
+            hub_id = self.args.hub_model_id
+            self.create_model_card(
+                model_name=hub_id.split("/")[-1] if hub_id else Path(directory).name, output_dir=directory
+            )
+        super().save_model(output_dir, _internal_call)
 
     @property
     def _keeps_groups_whole(self) -> bool:
@@ -299,7 +465,7 @@ class GroupBookkeepingMixin:
     def _group_size(self, mode: str) -> int:
         return self.num_generations if mode == "train" else self.num_generations_eval
 
-    @profiling_decorator
+    @profiled
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         try:
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -400,13 +566,16 @@ class GroupBookkeepingMixin:
         """Concatenate a per-row tensor over processes in global row order (every rank must call this)."""
         return self.accelerator.gather(tensor.contiguous())
 
-    def _log_mean_over_processes(self, mode: str, name: str, value_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Log `sum / count` of a quantity summed over every process (every rank must call this)."""
+    def _log_mean_over_processes(
+        self, mode: str, name: str, value_sum: torch.Tensor, count: torch.Tensor, empty: float = float("nan")
+    ) -> None:
+        """Log `sum / count` of a quantity summed over every process, or `empty` when the count is 0 (every rank
+        must call this)."""
         stats = torch.stack([value_sum.detach().float().reshape(()), count.detach().float().reshape(())])
         total, total_count = self.accelerator.reduce(stats, reduction="sum").tolist()
-        self._metrics[mode][name].append(total / total_count if total_count > 0 else float("nan"))
+        self._metrics[mode][name].append(total / total_count if total_count > 0 else empty)
 
-    @profiling_decorator
+    @profiled
     def _prepare_inputs(self, generation_batch):
         if not self.model.training or not self._keeps_groups_whole:
             return super()._prepare_inputs(generation_batch)
@@ -416,6 +585,9 @@ class GroupBookkeepingMixin:
         # that changes this buffering fails test_whole_group_buffering_is_trls_with_only_the_shuffle_changed.
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
+            split_pixel_values_by_grid = trl_private("trl.trainer.utils", "split_pixel_values_by_grid")
+            split_tensor_dict = trl_private("trl.trainer.utils", "split_tensor_dict")
+            unsplit_pixel_values_by_grid = trl_private("trl.trainer.utils", "unsplit_pixel_values_by_grid")
             batch = self._generate_and_score_completions(generation_batch)
             batch = split_pixel_values_by_grid(batch)
             batch = shuffle_whole_groups(batch, self.num_generations)

@@ -366,7 +366,8 @@ def gnivo_linearized_row_loss(
         group_horizon: `(B,)` `T_g` of each row's group.
 
     Returns:
-        `(B,)` float32 row losses (0 for non-members), differentiable through `logp`.
+        `(B,)` float32 row losses (0 for non-members and for the rows of a group without units), differentiable
+        through `logp`.
     """
     valid = mask.bool()
     token_log_ratio = torch.where(valid, logp.float() - old_logp.detach().float(), 0.0)
@@ -378,7 +379,8 @@ def gnivo_linearized_row_loss(
     size = group_size.float().clamp(min=1.0)
     coefficient = weight_sum.float() / size - weights.float()
     row_loss = weights.float() * torch.log(size) + coefficient * mean_prefix
-    return torch.where(member.bool(), row_loss, 0.0)
+    # A group without any unit (every member's tokens masked) has L_g = 0, as gnivo_group_losses gives it.
+    return torch.where(member.bool() & (group_horizon > 0), row_loss, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -441,7 +443,9 @@ def vimpo_value_loss(
     `L_V = mean_i 0.5 * (sum_s mask[i,s] * (rho[i,s] - sg(kappa[i,s])) - (R_i - mean_{j in g(i)} R_j))^2` with
     `rho = beta * (logp - ref_logp)` and `kappa = beta * token_kl`; a sum over tokens (no length normalisation),
     a group-centred target without std scaling, and the mean over the `B` rows given. Rows whose reward is NaN
-    contribute 0 (they still count in `B`, so the scale does not depend on how many rewards are missing).
+    contribute 0 (they still count in `B`, so the scale does not depend on how many rewards are missing). The
+    trainer leaves rows without any loss token (truncated completions with `mask_truncated_completions=True`) out of
+    its mean; pass only the rows that have tokens to do the same.
 
     Args:
         logp: `(B, T)` log pi_theta of the sampled tokens; the only differentiable input.

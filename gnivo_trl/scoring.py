@@ -31,8 +31,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from trl.kernels.chunked_divergence import VOCAB_CHUNK_SIZE, ChunkedDivergenceFunction
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ._trl_private import SUPPORTED_TRL, trl_private
 from .losses import candidate_set_kl_from_log_probs
@@ -270,6 +268,7 @@ def _per_chunk_with_gathered_heads(
     policy_hidden, precision = _projection_precision(policy_settings, policy_hidden.to(device))
     ref_hidden, _ = _projection_precision(ref_settings, ref_hidden.to(device))
     kl = torch.zeros(policy_hidden.size(0), device=device, dtype=torch.float32)
+    maybe_gather_lm_head_ctx = trl_private("trl.trainer.utils", "maybe_gather_lm_head_ctx")
     with precision, maybe_gather_lm_head_ctx(*policy_head), maybe_gather_lm_head_ctx(*ref_head):
         for start in range(0, policy_hidden.size(0), chunk_size):
             stop = start + chunk_size
@@ -303,9 +302,10 @@ def exact_token_kl(
     Returns:
         float32 `(N,)`, in nats.
     """
+    divergence = trl_private("trl.kernels.chunked_divergence", "ChunkedDivergenceFunction")
 
     def chunk_kl(policy_chunk, policy_head, ref_chunk, ref_head) -> torch.Tensor:
-        kl, _ = ChunkedDivergenceFunction.apply(
+        kl, _ = divergence.apply(
             policy_chunk,
             *policy_head,
             ref_chunk,
@@ -331,12 +331,13 @@ def _log_probs(hidden: torch.Tensor, head: LMHead, settings: FusedHeadSettings) 
     `* (1 / temperature)`), in place on one buffer."""
     module = "trl.kernels.chunked_divergence"
     compute_dtype, project = trl_private(module, "_compute_dtype"), trl_private(module, "_project")
+    vocab_chunk_size = trl_private(module, "VOCAB_CHUNK_SIZE")
     dtype = compute_dtype(hidden)
     hidden = hidden.to(dtype)
     vocab = head.weight.size(0)
     logits = torch.empty((hidden.size(0), vocab), device=hidden.device, dtype=torch.float32)
-    for start in range(0, vocab, VOCAB_CHUNK_SIZE):
-        end = min(start + VOCAB_CHUNK_SIZE, vocab)
+    for start in range(0, vocab, vocab_chunk_size):
+        end = min(start + vocab_chunk_size, vocab)
         project(logits[:, start:end], hidden, head.weight, head.bias, start, end, dtype)
     logits.mul_(settings.logit_scale)
     if settings.final_logit_softcapping is not None:

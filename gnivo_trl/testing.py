@@ -38,6 +38,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from ._trl_private import trl_private
+
 __all__ = [
     "CHAT_TEMPLATE",
     "build_tiny_model",
@@ -119,7 +121,7 @@ def build_tiny_tool_tokenizer(vocab_size: int = 500) -> PreTrainedTokenizerFast:
     trained on a rendered tool-calling conversation as well as the default corpus, so that the tool boilerplate of
     the system prompt takes about 250 tokens instead of 500.
     """
-    from trl.chat_template_utils import qwen3_chat_template
+    qwen3_chat_template = trl_private("trl.chat_template_utils", "qwen3_chat_template")
 
     conversation = [
         {"role": "user", "content": "What is 3 + 4?"},

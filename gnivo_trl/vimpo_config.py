@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ._config_checks import check_common_grpo_options, check_field_names, fail
+from ._config_checks import GRPO_DEFAULTS, Refusals, check_common_grpo_options, check_field_names
 
 KL_ESTIMATORS = ("exact", "candidate_set", "k2", "k3")
 VALUE_LOSS_TYPES = ("squared_error", "huber")
@@ -32,9 +32,10 @@ class VIMPOConfig(GRPOConfig):
     `use_bias_correction_kl=False` (there is no GRPO KL term to correct); `num_generations` is 8, as in GRPOConfig and
     the official run. `epsilon` and `epsilon_high` clip
     the actor's PPO ratio. `beta` must stay 0.0: VIMPO's KL coefficient lives inside the value (`vimpo_beta`).
-    `scale_rewards` has no effect: the value target is `R - mean_group(R)`. GRPO loss options that VIMPO would
-    otherwise ignore silently (`loss_type` other than its token mean `"dapo"`, `importance_sampling_level="sequence"`,
-    `delta`, `use_bias_correction_kl`) and FSDP are refused at construction. The
+    GRPO options that VIMPO would otherwise ignore silently (`scale_rewards`, the value target being `R -
+    mean_group(R)`; `loss_type` other than its token mean `"dapo"`; `importance_sampling_level="sequence"`; `delta`;
+    `use_bias_correction_kl`; the entropy and off-policy masks) and FSDP are refused at construction, all in one
+    `ValueError` naming each refused field, its value and the fix. The
     [VIMPO trainer page](https://gnivo-trl.github.io/gnivo-trl/vimpo_trainer/#configuration-reference) lists every
     field with its default and compares them with the official options.
 
@@ -246,95 +247,87 @@ class VIMPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        refusals = Refusals()  # every refused setting, reported together
         if self.beta != 0.0:
-            fail(
+            refusals.add(
                 "beta",
                 self.beta,
                 "VIMPO has no separate KL penalty: its KL coefficient lives inside the policy-implied value "
                 "(vimpo_beta), and adding GRPO's would count the KL twice. Leave beta=0.0 and set vimpo_beta.",
             )
         if not self.vimpo_beta > 0:
-            fail("vimpo_beta", self.vimpo_beta, "the value's KL coefficient must be > 0 (the paper uses 5e-4).")
-        self._apply_deprecated_actor_coef()
+            refusals.add(
+                "vimpo_beta", self.vimpo_beta, "the value's KL coefficient must be > 0 (the paper uses 5e-4)."
+            )
+        self._apply_deprecated_actor_coef(refusals)
         if not self.vimpo_actor_coeff >= 0:
-            fail("vimpo_actor_coeff", self.vimpo_actor_coeff, "use a weight >= 0 (0 is the value-only variant).")
+            refusals.add(
+                "vimpo_actor_coeff", self.vimpo_actor_coeff, "use a weight >= 0 (0 is the value-only variant)."
+            )
         if not 0.0 <= self.vimpo_gae_lambda <= 1.0:
-            fail("vimpo_gae_lambda", self.vimpo_gae_lambda, "lambda must lie in [0, 1] (the paper uses 1.0).")
+            refusals.add("vimpo_gae_lambda", self.vimpo_gae_lambda, "lambda must lie in [0, 1] (the paper uses 1.0).")
         if self.vimpo_kl_estimator == "k1":
-            fail(
+            refusals.add(
                 "vimpo_kl_estimator",
                 "k1",
                 "the k1 estimate log pi/pi_ref makes rho - kappa identically zero, so VIMPO would learn nothing. "
                 "Use 'exact' (default), 'candidate_set', 'k2' or 'k3'.",
             )
         if self.vimpo_kl_estimator not in KL_ESTIMATORS:
-            fail("vimpo_kl_estimator", self.vimpo_kl_estimator, f"choose one of {', '.join(KL_ESTIMATORS)}.")
+            refusals.add("vimpo_kl_estimator", self.vimpo_kl_estimator, f"choose one of {', '.join(KL_ESTIMATORS)}.")
         if not isinstance(self.vimpo_kl_chunk_size, int) or self.vimpo_kl_chunk_size < 1:
-            fail("vimpo_kl_chunk_size", self.vimpo_kl_chunk_size, "use a positive number of tokens, e.g. 1024.")
+            refusals.add(
+                "vimpo_kl_chunk_size", self.vimpo_kl_chunk_size, "use a positive number of tokens, e.g. 1024."
+            )
         if not isinstance(self.vimpo_candidate_kl_topk, int) or self.vimpo_candidate_kl_topk < 1:
-            fail(
+            refusals.add(
                 "vimpo_candidate_kl_topk",
                 self.vimpo_candidate_kl_topk,
                 "use a positive number of candidate tokens (the authors ran 32).",
             )
         if self.vimpo_value_loss_type not in VALUE_LOSS_TYPES:
-            fail("vimpo_value_loss_type", self.vimpo_value_loss_type, f"choose one of {', '.join(VALUE_LOSS_TYPES)}.")
+            refusals.add(
+                "vimpo_value_loss_type", self.vimpo_value_loss_type, f"choose one of {', '.join(VALUE_LOSS_TYPES)}."
+            )
         # Checked whatever the loss type, as the official code does, so a bad delta never waits for a later switch.
         if not (
             isinstance(self.vimpo_value_huber_delta, (int, float)) and 0 < self.vimpo_value_huber_delta < math.inf
         ):
-            fail(
+            refusals.add(
                 "vimpo_value_huber_delta",
                 self.vimpo_value_huber_delta,
                 "use a finite delta > 0 (the authors ran 0.005).",
             )
         if self.vimpo_value_type != "raw":
             fix = _SOFT_VALUE_FIX if self.vimpo_value_type == "soft" else "use 'raw' (the official default)."
-            fail("vimpo_value_type", self.vimpo_value_type, fix)
+            refusals.add("vimpo_value_type", self.vimpo_value_type, fix)
         if self.vimpo_cap_v0 is not None and not math.isfinite(self.vimpo_cap_v0):
-            fail("vimpo_cap_v0", self.vimpo_cap_v0, "use a finite upper bound on the group-mean reward, or None.")
+            refusals.add(
+                "vimpo_cap_v0", self.vimpo_cap_v0, "use a finite upper bound on the group-mean reward, or None."
+            )
         if not isinstance(self.vimpo_update_ref_freq, int) or self.vimpo_update_ref_freq < 0:
-            fail(
+            refusals.add(
                 "vimpo_update_ref_freq",
                 self.vimpo_update_ref_freq,
                 "use a number of generation batches >= 1 between reference refreshes, or 0 (never).",
             )
         if not self.vimpo_dual_clip > 1.0:
-            fail("vimpo_dual_clip", self.vimpo_dual_clip, "the dual-clip constant must be > 1 (the paper uses 10).")
-        self._check_adaptive_actor_coeff()
+            refusals.add(
+                "vimpo_dual_clip", self.vimpo_dual_clip, "the dual-clip constant must be > 1 (the paper uses 10)."
+            )
+        self._check_adaptive_actor_coeff(refusals)
         if self.num_generations is None or self.num_generations < 2:
-            fail("num_generations", self.num_generations, "VIMPO centres rewards within a group; use K >= 2.")
+            refusals.add("num_generations", self.num_generations, "VIMPO centres rewards within a group; use K >= 2.")
         if self.sync_ref_model:
-            fail(
+            refusals.add(
                 "sync_ref_model",
                 True,
                 "VIMPO's reference is the frozen initial model, or a hard copy of the policy every N generation "
                 "batches with vimpo_update_ref_freq=N (the official option); TRL's mixture of policy and reference "
                 "is not VIMPO's. Leave sync_ref_model=False.",
             )
-        if self.loss_type != "dapo":
-            fail(
-                "loss_type",
-                self.loss_type,
-                "VIMPO's loss is its own (value loss plus a PPO actor averaged over the generation batch's tokens, "
-                "GRPO's 'dapo' normalisation); other GRPO loss types would be ignored. Leave loss_type='dapo'.",
-            )
-        if self.importance_sampling_level != "token":
-            fail(
-                "importance_sampling_level",
-                self.importance_sampling_level,
-                "VIMPO's actor clips per-token ratios (the official implementation); GSPO's sequence-level ratio "
-                "would be ignored. Leave importance_sampling_level='token'.",
-            )
-        if self.delta is not None:
-            fail(
-                "delta",
-                self.delta,
-                "VIMPO's actor uses a dual clip for negative advantages (vimpo_dual_clip), not GRPO's two-sided "
-                "clipping, which would be ignored. Leave delta=None.",
-            )
         if self.use_liger_kernel:
-            fail(
+            refusals.add(
                 "use_liger_kernel",
                 self.use_liger_kernel,
                 "Liger's kernels would replace the policy's layers but not the frozen reference's, so the two would "
@@ -344,31 +337,32 @@ class VIMPOConfig(GRPOConfig):
                 "alike.",
             )
         if self.use_bias_correction_kl:
-            fail(
+            refusals.add(
                 "use_bias_correction_kl",
                 self.use_bias_correction_kl,
                 "it corrects GRPO's KL penalty, which VIMPO does not have (beta=0). Leave it False (VIMPOConfig's "
                 "default).",
             )
-        super().__post_init__()
-        if self.vimpo_update_ref_freq:
-            self._derive_reference_refresh()
-        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-            fail("fsdp", self.fsdp or "accelerate FSDP config", _FSDP_FIX)
-        check_common_grpo_options(self, "VIMPO")
+        check_common_grpo_options(self, "VIMPO", refusals)
         if (
             self.use_vllm
             and self.vllm_importance_sampling_correction
             and not self.vllm_importance_sampling_mode.startswith("sequence")
         ):
-            fail(
+            refusals.add(
                 "vllm_importance_sampling_mode",
                 self.vllm_importance_sampling_mode,
                 "VIMPO's value loss is a per-completion regression, so it needs a sequence-level ratio. Use "
                 "'sequence_mask' (default) or 'sequence_truncate', or set vllm_importance_sampling_correction=False.",
             )
+        refusals.run_grpo_post_init(super().__post_init__)
+        if isinstance(self.vimpo_update_ref_freq, int) and self.vimpo_update_ref_freq > 0:
+            self._derive_reference_refresh(refusals)
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            refusals.add("fsdp", self.fsdp or "accelerate FSDP config", _FSDP_FIX)
+        refusals.raise_if_any()
 
-    def _apply_deprecated_actor_coef(self) -> None:
+    def _apply_deprecated_actor_coef(self, refusals: Refusals) -> None:
         """Copy the deprecated `vimpo_actor_coef` into `vimpo_actor_coeff` (with a FutureWarning)."""
         if self.vimpo_actor_coef is None:
             return
@@ -380,7 +374,7 @@ class VIMPOConfig(GRPOConfig):
         )
         coeff_set_by_user = type(self.vimpo_actor_coeff) is not _DefaultActorCoeff
         if coeff_set_by_user and self.vimpo_actor_coeff != self.vimpo_actor_coef:
-            fail(
+            refusals.add(
                 "vimpo_actor_coef",
                 self.vimpo_actor_coef,
                 f"it is the deprecated alias of vimpo_actor_coeff, which is set to {float(self.vimpo_actor_coeff)!r}. "
@@ -388,7 +382,7 @@ class VIMPOConfig(GRPOConfig):
             )
         self.vimpo_actor_coeff = float(self.vimpo_actor_coef)
 
-    def _check_adaptive_actor_coeff(self) -> None:
+    def _check_adaptive_actor_coeff(self, refusals: Refusals) -> None:
         """The `vimpo_adaptive_actor_*` settings, checked whether or not the option is on (as the Huber delta is)."""
 
         def is_real(value) -> bool:
@@ -396,7 +390,7 @@ class VIMPOConfig(GRPOConfig):
 
         alpha = self.vimpo_adaptive_actor_alpha
         if not (is_real(alpha) and alpha >= 0):
-            fail(
+            refusals.add(
                 "vimpo_adaptive_actor_alpha",
                 alpha,
                 "use a finite target ratio >= 0 of the actor's to the value's logit-gradient RMS (the authors' run "
@@ -404,25 +398,26 @@ class VIMPOConfig(GRPOConfig):
             )
         decay = self.vimpo_adaptive_actor_ema_decay
         if not (is_real(decay) and 0 <= decay < 1):
-            fail(
+            refusals.add(
                 "vimpo_adaptive_actor_ema_decay",
                 decay,
                 "use a decay in [0, 1) (the official default is 0.9; 0 uses each micro-batch's RMS as is).",
             )
         eps = self.vimpo_adaptive_actor_eps
         if not (is_real(eps) and eps > 0):
-            fail(
+            refusals.add(
                 "vimpo_adaptive_actor_eps",
                 eps,
                 "use a small finite eps > 0 that keeps the coefficient's denominator positive (official 1e-12).",
             )
 
-    def _derive_reference_refresh(self) -> None:
+    def _derive_reference_refresh(self, refusals: Refusals) -> None:
         """TRL's `SyncRefModelCallback` settings of `vimpo_update_ref_freq`: a hard copy (alpha 1) every N
-        generation batches, counted in the optimizer steps the callback sees (`TrainerState.global_step`)."""
+        generation batches, counted in the optimizer steps the callback sees (`TrainerState.global_step`). A value of
+        `ref_model_mixup_alpha` or `ref_model_sync_steps` set to something else would be overwritten: refused."""
         micro_steps = self.vimpo_update_ref_freq * self.steps_per_generation * self.num_iterations
         if micro_steps % self.gradient_accumulation_steps:
-            fail(
+            refusals.add(
                 "vimpo_update_ref_freq",
                 self.vimpo_update_ref_freq,
                 f"{self.vimpo_update_ref_freq} generation batches ({micro_steps} micro-steps: steps_per_generation="
@@ -430,8 +425,21 @@ class VIMPOConfig(GRPOConfig):
                 f"step (gradient_accumulation_steps={self.gradient_accumulation_steps}), where the reference is "
                 "refreshed. Use a multiple of gradient_accumulation_steps / (steps_per_generation x num_iterations).",
             )
-        self.ref_model_mixup_alpha = 1.0
-        self.ref_model_sync_steps = micro_steps // self.gradient_accumulation_steps
+            return
+        derived = {
+            "ref_model_mixup_alpha": 1.0,
+            "ref_model_sync_steps": micro_steps // self.gradient_accumulation_steps,
+        }
+        for name, value in derived.items():
+            if getattr(self, name) not in (GRPO_DEFAULTS[name], value):
+                refusals.add(
+                    name,
+                    getattr(self, name),
+                    f"with vimpo_update_ref_freq={self.vimpo_update_ref_freq} it is derived ({value}: a hard copy "
+                    "every N generation batches, counted in optimizer steps) and would be overwritten. Leave it unset "
+                    "and choose the refresh period with vimpo_update_ref_freq.",
+                )
+            setattr(self, name, value)
 
 
 _SOFT_VALUE_FIX = (

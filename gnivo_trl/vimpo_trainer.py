@@ -30,19 +30,24 @@ One scoring path, at loss time, on TRL's kernels (`gnivo_trl.scoring`):
   (`"sequence_truncate"`) weights the actor's tokens only (and the actor's logit-gradient RMS of the adaptive
   weight), as the official code does: the value loss regresses each completion's implied value onto its reward
   unweighted. Token-level modes are refused by `VIMPOConfig`.
+* A row whose tokens are all masked (a truncated completion with `mask_truncated_completions=True`) stays in its
+  group's mean, as in GRPO, but has nothing to regress: it is out of the value loss and its denominator, and,
+  having no token, out of the actor loss and the whitening. With every completion masked the loss is exactly 0.
 * The actor loss is a token mean over the generation batch (TRL's `num_items_in_batch`), the value loss a mean
-  over rows (`0.5 r^2` or Huber per row, `vimpo_value_loss_type`), both scaled for accumulation; MoE models
+  over the generation batch's rows with a loss token (`vimpo_value_rows`, counted at generation time; `0.5 r^2` or
+  Huber per row, `vimpo_value_loss_type`; a row without a reward adds 0), both scaled for accumulation; MoE models
   add their router's load-balancing loss as GRPO does.
 * Options of the official code: `vimpo_cap_v0` caps the group-mean baseline of the value target;
   `vimpo_update_ref_freq=N` hard-copies the policy into the reference after every N generation batches, with
-  TRL's `SyncRefModelCallback` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT).
+  TRL's `SyncRefModelCallback` (alpha 1, every N x optimizer steps per generation batch; refused with PEFT), which
+  under ZeRO-3 copies one parameter at a time (`ParameterwiseSyncRefModelCallback`) instead of gathering both models.
 * `vimpo_adaptive_actor_coeff` (official `compute_vimpo_adaptive_actor_coeff`) replaces `vimpo_actor_coeff`
   by `alpha * EMA_value / (EMA_actor + eps)`, computed per micro-batch before its loss. Both losses depend on a
   position's tempered logits only through `log p_y`, so each one's logit gradient there is `c_t (e_y - p)`
   with norm `|c_t| sqrt(1 - 2 p_y + sum_v p_v^2)`: for the value loss
   `c_t = vimpo_beta * g(r_i) * w_i / B_micro` (`g(r) = r`, or `clamp(r, +-delta)` for Huber; `w_i` 1 for a row
-  with a reward, else 0), for the actor loss at weight 1 the derivative of the per-token dual-clip loss (times the
-  importance ratio) divided by this process's valid tokens in the micro-batch (the official token mean), by
+  with a reward and a loss token, else 0; `B_micro` the micro-batch's rows with a loss token), for the actor loss
+  at weight 1 the derivative of the per-token dual-clip loss (times the importance ratio) divided by this process's valid tokens in the micro-batch (the official token mean), by
   autograd, so that clipping and the dual clip count exactly. Each RMS over the valid tokens of every process feeds an EMA without bias correction (decay
   `vimpo_adaptive_actor_ema_decay`); a micro-batch without actor gradient gets coefficient 0 and leaves the
   EMAs unchanged. `sum_v p_v^2` comes from the policy's own fused-head pass (TRL's `log_sum_sq_probs`
@@ -62,13 +67,17 @@ from typing import Any, NamedTuple
 
 import torch
 from trl import GRPOTrainer
-from trl.extras.profiling import profiling_decorator
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import add_fused_lm_head, get_config_model_id, use_adapter
+from trl.trainer import add_fused_lm_head
 
 from . import scoring
 from ._config_checks import fail
-from .group_bookkeeping import GroupBookkeepingMixin, loss_mask, prompt_completion_sequences
+from ._trl_private import profiled, trl_private
+from .group_bookkeeping import (
+    GroupBookkeepingMixin,
+    ParameterwiseSyncRefModelCallback,
+    loss_mask,
+    prompt_completion_sequences,
+)
 from .losses import (
     adaptive_actor_coeff,
     dual_clip_ppo_loss,
@@ -178,7 +187,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: VIMPOConfig | None = None, **kwargs):
         if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            model_name = model if isinstance(model, str) else model.config.name_or_path
             args = VIMPOConfig(f"{model_name.split('/')[-1]}-VIMPO")
         elif not isinstance(args, VIMPOConfig):
             raise TypeError(
@@ -206,14 +215,11 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
                 outputs=("log_probs", "entropy", "log_sum_sq_probs"),
             )
-        # Read once, here: accelerate wraps the models' forwards under mixed precision.
-        ref_model, ref_context = self._reference_model()
-        ref_lm = self._unwrapped_causal_lm(ref_model)
+        # Read once, here: accelerate wraps the models' forwards under mixed precision. Where the models sit is not:
+        # under DeepSpeed the reference is placed now and the policy only in train() (checked in _token_scores).
+        ref_model, _ = self._reference_model()
         self._policy_head_settings = scoring.fused_head_settings(policy_lm)
-        self._ref_head_settings = scoring.fused_head_settings(ref_lm)
-        with ref_context:
-            ref_head = scoring.output_head(ref_lm)
-        scoring.check_heads_on_one_device(scoring.output_head(policy_lm), ref_head)  # a device_map set them apart
+        self._ref_head_settings = scoring.fused_head_settings(self._unwrapped_causal_lm(ref_model))
         # vimpo_adaptive_actor_coeff's EMAs of the value's and the unscaled actor's logit-gradient RMS (official
         # initial value 0.0); not checkpointed, as in the official code.
         self._adaptive_value_rms_ema = 0.0
@@ -228,8 +234,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     def _add_reference_refresh(self) -> None:
         """`vimpo_update_ref_freq`: TRL's `SyncRefModelCallback`, as `GRPOTrainer` adds it for
         `sync_ref_model`, with the hard-copy settings [`VIMPOConfig`][gnivo_trl.VIMPOConfig] derived
-        (`ref_model_mixup_alpha=1`,
-        `ref_model_sync_steps` = N generation batches in optimizer steps)."""
+        (`ref_model_mixup_alpha=1`, `ref_model_sync_steps` = N generation batches in optimizer steps); under ZeRO-3
+        one parameter at a time (`ParameterwiseSyncRefModelCallback`)."""
         if self.ref_model is None:  # PEFT: the reference is the policy with its adapter disabled (or a "ref" adapter)
             fail(
                 "vimpo_update_ref_freq",
@@ -239,7 +245,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
                 "into the base weights (the official code refuses LoRA here too). Use vimpo_update_ref_freq=0 with "
                 "PEFT, or train all the weights.",
             )
-        self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        self.add_callback(ParameterwiseSyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation time: the value targets, on whole groups
@@ -252,9 +258,16 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             # reward: out of the group mean, both losses and the whitening statistics (as in GN-IVO).
             global_ratio = self._gather_rows(ratio.reshape(-1).float())
             global_rewards = global_rewards.masked_fill(global_ratio == 0, float("nan"))
-        # R - min(mean_g R, vimpo_cap_v0): the plain group-centred reward when the cap is None (the default).
+        # R - min(mean_g R, vimpo_cap_v0): the plain group-centred reward when the cap is None (the default). A row
+        # whose tokens are all masked (mask_truncated_completions) keeps its reward in its group's mean, as in GRPO.
         baselines = vimpo_reward_baselines(global_rewards, group_size, self.args.vimpo_cap_v0)
-        output["vimpo_value_target"] = (global_rewards.float() - baselines)[local]
+        targets = global_rewards.float() - baselines
+        output["vimpo_value_target"] = targets[local]
+        # The value loss's denominator: the generation batch's rows with at least one loss token, counted here as TRL
+        # counts its tokens (num_items_in_batch). A row without a reward counts (it adds 0), as its tokens count in
+        # the actor's token mean, so the scale does not depend on how many rewards are missing; a row whose tokens
+        # are all masked (mask_truncated_completions) has nothing to regress and does not.
+        output["vimpo_value_rows"] = self._gather_rows(loss_mask(output).sum(dim=1) > 0).sum()
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss time: both models' scores from the current forward
@@ -273,9 +286,10 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         if self.ref_model is not None:
             return self.ref_model, contextlib.nullcontext()
         peft_model = self.accelerator.unwrap_model(self.model)
+        use_adapter = trl_private("trl.trainer.utils", "use_adapter")
         return self.model, use_adapter(peft_model, "ref" if "ref" in peft_model.peft_config else None)
 
-    @profiling_decorator
+    @profiled
     def _token_scores(self, model, inputs: dict[str, Any]) -> TokenScores:
         """Both models' scores of a micro-batch's completion tokens (see `TokenScores`).
 
@@ -288,12 +302,15 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         valid = inputs["completion_mask"].bool()
         ref_model, ref_context = self._reference_model()
         ref_lm = self._unwrapped_causal_lm(ref_model)
+        policy_lm = self._unwrapped_causal_lm(model)
+        policy_head = scoring.output_head(policy_lm)  # outside the reference's context: the trained head
         with torch.no_grad(), ref_context, self.accelerator.autocast():
+            ref_head = scoring.output_head(ref_lm)  # inside the context: the frozen head, also in modules_to_save
+            # Here, where both models are placed (DeepSpeed places the policy in train()): a device_map set them apart.
+            scoring.check_heads_on_one_device(policy_head, ref_head)
             ref = scoring.fused_forward_scores(
                 ref_model, ref_lm, self._ref_head_settings, input_ids, attention_mask, valid
             )
-            ref_head = scoring.output_head(ref_lm)  # inside the context: the frozen head, also in modules_to_save
-        policy_lm = self._unwrapped_causal_lm(model)
         with self.accelerator.autocast():
             policy = scoring.fused_forward_scores(
                 model,
@@ -352,19 +369,21 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
     # Loss
     # ------------------------------------------------------------------------------------------------------------
 
-    @profiling_decorator
+    @profiled
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         scores = self._token_scores(model, inputs)
         logp = scores.logp
         targets = inputs["vimpo_value_target"]
         has_reward = ~torch.isnan(targets)  # False also for rows masked by vLLM's importance sampling
-        row_weight = has_reward.float()
         # vLLM's sequence-level importance ratio weights the actor's tokens only (and the actor's logit-gradient RMS
         # of the adaptive weight), as in the official code: the value loss regresses each completion's implied value
         # onto its reward whatever policy sampled it. A row the ratio masks (0) has left its group (no reward).
         is_ratio = inputs.get("importance_sampling_ratio")
+        has_tokens = loss_mask(inputs).sum(dim=1) > 0  # False for a truncated row with mask_truncated_completions
         mask = loss_mask(inputs) * has_reward[:, None]
+        in_value_loss = has_reward & has_tokens
+        row_weight = in_value_loss.float()
         if mode == "train" and not self._actor_balance_checked:
             self._check_actor_balance(mask)
         advantages = self._whitened_advantages(scores, mask, mode)
@@ -377,12 +396,13 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             torch.nan_to_num(targets, nan=0.0),
             self.args.vimpo_beta,
         )
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         per_row = vimpo_value_loss_from_residuals(
             residuals, self.args.vimpo_value_loss_type, self.args.vimpo_value_huber_delta
         )
-        # Mean over the rows of the optimizer step's batch: this micro-batch's share, summed over accumulation.
-        value_loss = (row_weight * per_row).sum() / logp.size(0)
+        # Mean over the generation batch's rows with a loss token: this micro-batch's share, summed over the
+        # accumulation window and averaged over processes.
+        value_loss_sum = (row_weight * per_row).sum()
+        value_loss = value_loss_sum / self._row_mean_normalizer(inputs, mode)
 
         old = inputs.get("old_per_token_logps")
         old = logp.detach() if old is None else old  # TRL omits it when the policy has not moved
@@ -395,21 +415,25 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         actor_coeff = self.args.vimpo_actor_coeff
         if self.args.vimpo_adaptive_actor_coeff:
             actor_coeff = self._adaptive_actor_coeff(
-                scores, mask, residuals, row_weight, old, advantages, is_ratio, mode
+                scores, mask, residuals, row_weight, has_tokens.sum(), old, advantages, is_ratio, mode
             )
-        loss = value_loss / accumulation + actor_coeff * actor_loss
+        loss = value_loss + actor_coeff * actor_loss
         loss = self._add_aux_loss(loss, scores.aux_loss, mode)
 
         self._log_metrics(
-            mode, scores, residuals.detach(), has_reward, mask, per_token.detach(), logp, old, advantages
+            mode, scores, residuals.detach(), in_value_loss, mask, per_token.detach(), logp, old, advantages
         )
-        self._log_mean_over_processes(
-            mode,
-            "vimpo/value_loss",
-            value_loss.detach() * logp.size(0),
-            torch.tensor(float(logp.size(0)), device=logp.device),
-        )
+        # 0, not NaN, when no row takes part (every completion truncated): the loss is 0 then, as GRPO's.
+        self._log_mean_over_processes(mode, "vimpo/value_loss", value_loss_sum, has_tokens.sum(), empty=0.0)
         return loss
+
+    def _row_mean_normalizer(self, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        """Divisor that makes a per-micro-batch sum over rows the mean over the generation batch's rows with a loss
+        token: `_token_mean_normalizer`'s rule with rows (`vimpo_value_rows`) in place of tokens."""
+        normalizer = inputs["vimpo_value_rows"].float().clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
 
     def _check_actor_balance(self, mask: torch.Tensor) -> None:
         """Warn once, on the first training micro-batch, when a fixed actor weight will outweigh the value loss.
@@ -448,13 +472,16 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             )
 
     @torch.no_grad()
-    def _adaptive_actor_coeff(self, scores, mask, residuals, row_weight, old, advantages, is_ratio, mode) -> float:
+    def _adaptive_actor_coeff(
+        self, scores, mask, residuals, row_weight, rows, old, advantages, is_ratio, mode
+    ) -> float:
         """`vimpo_adaptive_actor_coeff`: this micro-batch's actor weight from both losses' logit-gradient RMS over
         the valid tokens of every process (every rank must call this). Training updates the EMAs; evaluation uses
         the current `alpha * EMA_value / (EMA_actor + eps)`. Logs the `vimpo/*logit_grad_rms*` metrics.
 
         Per-token derivatives with respect to `log p_y` (`(B, C)`, detached), without accumulation scaling, which
-        both terms share: the value loss's `beta * g(r_i) * w_i / B_micro`; the actor loss's at weight 1 as the
+        both terms share: the value loss's `beta * g(r_i) * w_i / B_micro` (`B_micro` the micro-batch's rows with a
+        loss token); the actor loss's at weight 1 as the
         official token mean over this process's valid tokens of the micro-batch, by autograd on a detached copy of
         `logp` (nothing of the model's graph is used or kept).
         """
@@ -463,7 +490,8 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         residual_gradient = vimpo_value_residual_gradient(
             residuals, args.vimpo_value_loss_type, args.vimpo_value_huber_delta
         )
-        value_coeffs = (args.vimpo_beta * residual_gradient * row_weight / logp.size(0))[:, None].expand_as(logp)
+        rows = rows.float().clamp(min=1.0)  # the micro-batch's rows with a loss token (the official mean over rows)
+        value_coeffs = (args.vimpo_beta * residual_gradient * row_weight / rows)[:, None].expand_as(logp)
         with torch.enable_grad():  # this method, and evaluation's whole loss, run under no_grad
             leaf = logp.clone().requires_grad_()
             per_token = dual_clip_ppo_loss(
@@ -507,15 +535,16 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
         metrics["vimpo/actor_to_value_logit_grad_rms_ratio"].append(actor_rms * coeff / (value_rms + 1e-12))
         return coeff
 
-    def _log_metrics(self, mode, scores, residuals, has_reward, mask, per_token, logp, old, advantages) -> None:
-        """Actor loss, residual moments, entropy and GRPO's clip ratios, each reduced over processes."""
+    def _log_metrics(self, mode, scores, residuals, in_value_loss, mask, per_token, logp, old, advantages) -> None:
+        """Actor loss, moments of the residuals of the rows in the value loss, entropy and GRPO's clip ratios, each
+        reduced over processes."""
         self._log_mean_over_processes(mode, "vimpo/actor_loss", (per_token * mask).sum(), mask.sum())
-        counted = has_reward.float()
+        counted = in_value_loss.float()
         moments = torch.stack(
             [
                 counted.sum(),
-                torch.where(has_reward, residuals, 0.0).sum(),
-                torch.where(has_reward, residuals.square(), 0.0).sum(),
+                torch.where(in_value_loss, residuals, 0.0).sum(),
+                torch.where(in_value_loss, residuals.square(), 0.0).sum(),
             ]
         )
         count, total, total_sq = self.accelerator.reduce(moments, reduction="sum").tolist()

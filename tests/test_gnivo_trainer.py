@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 from conftest import assert_refused_with_field_and_fix, assert_same_update, max_magnitude, run_two_processes
-from trainer_harness import COMPLETION_POOL, build_trainer, parameter_update, save_tiny_family_model
+from trainer_harness import (
+    COMPLETION_POOL,
+    build_trainer,
+    parameter_update,
+    save_tiny_family_model,
+    truncate_completions,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
@@ -264,6 +270,59 @@ def test_reference_of_an_instance_is_prepared_as_trl_prepares_its_own(tiny_model
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_float32_head_of_a_tied_reference_follows_the_dtype_deepspeed_gives_the_model(tiny_model_dir):
+    """cast_lm_head_to_fp32 on a reference with tied embeddings: the embedding hands the layers activations in the
+    dtype the model is in when it runs, not the one it had when the trainer was built. DeepSpeed under bf16 casts
+    every parameter, the float32 head included, when it prepares the model (after the trainer has built the
+    reference); a dtype read at construction then made the layers multiply float32 activations by bf16 weights."""
+    from gnivo_trl.group_bookkeeping import cast_output_head_to_float32
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    cast_output_head_to_float32(model)
+    with torch.no_grad():
+        for parameter in model.parameters():  # what DeepSpeedEngine does to a model under bf16
+            parameter.data = parameter.data.to(torch.bfloat16)
+        ids = torch.tensor([[5, 9, 17, 3]])
+        logits = model(input_ids=ids).logits
+        hidden = model.model(input_ids=ids).last_hidden_state
+    assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    expected = hidden.float() @ model.get_output_embeddings().weight.float().T  # the head projects in float32
+    torch.testing.assert_close(logits, expected)
+
+
+def test_parameterwise_copy_is_trls_sync_and_an_exact_copy_over_uninitialised_memory(tiny_model_dir):
+    """copy_parameters_one_at_a_time (the ZeRO-3 reference copy and refresh; without ZeRO-3 it runs the same code on
+    whole tensors): TRL's SyncRefModelCallback mixing for alpha < 1, an exact copy for alpha = 1 even over memory
+    holding NaN (a reference built without initialisation), and a clear error for models that do not match."""
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from gnivo_trl.group_bookkeeping import copy_parameters_one_at_a_time
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+    policy, target, expected = load(), load(), load()
+    with torch.no_grad():
+        for p, q in zip(policy.parameters(), target.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+            q.add_(0.1 * torch.randn_like(q))
+        for q, e in zip(target.parameters(), expected.parameters()):
+            e.copy_(q)
+    SyncRefModelCallback._sync_target_model(policy, expected, 0.3)
+    copy_parameters_one_at_a_time(policy, target, alpha=0.3)
+    for (name, q), e in zip(target.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(q, e, rtol=0, atol=1e-7, msg=name)
+    with torch.no_grad():
+        for q in target.parameters():
+            q.fill_(float("nan"))
+    copy_parameters_one_at_a_time(policy, target)
+    for (name, p), q in zip(policy.named_parameters(), target.parameters()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="their parameters differ"):
+        copy_parameters_one_at_a_time(policy, policy.model)
+
+
 def test_evaluation_logs_finite_loss(tiny_model_dir, tmp_path):
     trainer = build_trainer(
         "gnivo", tiny_model_dir, str(tmp_path), per_device_eval_batch_size=8, eval_strategy="no", do_eval=False
@@ -359,3 +418,17 @@ def test_whole_group_buffering_is_trls_with_only_the_shuffle_changed(tiny_model_
         assert ours.keys() == trls.keys()
         for key, value in ours.items():
             assert torch.equal(value, trls[key]) if isinstance(value, torch.Tensor) else value == trls[key], key
+
+
+@pytest.mark.parametrize("layout", ["one micro-batch", "accumulation, split groups"])
+def test_every_completion_truncated_and_masked_gives_a_zero_loss_in_every_layout(layout, tiny_model_dir, tmp_path):
+    """mask_truncated_completions=True with every completion truncated: no group has a unit (T_g = 0), so L_g = 0.
+    The logged loss and gnivo/loss are 0, as GRPO's loss is, whether groups are whole (exact loss) or split over
+    micro-batches (linearised rows), and nothing moves."""
+    trainer = build_trainer(
+        "gnivo", tiny_model_dir, str(tmp_path), mask_truncated_completions=True, **SINGLE_PROCESS_LAYOUTS[layout]
+    )
+    truncate_completions(trainer)
+    assert max_magnitude(parameter_update(trainer)) == 0.0
+    logged = trainer.state.log_history[0]
+    assert logged["loss"] == 0.0 and logged["gnivo/loss"] == 0.0

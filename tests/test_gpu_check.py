@@ -78,6 +78,12 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         cells = row.split(" | ")
         assert cells[1] == "2" and cells[5] == "none" and cells[6].startswith("**ok**"), row
         assert all(math.isfinite(float(value)) for value in cells[3].split(" / ")), row
+    # VIMPO's rho and KL exactly 0 at step 1, from a training step: float32 weights and bf16 weights with bf16=True.
+    zeros = _table_rows(report.split("## 3. End-to-end", 1)[1], "### Exact zeros at step 1")
+    assert len(zeros) == 2 and "bf16 weights" in zeros[1], zeros
+    for row in zeros:
+        cells = row.split(" | ")
+        assert cells[1:3] == ["0", "0"] and "vimpo/kl 0," in cells[3] and row.endswith("**exact 0** |"), row
 
     numerics = _table_rows(report, "## 4. Numerics")
     assert sum("loss step" in row for row in numerics) == 3
@@ -93,3 +99,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
         rows = _table_rows(report, "## 5. DeepSpeed")
         assert {row.split(" | ")[0].lstrip("| ") for row in rows} == {"ZeRO-2", "ZeRO-3"} and len(rows) == 4
         assert all(row.endswith("**ok** |") for row in rows)
+        # The shipped zero2.yaml (and zero3.yaml), VIMPO full fine-tuning: rho and the KL exactly 0 at step 1.
+        zeros = _table_rows(report.split("## 5. DeepSpeed", 1)[1], "### Exact zeros at step 1")
+        assert [row.split(", ")[1] for row in zeros] == ["ZeRO-2", "ZeRO-3"], zeros
+        assert all(row.split(" | ")[1:3] == ["0", "0"] and row.endswith("**exact 0** |") for row in zeros), zeros

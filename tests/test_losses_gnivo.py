@@ -487,6 +487,24 @@ def linearized_rows(logp, old, mask, boundaries, weights, horizon, rows):
     )
 
 
+@pytest.mark.parametrize("weight_normalization", ["softmax", "none"])
+@pytest.mark.parametrize("units", ["token", "sequence"])
+def test_a_group_whose_completions_are_all_masked_has_zero_loss_in_both_forms(units, weight_normalization):
+    """Every completion of a group truncated and masked (mask_truncated_completions): no unit, T_g = 0, so the exact
+    L_g is 0, and the linearised rows (groups split over micro-batches) must give 0 too, not sum_i w_i log K_g."""
+    K = 4
+    logp64, _, mask, rewards, boundaries = make_case(2, K, units, n_groups=2)
+    mask[:K] = 0.0
+    weights, horizon = group_quantities(rewards, mask, boundaries, K, 0.2, weight_normalization)
+    assert (horizon[:K] == 0).all() and weights.member[:K].all()  # still members, with rewards
+    logp = logp64.float()
+    prefix = prefix_log_ratios(logp, logp, mask.float(), boundaries)
+    exact = gnivo_group_losses(prefix.values, prefix.num_units, weights, K)
+    linear = linearized_rows(logp, logp, mask.float(), boundaries, weights, horizon, range(2 * K))
+    assert exact[0].item() == 0.0 and (linear[:K] == 0).all()
+    torch.testing.assert_close(linear.reshape(2, K).sum(dim=1), exact, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("alpha", [0.2, 1.0])
 @pytest.mark.parametrize("weight_normalization", ["softmax", "none"])
 @pytest.mark.parametrize("units", ["token", "step", "sequence"])

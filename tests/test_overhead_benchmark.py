@@ -32,3 +32,25 @@ def test_overhead_benchmark_writes_both_scenarios(tmp_path):
     again = output.read_text()
     assert again.count(overhead.KL_MEMORY_TITLE) == 1
     assert again.split(overhead.KL_MEMORY_TITLE)[0] == report.split(overhead.KL_MEMORY_TITLE)[0]
+
+
+@pytest.mark.parametrize("method", ["grpo", "gnivo/token", "vimpo/exact"])
+def test_measured_steps_run_with_gradient_checkpointing(method, tmp_path):
+    """The module says its steps run with gradient checkpointing. Calling compute_loss directly skips Trainer.train(),
+    which is what turns it on, so build_trainer turns it on the same way: the inside of each decoder layer of the
+    policy runs twice in a measured step (its forward, and again in the backward), not once."""
+    model_dir = overhead.build_model_dir(tmp_path / "model", "cpu")
+    trainer, rows = overhead.build_trainer(method, model_dir, "cpu", 16, str(tmp_path / "out"))
+    assert trainer.args.gradient_checkpointing
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert policy.is_gradient_checkpointing
+    mlp, calls = policy.model.layers[0].mlp, []
+    forward = mlp.forward  # counted on the function: torch's recomputation runs no module hooks
+
+    def counted_forward(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted_forward
+    overhead.one_step(trainer, rows, "cpu")
+    assert len(calls) == 2

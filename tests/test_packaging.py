@@ -7,17 +7,23 @@ naming its site-packages (a directory listed in a ``.pth`` file is not itself a 
 editable install of gnivo_trl is not picked up there).
 """
 
+import importlib.metadata
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
 import tarfile
+import tomllib
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import gnivo_trl
 
@@ -149,18 +155,25 @@ def test_importing_the_package_leaves_the_environment_alone():
     assert {"gnivo_trl.credit", "gnivo_trl.agent_task", "gnivo_trl.synthetic", "gnivo_trl.demo"} <= set(PUBLIC_MODULES)
 
 
-def test_package_imports_without_trls_private_helpers():
-    """The private TRL helpers the package uses are imported where used, so a TRL release that renames one breaks
-    only that feature (with an error naming the supported TRL range), not ``import gnivo_trl``."""
-    private = {
-        "trl.kernels.chunked_divergence": ["_project", "_compute_dtype"],
-        "trl.models.utils": ["_ForwardRedirection"],
-        "trl.trainer.utils": ["_CHUNKED_LOGPROB_CHUNK_SIZE"],
-    }
-    removals = "; ".join(
-        f"import {module} as m{i}; " + "; ".join(f"del m{i}.{name}" for name in names)
-        for i, (module, names) in enumerate(private.items())
-    )
-    code = f"{removals}; " + "; ".join(f"import {module}" for module in PUBLIC_MODULES) + "; print('imported')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-3000:]
+def _torch_floor(requirements: list[str]) -> Version:
+    """The lowest torch release a list of requirement strings admits (its `>=` bound)."""
+    (torch_requirement,) = [Requirement(line) for line in requirements if Requirement(line).name == "torch"]
+    (floor,) = [Version(spec.version) for spec in torch_requirement.specifier if spec.operator == ">="]
+    return floor
+
+
+def test_torch_floor_admits_only_trls_fast_projection_path():
+    """Below the torch release TRL's kernels check for, TRL's divergence kernel (the exact KL) and its fused head
+    project the LM head in full float32 GEMMs instead of bf16 GEMMs with float32 output: several times slower on a
+    GPU. The declared floor (pyproject.toml and the installed metadata alike) is at least that release, read from
+    TRL's source, so a TRL that raises it fails here."""
+    source = Path(importlib.util.find_spec("trl.kernels.chunked_logprob").origin).read_text()
+    match = re.search(r'^_MM_OUT_DTYPE = Version\(torch\.__version__\) >= Version\("([0-9.]+)"\)', source, re.M)
+    assert match, "TRL's fast-path torch condition moved: find it in trl/kernels/, then update this test and the floor"
+    fast_path = Version(match.group(1))
+    divergence = Path(importlib.util.find_spec("trl.kernels.chunked_divergence").origin).read_text()
+    assert "_MM_OUT_DTYPE" in divergence  # the divergence kernel's projection takes the same path
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    installed = [line for line in importlib.metadata.requires("gnivo-trl") if "extra ==" not in line]
+    assert _torch_floor(declared) >= fast_path
+    assert _torch_floor(installed) == _torch_floor(declared), "reinstall the package (make venv): stale metadata"

@@ -1,6 +1,8 @@
 """PEFT / LoRA with both trainers: only the adapter trains, VIMPO's reference is the adapter-disabled model, and a
 saved adapter reloads with ``PeftModel.from_pretrained`` to the same logits."""
 
+import logging
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
@@ -132,3 +134,23 @@ def test_vimpo_reference_head_under_modules_to_save_is_the_frozen_one(tiny_model
     torch.testing.assert_close(batch["vimpo_token_kl"][mask].double(), true_kl[mask], rtol=1e-4, atol=1e-6)
     logged = [entry for entry in trainer.state.log_history if "vimpo/kl" in entry][0]["vimpo/kl"]
     assert logged == pytest.approx(true_kl[mask].mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["gnivo", "vimpo"])
+def test_an_adapter_that_unties_a_tied_head_is_warned_at_construction(algorithm, tiny_model_dir, tmp_path, caplog):
+    """The tiny model ties its head to its input embeddings; modules_to_save=["lm_head"] makes PEFT untie them (the
+    adapter then holds a full copy of the head). Without it, or with PEFT's ensure_weight_tying=True, no warning."""
+
+    def untying_warnings(**lora) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gnivo_trl.group_bookkeeping"):
+            build_trainer(
+                algorithm, tiny_model_dir, str(tmp_path), trainer_kwargs=dict(peft_config=LoraConfig(**LORA, **lora))
+            )
+        return [record.getMessage() for record in caplog.records if "tie_word_embeddings" in record.getMessage()]
+
+    (warning,) = untying_warnings(modules_to_save=["lm_head"])
+    assert "copy of the LM head" in warning and "ensure_weight_tying=True" in warning
+    assert "leave the LM head out of modules_to_save" in warning
+    assert untying_warnings() == []
+    assert untying_warnings(modules_to_save=["lm_head"], ensure_weight_tying=True) == []

@@ -13,6 +13,12 @@ fp16 cells turn it on by hand, see ``user_setups._force_cpu_fp16_autocast``, whi
 The credit callback under ZeRO-3 is a refusal cell: it must refuse at construction, since sampling on one rank
 would hang the others.
 
+Two more kinds of cell (issue 31): ``PLACED_FIRST`` builds each trainer in DeepSpeed's order of placement (the
+reference on another device, the policy not yet placed; ``user_setups.reference_placed_before_the_policy``), and under
+ZeRO-3 every cell that copies a model instance records what each rank materialises at full size while the reference
+is built and refreshed (``user_setups.FullSizeRecord``, checked by ``check_full_size``). In the DDP and ZeRO-2
+launches the credit callback must hold a copy of the policy on the main process only.
+
 The cells of a multi-process layout run in one launch (``torchrun`` for DDP, ``accelerate launch`` with the shipped
 ``zero2.yaml`` / ``zero3.yaml``, ``zero3_init_flag`` as shipped, on CPU with two gloo processes), so that the whole
 matrix stays within a few minutes.
@@ -78,6 +84,8 @@ NAMED = [
     Cell("gnivo-token", "fp32", "instance", "full", "zero3"),  # 3: the same for GN-IVO with beta 0.04
     Cell("gnivo-token", "fp32", "changed", "full", "zero3"),  # 3: model first, changed in memory
     Cell("vimpo-exact", "fp32", "path", "lora-lm_head", "1p"),  # 4: the reference head under modules_to_save
+    # Issue 31, 2: the reference refreshed (vimpo_update_ref_freq) under ZeRO-3, one parameter at a time
+    Cell("vimpo-refresh", "fp32", "instance", "full", "zero3"),
 ]
 CELLS = ALL_PAIRS + [cell for cell in NAMED if cell not in ALL_PAIRS]
 
@@ -85,6 +93,22 @@ CELLS = ALL_PAIRS + [cell for cell in NAMED if cell not in ALL_PAIRS]
 # float32 differs by summation order only; the others by the rounding of their compute dtype (machine epsilon: fp16
 # 9.8e-4, bf16 7.8e-3) through a forward and a backward, and bf16 weights also round the updated weights themselves.
 TOLERANCE = {"fp32": 1e-5, "fp16-autocast": 5e-3, "fp32-weights-bf16-autocast": 3e-2, "bf16": 1e-1}
+
+
+# Issue 31, 1: built in DeepSpeed's order of placement (the reference on another device, the policy not yet placed;
+# user_setups.reference_placed_before_the_policy), every trainer and KL estimator, full fine-tuning (PEFT has no
+# separate reference). Model sources and precisions whose twins the matrix already runs.
+PLACED_FIRST = [
+    Cell("grpo", "fp32", "instance", "full", "1p"),
+    Cell("gnivo-token", "fp32", "changed", "full", "1p"),
+    Cell("vimpo-exact", "bf16", "path", "full", "1p"),
+    Cell("vimpo-exact", "fp32", "changed", "full", "1p"),
+    Cell("vimpo-candidate", "fp32", "instance", "full", "1p"),
+    Cell("vimpo-k2", "fp32", "path", "full", "1p"),
+    Cell("vimpo-k3", "fp32", "changed", "full", "1p"),
+    Cell("vimpo-adaptive", "fp32", "changed", "full", "1p"),
+    Cell("credit", "fp32", "path", "full", "1p"),
+]
 
 
 def _refused(cell: Cell) -> bool:
@@ -139,12 +163,37 @@ def check_cell(cell: Cell, result: dict, twin_update: dict) -> None:
         assert result["max_abs_log_ratio"] == 0.0 and result["max_abs_kl"] == 0.0, (cell, result)
     if cell.trainer == "credit":
         assert result["credit_files"] == ["step-000000.html", "step-000000.png", "step-000001.html", "step-000001.png"]
+        if "per_rank" in result:  # only the main process renders, so only it copies the policy
+            assert [rank["credit_holds_a_copy"] for rank in result["per_rank"]] == [True, False], result["per_rank"]
+    if cell.trainer == "vimpo-refresh":
+        assert result["reference_equals_policy"]
+    if cell.layout == "zero3":
+        check_full_size(cell, result)
     update = result["update"]
     assert update.keys() == twin_update.keys()
     scale = max_magnitude(twin_update)
     assert scale > 1e-3  # the step did something
     difference = max((update[name] - twin_update[name]).abs().max().item() for name in update)
     assert difference <= TOLERANCE[cell.precision] * scale, (cell, difference / scale)
+
+
+def check_full_size(cell: Cell, result: dict) -> None:
+    """Under ZeRO-3, what each rank materialised at full size while the reference was built from a model instance
+    and while it was refreshed (``user_setups.FullSizeRecord``): never more than one parameter of each model at
+    once, no deep copy, and each reference parameter written once (no random initialisation before the copy)."""
+    if cell.model == "path" or cell.adaptation != "full" or cell.trainer in ("gnivo-step", "credit"):
+        return  # TRL loads its own reference; PEFT and GN-IVO without beta have none
+    for rank, record in enumerate(result["per_rank"]):
+        largest_parameter, _ = record["elements"]
+        build = record["full_size"]["build"]
+        assert build["deepcopied_elements"] == 0, (cell, rank, build)
+        assert build["gather_parameters"] <= 2, (cell, rank, build)  # one of the policy's and one of the copy's
+        assert build["gather_elements"] <= 2 * largest_parameter, (cell, rank, build)
+        assert record["reference_writes_when_built"] == (1, 1), (cell, rank, record)
+        if cell.trainer == "vimpo-refresh":
+            refresh = record["full_size"]["refresh"]
+            assert refresh["deepcopied_elements"] == 0 and refresh["gather_parameters"] <= 2, (cell, rank, refresh)
+            assert refresh["gather_elements"] <= 2 * largest_parameter, (cell, rank, refresh)
 
 
 SINGLE_PROCESS = [cell for cell in CELLS if cell.layout == "1p"]
@@ -154,6 +203,21 @@ SINGLE_PROCESS = [cell for cell in CELLS if cell.layout == "1p"]
 @pytest.mark.parametrize("cell", SINGLE_PROCESS, ids=[cell.name for cell in SINGLE_PROCESS])
 def test_single_process_cell(cell, tiny_model_dir, tmp_path, twin_updates):
     check_cell(cell, run_cell(cell, tiny_model_dir, str(tmp_path)), twin_updates(cell))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", PLACED_FIRST, ids=[cell.name for cell in PLACED_FIRST])
+def test_reference_placed_before_the_policy(cell, tiny_model_dir, tmp_path, twin_updates):
+    """DeepSpeed places the reference when the trainer is built and the policy only in ``train()``: construction
+    reads no model's device (it succeeds with the heads apart), the step then matches the usual one, and VIMPO's
+    scoring still refuses heads left on different devices (a ``device_map``), with the fix."""
+    result = run_cell(cell, tiny_model_dir, str(tmp_path), reference_placed_first=True)
+    check_cell(cell, result, twin_updates(cell))
+    if cell.trainer == "credit":
+        return  # GN-IVO without beta (the callback's trainer) builds no reference
+    assert result["head_devices_when_built"] == ["cpu", "meta"]
+    if cell.trainer.startswith("vimpo"):
+        assert "must be on one device" in result["refused_apart"] and "device_map" in result["refused_apart"]
 
 
 def _launch_command(layout: str, directory: Path) -> list[str]:

@@ -256,14 +256,16 @@ def test_loss_uses_the_adaptive_coefficient_and_updates_the_emas(tiny_model_dir,
     assert metrics["vimpo/actor_logit_grad_rms"][0] == pytest.approx(coeff * actor_rms)
     assert metrics["vimpo/actor_to_value_logit_grad_rms_ratio"][0] == pytest.approx(coeff * actor_rms / value_rms)
 
-    # The same micro-batch with fixed weights 0 and 1 gives value_loss / accumulation and the actor loss.
+    # The same micro-batch with fixed weights 0 and 1 gives the value loss and the actor loss. The batch is a whole
+    # generation batch, normalised as one of its steps_per_generation micro-batches per accumulation step is.
     trainer.args.vimpo_adaptive_actor_coeff = False
     with torch.no_grad():
         trainer.args.vimpo_actor_coeff = 0.0
         value_only = trainer._compute_loss(trainer.model, batch)
         trainer.args.vimpo_actor_coeff = 1.0
         actor_loss = trainer._compute_loss(trainer.model, batch) - value_only
-    assert float(value_only) == pytest.approx(metrics["vimpo/value_loss"][-1] / 2, rel=1e-6)
+    per_micro_batch = trainer.args.steps_per_generation / trainer.args.gradient_accumulation_steps
+    assert float(value_only) == pytest.approx(metrics["vimpo/value_loss"][-1] * per_micro_batch, rel=1e-6)
     assert float(actor_loss) != 0
     torch.testing.assert_close(adaptive, value_only + coeff * actor_loss, rtol=1e-6, atol=1e-9)
     assert len(metrics["vimpo/actor_coeff"]) == 1  # only while the option is on

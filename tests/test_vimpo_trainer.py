@@ -21,6 +21,7 @@ from trainer_harness import (
     parameter_update,
     record_scored_batches,
     save_tiny_family_model,
+    truncate_completions,
     use_fake_vllm,
 )
 from transformers import AutoModelForCausalLM
@@ -500,3 +501,65 @@ def test_defaults_follow_the_official_implementation():
     assert (config.vimpo_kl_estimator, config.num_generations, config.beta) == ("exact", 8, 0.0)
     assert (config.epsilon, config.epsilon_high, config.vimpo_dual_clip) == (0.2, 0.28, 10.0)
     assert (config.loss_type, config.use_bias_correction_kl) == ("dapo", False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Truncated completions masked out (mask_truncated_completions=True; docs/algorithms.md#masked-rows)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_completion_truncated_and_masked_gives_a_zero_loss_as_grpo(tiny_model_dir, tmp_path):
+    """A fully masked row keeps its reward (and its group's mean) but has nothing to regress: with every completion
+    masked the logged loss and vimpo/value_loss are 0, as GRPO's loss is, and nothing moves."""
+    logged = {}
+    for algorithm in ("grpo", "vimpo"):
+        trainer = build_trainer(algorithm, tiny_model_dir, str(tmp_path / algorithm), mask_truncated_completions=True)
+        truncate_completions(trainer)
+        batches = record_scored_batches(trainer)
+        update = parameter_update(trainer)
+        assert loss_mask(batches[0]).sum() == 0 and max_magnitude(update) == 0.0
+        logged[algorithm] = trainer.state.log_history[0]
+    assert logged["grpo"]["loss"] == 0.0
+    assert logged["vimpo"]["loss"] == 0.0 and logged["vimpo"]["vimpo/value_loss"] == 0.0
+
+
+def test_masked_rows_stay_in_their_group_mean_but_out_of_the_value_loss(tiny_model_dir, tmp_path):
+    """Some completions truncated (no EOS) and masked: the value targets are still centred on the group mean over
+    all rows, and the loss equals that of the unmasked rows alone (value loss: their mean; actor: their tokens and
+    whitening), independently of the masked rows' rewards."""
+    trainer = build_trainer("vimpo", tiny_model_dir, str(tmp_path), mask_truncated_completions=True)
+    truncate_completions(trainer, rows=lambda index: index % 4 in (0, 3) and index < 4)  # two rows of the first group
+    batch = moved_policy_batch(trainer, seed=0)
+    masked = loss_mask(batch).sum(dim=1) == 0
+    assert int(masked.sum()) == 2
+    rewards = batch["row_rewards"].reshape(-1, 4)
+    torch.testing.assert_close(batch["vimpo_value_target"], (rewards - rewards.mean(dim=1, keepdim=True)).reshape(-1))
+    kept = torch.nonzero(~masked).flatten()
+    assert not torch.allclose(
+        batch["vimpo_value_target"][kept], batch["row_rewards"][kept] - _kept_group_means(batch, masked)[kept]
+    )  # the masked rows' rewards do move the targets
+    with torch.no_grad():
+        loss = trainer._compute_loss(trainer.model, batch)
+        value_loss = trainer._metrics["train"]["vimpo/value_loss"][-1]
+        # The unmasked rows alone, with the targets of the whole groups and their own row count.
+        only_kept = {
+            key: value[kept] if isinstance(value, torch.Tensor) and value.ndim > 0 else value
+            for key, value in batch.items()
+        }
+        only_kept["vimpo_value_rows"] = torch.tensor(len(kept))
+        torch.testing.assert_close(loss, trainer._compute_loss(trainer.model, only_kept), rtol=1e-5, atol=1e-7)
+        expected = _expected_scores(trainer, batch, 1.0)
+        beta = trainer.args.vimpo_beta
+        value = beta * (expected["logp"] - expected["ref_logp"] - expected["exact_kl"]).sum(dim=1)
+        residuals = value - batch["vimpo_value_target"].double()
+        assert value_loss == pytest.approx(float(0.5 * residuals[kept].square().mean()), rel=1e-4)
+
+
+def _kept_group_means(batch, masked) -> torch.Tensor:
+    """Each row's group mean reward over the group's unmasked rows only (what the targets must NOT use)."""
+    rewards, groups = batch["row_rewards"], batch["row_group_index"]
+    means = torch.empty_like(rewards)
+    for group in groups.unique():
+        members = groups == group
+        means[members] = rewards[members & ~masked].mean() if bool((members & ~masked).any()) else 0.0
+    return means

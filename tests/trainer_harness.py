@@ -95,6 +95,21 @@ def stub_generation(trainer, long_then_short: bool = False) -> None:
     trainer._generate_single_turn = generate
 
 
+def truncate_completions(trainer, rows=lambda index: True) -> None:
+    """The stub's completions of the rows ``rows(index)`` selects (index within the generation call) end without EOS:
+    TRL counts them as truncated, and masks them with ``mask_truncated_completions=True``."""
+    generate, eos = trainer._generate_single_turn, trainer.processing_class.eos_token_id
+
+    def generate_without_eos(*args, **kwargs):
+        completions, extra = generate(*args, **kwargs)
+        return [
+            [token for token in completion if token != eos] if rows(index) else completion
+            for index, completion in enumerate(completions)
+        ], extra
+
+    trainer._generate_single_turn = generate_without_eos
+
+
 def record_scored_batches(trainer) -> list[dict]:
     """Records (copies of) every generation batch the trainer scores, in order.
 
