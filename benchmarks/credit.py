@@ -632,6 +632,13 @@ def plot(per_seed: dict[int, dict], args, path: Path) -> None:
     plt.close(fig)
 
 
+def example_title(problem: str, label: int) -> str:
+    """The example's heading: the problem, the verifier's first wrong step (0-based ``label``) and the correct
+    solution, its steps separated by semicolons (as a reader writes them, not as a Python string)."""
+    steps = "; ".join(solution_text(problem).split("\n\n"))
+    return f"{problem}: the first wrong step is step {label + 1} (verifier); correct solution: {steps}"
+
+
 def render_example(per_seed: dict[int, dict], args, model_dir: str, work: Path) -> None:
     """The example completion of the first seed, rendered under GRPO, GN-IVO (step) and VIMPO (value only, beta
     5e-2) where they were run: ``<example>.html`` and ``<example>.png``."""
@@ -657,10 +664,7 @@ def render_example(per_seed: dict[int, dict], args, model_dir: str, work: Path) 
         scores = score_completions(policy, warm, tokenizer, [prompt], [ids])
         examples.append(completion_credit(scores, 0, readout, label=f"{method} (seed {seed})"))
     label = example["label"]
-    title = (
-        f"{example['problem']}: first wrong step is step {label + 1} (verifier); "
-        f"correct solution: {solution_text(example['problem'])!r}"
-    )
+    title = example_title(example["problem"], label)
     Path(args.example).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.example}.html").write_text(render_html(examples, title), encoding="utf-8")
     render_png(examples, f"{args.example}.png", title=f"{example['problem']}: first wrong step is step {label + 1}")

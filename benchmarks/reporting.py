@@ -32,6 +32,7 @@ STUDIES = (
     "overhead",
     "gpu_check",
     "flops",
+    "trainer_metrics",
 )
 
 

@@ -25,14 +25,15 @@ GPU.
 Those functions read the logit transform (temperature, logit scale, soft-cap, float32 head) off the forward that TRL's
 `add_fused_lm_head` installed, so a plain `from_pretrained` model must be prepared first:
 
-``python
+```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gnivo_trl.credit import completion_credit, prepare_for_scoring
 from gnivo_trl.credit import render_html, score_completions
 
-# a trained run and the model it started from
-run_dir, base_dir = "Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Math-1.5B"
+# a trained run (its output_dir, or its Hub id) and the model it started
+# from; scoring a model against itself gives zero credit everywhere
+run_dir, base_dir = "your-name/qwen-gnivo", "Qwen/Qwen2.5-Math-1.5B"
 tokenizer = AutoTokenizer.from_pretrained(base_dir)
 # prepare_for_scoring calls trl.trainer.utils.add_fused_lm_head(model, ...)
 # unless TRL already did; generation is unchanged by it
@@ -42,7 +43,7 @@ base = AutoModelForCausalLM.from_pretrained(base_dir)
 reference = prepare_for_scoring(base, temperature=1.0)
 scores = score_completions(policy, reference, tokenizer, ["3+4"], ["3+4=7"])
 html = render_html(completion_credit(scores, row=0, readout="centred"))
-``
+```
 
 Pictures: [`render_html`][gnivo_trl.credit.render_html] (every token shaded by its implied reward, steps boxed with
 their totals, a legend; all model text HTML-escaped) and [`render_png`][gnivo_trl.credit.render_png] (per-step bars and
@@ -50,9 +51,10 @@ the value curve, matplotlib's Agg backend).
 
 Command line (samples a completion with `model.generate` when `--completion` is not given):
 
-``bash
-python -m gnivo_trl.credit --model RUN_DIR --reference BASE_DIR --prompt "3+4*2-5" --output-dir credit_out
-``
+```bash
+python -m gnivo_trl.credit --model RUN_DIR --reference BASE_DIR \\
+    --prompt "3+4*2-5" --output-dir credit_out
+```
 
 writes `credit_out/credit.html` and `credit_out/credit.png` (both readouts) and `credit_out/credit.json`.
 
@@ -190,7 +192,7 @@ class StepCredit(NamedTuple):
         valid: `(B, S)` bool, True for the steps a row has.
 
     Examples:
-        ``python
+        ```python
         import torch
 
         from gnivo_trl.credit import step_credit
@@ -199,7 +201,7 @@ class StepCredit(NamedTuple):
         ends = torch.tensor([[False, True, False, True]])  # two steps of two tokens
         credit = step_credit(values, torch.ones_like(values), ends)
         print(credit.step_totals, credit.value_curve)  # [-1.5, 0.3] and [-1.5, -1.2]
-        ``
+        ```
     """
 
     step_totals: torch.Tensor
@@ -281,19 +283,21 @@ class CreditScores:
         tokens: decoded text of each row's completion tokens (masked positions left out).
 
     Examples:
-        ``python
+        ```python
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from gnivo_trl.credit import prepare_for_scoring, score_completions
         from gnivo_trl.testing import save_tiny_model
 
-        path = save_tiny_model("tiny-model")  # in practice: a run and its base model
-        policy = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(path))
-        reference = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(path))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # in practice: a trained run and the base model it started from
+        run_dir = save_tiny_model("tiny-run", seed=1)
+        base_dir = save_tiny_model("tiny-base", seed=0)
+        policy = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(run_dir))
+        reference = prepare_for_scoring(AutoModelForCausalLM.from_pretrained(base_dir))
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
         scores = score_completions(policy, reference, tokenizer, ["1+1"], ["2"])
         print(scores.token_kl.shape)  # (1, C)
-        ``
+        ```
     """
 
     prompts: list[str]
@@ -531,7 +535,7 @@ class CompletionCredit:
         label: a caption (e.g. which policy); untrusted.
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl.credit import CompletionCredit, render_html
 
         credit = CompletionCredit(
@@ -544,7 +548,7 @@ class CompletionCredit:
             readout="log_ratio",
         )
         print(credit.step_texts(), len(render_html(credit)) > 0)
-        ``
+        ```
     """
 
     prompt: str
@@ -733,14 +737,14 @@ class CreditCallback(TrainerCallback):
         seed: sampling seed (the same at every render, so the pictures differ by the policy only).
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl.credit import CreditCallback
         from gnivo_trl.testing import build_tiny_tokenizer
 
         callback = CreditCallback(build_tiny_tokenizer(), prompts=["3+4*2-5"], every=50)
         # GNIVOTrainer(..., callbacks=[callback]) then writes
         # <output_dir>/credit/step-<N>.html and .png
-        ``
+        ```
     """
 
     def __init__(

@@ -16,7 +16,8 @@ Examples:
     from gnivo_trl.data import load_math_dataset
 
     train = load_math_dataset("math")  # MATH from the Hub
-    test = load_math_dataset("math500")  # or ("math500", "math500.jsonl"): a local file
+    # or load_math_dataset("math500", "math500.jsonl"): a local file
+    test = load_math_dataset("math500")
     print(train.column_names)  # ['prompt', 'solution', 'source']
     ```
 

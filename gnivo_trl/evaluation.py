@@ -15,7 +15,8 @@ Examples:
     from gnivo_trl.evaluation import pass_at_k, summarize_benchmark
 
     print(pass_at_k(num_samples=4, num_correct=1, k=2))  # 0.5
-    print(summarize_benchmark([[True, False], [False, False]], ks=(1, 2))["pass@2"])  # 0.5
+    summary = summarize_benchmark([[True, False], [False, False]], ks=(1, 2))
+    print(summary["pass@2"])  # 0.5
     ```
 """
 

@@ -51,7 +51,9 @@ class GNIVOConfig(GRPOConfig):
         ```python
         from gnivo_trl import GNIVOConfig
 
-        args = GNIVOConfig(output_dir="qwen-gnivo", gnivo_prefix_unit="step", learning_rate=1e-6)
+        args = GNIVOConfig(
+            output_dir="qwen-gnivo", gnivo_prefix_unit="step", learning_rate=1e-6
+        )
         print(args.num_generations)  # 4, the paper's K
         ```
     """

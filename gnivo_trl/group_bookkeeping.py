@@ -86,14 +86,14 @@ class RewardFunctionError(RuntimeError):
     """A reward function raised. The message names the function; the original exception is the `__cause__`.
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl import RewardFunctionError
 
         try:
             raise RewardFunctionError("reward function 'my_reward' raised KeyError")
         except RewardFunctionError as error:
             print(error)  # in training, error.__cause__ is the original exception
-        ``
+        ```
     """
 
 

@@ -884,6 +884,22 @@ class AdaptiveActorCoeff(NamedTuple):
         coeff: the actor weight of this micro-batch's loss.
         value_ema: the value loss's logit-gradient RMS, exponentially averaged (no bias correction).
         actor_ema: the unscaled actor loss's logit-gradient RMS, exponentially averaged (no bias correction).
+
+    Examples:
+        ```python
+        from gnivo_trl.losses import adaptive_actor_coeff
+
+        # No actor gradient yet (the policy still equals the reference):
+        # weight 0, averages unchanged.
+        first = adaptive_actor_coeff(
+            0.0, 0.0, 2.0, 0.0, alpha=0.025, decay=0.9, eps=1e-12
+        )
+        print(first.coeff, first.value_ema)  # 0.0 0.0
+        step = adaptive_actor_coeff(
+            0.0, 0.0, 2.0, 40.0, alpha=0.025, decay=0.9, eps=1e-12
+        )
+        print(step.coeff)  # 0.025 * 0.2 / 4.0 = 0.00125
+        ```
     """
 
     coeff: float

@@ -575,7 +575,8 @@ class NoisyReward:
 
 
         noisy = NoisyReward(correct, flip_probability=0.5, mode="group", num_generations=4, seed=0)
-        # TRL passes `prompts` and `trainer_state`; outside a trainer, any object with `global_step` will do.
+        # TRL passes `prompts` and `trainer_state`; outside a trainer, any
+        # object with `global_step` will do.
         for step in range(3):
             rewards = noisy(
                 prompts=["2+2="] * 8,

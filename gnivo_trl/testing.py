@@ -7,15 +7,25 @@ directory, because TRL builds the reference model (`beta > 0`, VIMPO) and vLLM l
 TRL's Qwen3 chat template, whose tool calls TRL can parse, for `tools=` and `environment_factory=`.
 
 Examples:
-    ``python
+    ```python
     from gnivo_trl import GNIVOConfig, GNIVOTrainer
     from gnivo_trl.testing import save_tiny_model, tiny_prompt_dataset
 
     model_dir = save_tiny_model("tiny-model")
-    args = GNIVOConfig(output_dir="tiny-run", use_cpu=True, bf16=False, max_steps=1, max_completion_length=8)
-    trainer = GNIVOTrainer(model=model_dir, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
-                           args=args, train_dataset=tiny_prompt_dataset(16))
-    ``
+    args = GNIVOConfig(
+        output_dir="tiny-run",
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        max_completion_length=8,
+    )
+    trainer = GNIVOTrainer(
+        model=model_dir,
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=tiny_prompt_dataset(16),
+    )
+    ```
 """
 
 from __future__ import annotations

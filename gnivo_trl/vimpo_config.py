@@ -28,8 +28,9 @@ class VIMPOConfig(GRPOConfig):
     r"""Configuration of [`VIMPOTrainer`][gnivo_trl.VIMPOTrainer]: Value-Implicit Policy Optimization.
 
     The semantics are those of the authors' official implementation. Inherits every `trl.GRPOConfig` field. Defaults
-    that differ from `GRPOConfig`: `num_generations=8`, `epsilon_high=0.28` (the official run's clip range 0.2 /
-    0.28) and `use_bias_correction_kl=False` (there is no GRPO KL term to correct). `epsilon` and `epsilon_high` clip
+    that differ from `GRPOConfig`: `epsilon_high=0.28` (the official run's clip range 0.2 / 0.28) and
+    `use_bias_correction_kl=False` (there is no GRPO KL term to correct); `num_generations` is 8, as in GRPOConfig and
+    the official run. `epsilon` and `epsilon_high` clip
     the actor's PPO ratio. `beta` must stay 0.0: VIMPO's KL coefficient lives inside the value (`vimpo_beta`).
     GRPO options that VIMPO would otherwise ignore silently (`scale_rewards`, the value target being `R -
     mean_group(R)`; `loss_type` other than its token mean `"dapo"`; `importance_sampling_level="sequence"`; `delta`;
@@ -109,12 +110,13 @@ class VIMPOConfig(GRPOConfig):
             to `1e-12`.
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl import VIMPOConfig
 
-        paper = VIMPOConfig(output_dir="qwen-vimpo")  # beta 5e-4, actor weight 5e-3, K=8
+        # the authors' run: beta 5e-4, actor weight 5e-3, K=8
+        paper = VIMPOConfig(output_dir="qwen-vimpo")
         short = VIMPOConfig(output_dir="vimpo-short", vimpo_adaptive_actor_coeff=True)
-        ``
+        ```
     """
 
     num_generations: int | None = field(

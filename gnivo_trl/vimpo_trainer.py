@@ -158,7 +158,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             `tools`, `environment_factory`, `callbacks`, ...).
 
     Examples:
-        ``python
+        ```python
         from gnivo_trl import VIMPOConfig, VIMPOTrainer
         from gnivo_trl.data import load_math_dataset
         from gnivo_trl.rewards import math_accuracy_reward
@@ -171,7 +171,7 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             train_dataset=load_math_dataset("guru_math"),
         )
         trainer.train()
-        ``
+        ```
     """
 
     _tag_names = ["trl", "vimpo"]
@@ -489,14 +489,16 @@ class VIMPOTrainer(GroupBookkeepingMixin, GRPOTrainer):
             logger.warning(
                 "VIMPO's actor term will likely dominate its value loss: vimpo_beta * (mean completion length) / "
                 "vimpo_actor_coeff = %g * %.1f / %g = %.3g, below %g. With a fixed actor weight, training collapsed in "
-                "this regime in our measurements (benchmarks/results/fair_comparison/learning_vimpo_map.md; the paper's defaults are "
-                "tuned for responses of thousands of tokens). Raise vimpo_beta to at least %.2g, lower "
+                "this regime in our measurements (benchmarks/results/fair_comparison/learning_vimpo_map.md; these "
+                "weights reach %g only on completions of %.0f tokens or more). Raise vimpo_beta to at least %.2g, lower "
                 "vimpo_actor_coeff, or set vimpo_adaptive_actor_coeff=True.",
                 args.vimpo_beta,
                 mean_length,
                 args.vimpo_actor_coeff,
                 balance,
                 ACTOR_BALANCE_WARNING_THRESHOLD,
+                ACTOR_BALANCE_WARNING_THRESHOLD,
+                ACTOR_BALANCE_WARNING_THRESHOLD * args.vimpo_actor_coeff / args.vimpo_beta,
                 ACTOR_BALANCE_WARNING_THRESHOLD * args.vimpo_actor_coeff / mean_length,
             )
 

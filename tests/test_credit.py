@@ -456,3 +456,12 @@ def test_callback_warns_that_a_resumed_run_reads_credit_against_the_checkpoint(t
     with caplog.at_level("WARNING", logger="gnivo_trl.credit"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert "training resumes at step 2" in caplog.text and "not the initial model" in caplog.text
+
+
+def test_benchmark_example_heading_reads_as_text():
+    """The embedded example's heading writes the solution as steps, not as a Python string with escaped newlines."""
+    title = credit_benchmark.example_title("0-3-1-0*9", 0)
+    assert title == (
+        "0-3-1-0*9: the first wrong step is step 1 (verifier); correct solution: 0-3=7; 7-1=6; 6-0=6; 6*9=4; \\boxed{4}"
+    )
+    assert "\\n" not in title and "'" not in title

@@ -82,3 +82,16 @@ def test_stored_outputs_come_from_a_full_run_that_learned():
     before, steps, after, problems = float(result[1]), int(result[2]), float(result[3]), int(result[4])
     assert (steps, problems, settings["WARM_START_EXAMPLES"]) == (settings["STEPS"], settings["EVAL_PROBLEMS"], None)
     assert after >= before + 15
+
+
+def test_stored_outputs_hold_no_warning_and_no_blank_output():
+    """What the docs render is what a reader gets, not the log of the machine it ran on: no stored output is a warning
+    or goes to stderr (a library's notice about the machine, a deprecation), and none is empty."""
+    notebook = read_notebook()
+    for index, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") + output.get("data", {}).get("text/plain", "")
+            assert output.get("name") != "stderr", f"cell {index} stored stderr: {text[:200]!r}"
+            assert not re.search(r"warn", text, re.IGNORECASE), f"cell {index} stored a warning: {text[:200]!r}"
+            if output.output_type == "stream":
+                assert text.strip(), f"cell {index} stored an empty output"

@@ -133,6 +133,37 @@ def test_command_line_algorithm_overrides_recipe():
     assert script_args.algorithm == "vimpo" and type(training_args).__name__ == "VIMPOConfig"
 
 
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every command line of the README's and the docs pages' ``bash`` blocks that runs examples/train_math.py, as
+    ``(page, words)`` (continuation lines joined, comments dropped)."""
+    import shlex
+
+    commands = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), flags=re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                if "examples/train_math.py" in line:
+                    commands.append((page.name, shlex.split(line.split(" #")[0])))
+    return commands
+
+
+def test_every_documented_train_math_command_parses():
+    """A command a page gives (a recipe, launch options, overrides such as vLLM's server mode) names files that exist
+    and options the script's parser accepts."""
+    commands = documented_commands()
+    assert len(commands) >= 6
+    for page, words in commands:
+        script = words.index("examples/train_math.py")
+        for option, value in zip(words[:script], words[1 : script + 1]):
+            if option == "--config_file":
+                assert (ROOT / value).is_file(), (page, value)
+        arguments = words[script + 1 :]
+        try:
+            train_math.parse_args([*arguments, "--use_cpu", "true"])
+        except (SystemExit, ValueError) as error:
+            raise AssertionError(f"{page}: `{' '.join(words)}` does not parse: {error}") from error
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.name)
 def test_accelerate_configs_load(config):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -26,6 +26,7 @@ from gnivo_trl.losses import (
     vimpo_value_loss_from_residuals,
     vimpo_value_residual_gradient,
 )
+from gnivo_trl.vimpo_trainer import ACTOR_BALANCE_WARNING_THRESHOLD
 
 CONFIG = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 METRICS = (
@@ -387,4 +388,7 @@ def test_a_dominating_fixed_actor_weight_is_warned_about_once(tiny_model_dir, tm
     if warns:
         balance = overrides["vimpo_beta"] * mean_length / overrides["vimpo_actor_coeff"]
         assert f"{balance:.3g}" in messages[0]
+        # the length from which these weights are balanced, computed (the paper's defaults: 200 tokens)
+        balanced_length = ACTOR_BALANCE_WARNING_THRESHOLD * overrides["vimpo_actor_coeff"] / overrides["vimpo_beta"]
+        assert f"completions of {balanced_length:.0f} tokens or more" in messages[0]
         assert "vimpo_adaptive_actor_coeff=True" in messages[0] and "Raise vimpo_beta" in messages[0]

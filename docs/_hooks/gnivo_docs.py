@@ -2,17 +2,20 @@
 
 * The site serves KaTeX itself (``make docs-vendor`` puts it under ``docs/assets/vendor/katex``): a build without it
   fails with the command that fixes it, instead of publishing pages whose equations never render.
-* ``quickstart.md`` is generated from ``examples/notebooks/quickstart.ipynb`` with its stored outputs (nbconvert's
-  Markdown exporter; the output images become files of the site), so the notebook is rendered without any script
-  from a CDN.
+* ``quickstart.md`` is generated from ``examples/notebooks/quickstart.ipynb`` with its stored outputs: code cells as
+  ``python`` blocks, each cell's outputs in one block marked as output (consecutive prints merged, as Jupyter shows
+  them), output images as files of the site. No script from a CDN renders it.
 * The plots and HTML examples of ``benchmarks/results/<study>/`` are served as ``assets/results/<study>/<file>``
   from the study folders themselves, so a page always shows what the study last wrote (no copy to go stale).
 * ``<!-- config-fields: gnivo_trl.GNIVOConfig -->`` in a page becomes a table of every field the config class
   declares, read from the dataclass itself (name, type, default and its ``help`` metadata).
+* Inline code without whitespace (an identifier, a path, a value) gets the class ``identifier``, which the site's CSS
+  keeps on one line: a table squeezes its prose, never an identifier, to fit the column.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import importlib
@@ -41,28 +44,57 @@ def on_config(config, **kwargs):
     return config
 
 
+def _output_block(text: str) -> str:
+    """A cell's text output, set apart from the code cells (the ``notebook-output`` class)."""
+    fence = "````" if "```" in text else "```"
+    return f'<div class="notebook-output" markdown>\n\n{fence}text\n{text.rstrip()}\n{fence}\n\n</div>'
+
+
 def notebook_markdown() -> tuple[str, dict[str, bytes]]:
     """The quickstart notebook as Markdown with its stored outputs, and its output images by file name."""
     import nbformat
-    from nbconvert import MarkdownExporter
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    body, resources = MarkdownExporter().from_notebook_node(
-        notebook,
-        resources={
-            "output_files_dir": "quickstart_files",
-            "unique_key": "quickstart",
-        },
-    )
+    parts, images = [], {}
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type == "markdown":
+            parts.append(cell.source)
+            continue
+        if cell.cell_type != "code":
+            continue
+        parts.append(f"```python\n{cell.source}\n```")
+        text = ""  # consecutive text outputs of a cell read as one, as Jupyter shows them
+        for number, output in enumerate(cell.get("outputs", [])):
+            data = output.get("data", {})
+            if output.output_type == "stream":
+                text += output.text
+            elif "image/png" in data:
+                if text:
+                    parts.append(_output_block(text))
+                    text = ""
+                name = f"quickstart_files/quickstart_{index}_{number}.png"
+                images[name] = base64.b64decode(data["image/png"])
+                parts.append(
+                    f'<div class="notebook-output" markdown>\n\n![output of cell {index}]({name})\n\n</div>'
+                )
+            elif output.output_type == "error":
+                raise PluginError(
+                    f"{NOTEBOOK.relative_to(ROOT)}: cell {index} stored an error; run `make notebook`"
+                )
+            elif "text/plain" in data:
+                text += data["text/plain"] + "\n"
+        if text:
+            parts.append(_output_block(text))
     source = NOTEBOOK.relative_to(ROOT).as_posix()
     header = (
         f'!!! note "This page is a notebook"\n'
         f"    It is [`{source}`](https://github.com/gnivo-trl/gnivo-trl/blob/main/{source}) with the outputs it "
-        "stored when it last ran (`make notebook` reruns it in place). CI executes it on every change.\n\n"
+        "stored when it last ran (`make notebook` reruns it in place). CI executes it on every change. Outputs are "
+        "the blocks marked *output*.\n\n"
     )
     # The notebook's own first heading is the page title; the note goes right under it.
-    title, _, rest = body.lstrip().partition("\n")
-    return f"{title}\n\n{header}{rest}", resources.get("outputs", {})
+    title, _, rest = "\n\n".join(parts).lstrip().partition("\n")
+    return f"{title}\n\n{header}{rest}\n", images
 
 
 def on_files(files, config, **kwargs):
@@ -85,7 +117,8 @@ def _cell(text: str) -> str:
 
 def config_fields_table(dotted: str) -> str:
     """A Markdown table of the fields ``dotted`` (a dataclass) declares itself, with defaults differing from its
-    parent's marked."""
+    parent's marked. Two columns (the field with its type and default, then what it does) keep the table inside the
+    content column."""
     module_name, _, class_name = dotted.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     own = set(cls.__dict__.get("__annotations__", {}))
@@ -95,7 +128,7 @@ def config_fields_table(dotted: str) -> str:
         if dataclasses.is_dataclass(base)
         for f in dataclasses.fields(base)
     }
-    rows = ["| field | type | default | what it does |", "|---|---|---|---|"]
+    rows = ["| field (type, default) | what it does |", "|---|---|"]
     for field in dataclasses.fields(cls):
         if field.name not in own:
             continue
@@ -104,7 +137,10 @@ def config_fields_table(dotted: str) -> str:
             raise PluginError(
                 f"{dotted}.{field.name} has no help metadata to document it"
             )
-        if field.name in parent_defaults:
+        if (
+            field.name in parent_defaults
+            and parent_defaults[field.name] != field.default
+        ):
             help_text += (
                 f" (GRPOConfig's default: {parent_defaults[field.name]!r}.)"
             )
@@ -114,7 +150,7 @@ def config_fields_table(dotted: str) -> str:
             else getattr(field.type, "__name__", str(field.type))
         )
         rows.append(
-            f"| `{field.name}` | `{type_name}` | `{field.default!r}` | {_cell(help_text)} |"
+            f"| `{field.name}`<br>`{type_name}`, `{field.default!r}` | {_cell(help_text)} |"
         )
     return "\n".join(rows)
 
@@ -122,4 +158,15 @@ def config_fields_table(dotted: str) -> str:
 def on_page_markdown(markdown, page, config, files, **kwargs):
     return CONFIG_FIELDS.sub(
         lambda match: config_fields_table(match.group(1)), markdown
+    )
+
+
+# Inline code only: a ``<code>`` whose text has no whitespace and no markup (code blocks are ``<pre><code>`` with
+# highlighting spans, or start with a newline).
+_INLINE_IDENTIFIER = re.compile(r"<code>([^<\s]+)</code>")
+
+
+def on_page_content(html_text, page, config, files, **kwargs):
+    return _INLINE_IDENTIFIER.sub(
+        r'<code class="identifier">\1</code>', html_text
     )
