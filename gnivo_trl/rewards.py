@@ -571,10 +571,14 @@ class NoisyReward:
 
 
         def correct(completions, **kwargs):
-            return [1.0 if completion.strip() == "4" else 0.0 for completion in completions]
+            return [
+                1.0 if completion.strip() == "4" else 0.0 for completion in completions
+            ]
 
 
-        noisy = NoisyReward(correct, flip_probability=0.5, mode="group", num_generations=4, seed=0)
+        noisy = NoisyReward(
+            correct, flip_probability=0.5, mode="group", num_generations=4, seed=0
+        )
         # TRL passes `prompts` and `trainer_state`; outside a trainer, any
         # object with `global_step` will do.
         for step in range(3):
