@@ -63,7 +63,7 @@ ROWS = (
             ("TRL's, unchanged (tools and environments too)", False),
             ("TRL's rewards, then per group: value target R − mean R", True),
             (
-                "one fused forward of the policy and of the frozen reference → ρ, exact KL κ → value loss L_V; "
+                "both backbones, then one float32 pass of both LM heads → ρ, exact KL κ → value loss L_V; "
                 "reward-free advantage, whitened → dual-clip actor loss L_A; L = L_V + c_A L_A",
                 True,
             ),
