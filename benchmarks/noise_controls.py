@@ -840,6 +840,11 @@ DEVIATIONS: list[str] = [
     "generation, and not because of transformers. The environment of the archived build was not recorded. Its 5 GRPO "
     "tuning runs (late accuracy 0-3%, no learning signal) are set aside in `runs-discarded/group-h8/`. The cell waits "
     "for a warm start that solves about as much as the archived one; until then `group-tool` and `group-h4` run first.",
+    "- 2026-12-07, diagnosis of the 8-step warm start: built with `seed=1` (its own SFT data and initialisation) it also "
+    "solves 0% of 256 test problems (SFT loss 0.27 at step 1350, where the archived-recipe build reached 0.165), so "
+    "the recipe, not one unlucky seed, fails in the current environment. The archived build's library versions were "
+    "not recorded; the 8-step cells stay held until a warm start comparable to the archived one (about 15% at step 0) "
+    "is found, chosen on the warm start's own test accuracy before any RL run.",
 ]
 
 

@@ -83,7 +83,8 @@ class VIMPOConfig(GRPOConfig):
             vimpo_cap_v0)` (the official `vimpo_cap_v0`); None does not cap. Defaults to `None`.
         vimpo_update_ref_freq (int): Replace the reference by a hard copy of the policy after every
             `vimpo_update_ref_freq` generation batches (the official training steps: the first copy follows the update
-            of batch N); 0 never does. Runs TRL's `SyncRefModelCallback` with `ref_model_mixup_alpha=1.0` and
+            of batch N); 0 never does. Runs TRL's `SyncRefModelCallback` schedule, copying one parameter at a time (under
+            ZeRO-3 no rank gathers the whole model), with `ref_model_mixup_alpha=1.0` and
             `ref_model_sync_steps` set to N times the optimizer steps per generation batch (`steps_per_generation *
             num_iterations / gradient_accumulation_steps`, which must come out whole); those two fields are derived
             from this one. TRL's own `sync_ref_model=True` (a TR-DPO mixture of policy and reference) stays refused: it
@@ -214,7 +215,8 @@ class VIMPOConfig(GRPOConfig):
         default=0,
         metadata={
             "help": "Hard-copy the policy into the reference after every N generation batches (official training "
-            "steps); 0 (default) never. Sets TRL's SyncRefModelCallback to ref_model_mixup_alpha=1.0 and "
+            "steps); 0 (default) never. TRL's SyncRefModelCallback schedule, copied one parameter at a time, with "
+            "ref_model_mixup_alpha=1.0 and "
             "ref_model_sync_steps=N x optimizer steps per generation batch. Refused with PEFT."
         },
     )
