@@ -385,8 +385,13 @@ def protocol(horizon: int, eval_every: int, condition: dict | None = None) -> ar
 
 def warm_start_config(horizon: int, task: str | None = None) -> WarmStartConfig:
     """The default recipe; 8-step problems need 4 layers (2 layers reach a loss of 0.31 and solve 0% of them: they
-    copy the wrong operand from the prompt after the third step). ``task="weak"``: more injected step errors."""
+    copy the wrong operand from the prompt after the third step) and 8 epochs: with 4 epochs (the recipe until
+    2026-12-07) the SFT stops at a loss of 0.16-0.27 in the current environment and solves 0-0.4% of 256 test
+    problems, copying the seventh operand wrong; 8 epochs reach 0.12-0.13 and solve 16% with seeds 0 and 1 (the
+    archived 4-epoch build solved 14.6%). ``task="weak"``: more injected step errors."""
     fields = dict(num_steps=horizon, num_hidden_layers=2 if horizon <= 4 else 4)
+    if horizon > 4:
+        fields["epochs"] = 8.0
     if task is not None:
         fields["error_rate"] = TASKS[task]["error_rate"]
     return WarmStartConfig(**fields)

@@ -65,6 +65,7 @@ def test_protocol_under_conditions():
     weak = protocol.warm_start_config(4, "weak")
     assert weak.error_rate == protocol.TASKS["weak"]["error_rate"] != protocol.warm_start_config(4).error_rate
     assert protocol.warm_start_config(8).num_hidden_layers == 4
+    assert protocol.warm_start_config(8).epochs == 2 * protocol.warm_start_config(4).epochs == 8.0
 
 
 def test_rloo_settings_are_valid_for_trls_trainer_and_grpo_form():
