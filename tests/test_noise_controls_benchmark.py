@@ -435,6 +435,7 @@ def test_reports_from_partial_records_say_what_is_missing(tmp_path):
     summary = (tmp_path / "results" / "noise_controls.md").read_text()
     assert "Claim-level verdict: **not decided yet**" in summary
     assert "| `group-h8` | tuning 1/112 runs so far, test 0/80 runs |" in summary
+    assert "](reproduction.md)" not in summary and not (tmp_path / "results" / "reproduction.md").exists()
 
 
 def test_welch_interval_and_t_quantile():
