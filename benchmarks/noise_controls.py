@@ -1302,7 +1302,7 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
     repro_done = sum(len(records[name]) for name in REPRODUCTIONS)
     repro_total = sum(len(item.runs()) for item in REPRODUCTIONS.values())
     repro_cpu = sum(r["cpu_seconds"] for name in REPRODUCTIONS for r in records[name].values()) / 3600
-    # reproduction.md is written once a reproduction run exists: link it only then
+    # reproduction.md is written (below) once a reproduction run exists: link it only then
     repro_file = "[reproduction.md](reproduction.md)" if repro_done else "reproduction.md once its runs exist"
     lines += [
         f"| all | | {total_done:.2f} | {total_left:.1f} |",
@@ -1318,7 +1318,7 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
     if (results_dir / "late_accuracy.png").exists():
         lines += ["![late test accuracy per method and cell, every seed a dot](late_accuracy.png)", ""]
     written.append(reporting.write_report(results_dir / "noise_controls.md", "\n".join(lines), every_run))
-    if any(records[name] for name in REPRODUCTIONS):
+    if repro_done:
         text, runs = reproduction_report(records)
         written.append(reporting.write_report(results_dir / "reproduction.md", text, runs))
     return written
