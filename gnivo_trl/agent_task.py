@@ -487,7 +487,7 @@ def generate_tool_completions(
     the tokenizer has none), run the calls of a turn that has some, append the responses' tokens
     (`rollout_token_ids`' layout) and sample the next turn. A rollout ends with a turn without a call, after
     `max_turns` turns (default `num_steps + 2`), or, as in TRL, when a tool response would push the completion past
-    `max_completion_length` tokens. Uses the current RNG (see `evaluate_tool_accuracy` for a seeded one).
+    `max_completion_length` tokens or fills it exactly (no room is left for another turn). Uses the current RNG (see `evaluate_tool_accuracy` for a seeded one).
     """
     from trl import add_response_schema
 
@@ -525,6 +525,10 @@ def generate_tool_completions(
                 budget = max_completion_length - len(completions[row])
                 turn = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
                 turn = turn[:budget]
+                if not turn:
+                    # A tool response filled the completion to the token: TRL appends no turn and the rollout ends
+                    # (and transformers parses an empty id list as an empty batch, a list, not a message).
+                    continue
                 parsed = parse_response(tokenizer, turn, prefix=sequence, tools=[calculate])
                 completions[row] += turn
                 messages[row].append(parsed)

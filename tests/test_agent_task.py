@@ -302,6 +302,11 @@ def test_evaluation_runs_the_tool_loop_and_scores_each_rollout(tokenizer):
     # A rollout whose next tool response would not fit in max_completion_length ends there, as in TRL.
     short = generate_tool_completions(model, tokenizer, problems[:1], max_completion_length=30)
     assert [m["role"] for m in short[0]] == ["assistant", "tool", "assistant"]
+    # One whose tool response fills max_completion_length to the token ends after it, with no empty turn parsed.
+    first = generate_tool_completions(model, tokenizer, problems[:1])[0][:2]
+    _, filled, _ = rollout_token_ids(tokenizer, problems[0], first)
+    exact = generate_tool_completions(model, tokenizer, problems[:1], max_completion_length=len(filled))
+    assert exact[0] == first
 
 
 # ---------------------------------------------------------------------------------------------------------------------
