@@ -438,6 +438,23 @@ def test_reports_from_partial_records_say_what_is_missing(tmp_path):
     assert "](reproduction.md)" not in summary and not (tmp_path / "results" / "reproduction.md").exists()
 
 
+def test_a_comparison_gets_its_verdict_only_with_every_test_seed(tmp_path):
+    """Six of ten test seeds far ahead: the rows show the interval so far and no verdict (the rule decides on the
+    pre-registered ten pairs, not on the seeds that finished first)."""
+    runs_dir = _study(tmp_path, ["group-h8"], lambda cell, method, seed: 0.4 + (0.2 if method == nc.VIMPO else 0.0))
+    for path in (runs_dir / "group-h8").glob("*-test-*.json"):
+        if json.loads(path.read_text())["seed"] >= 16:
+            path.unlink()
+    nc.write_reports(runs_dir, tmp_path / "results")
+    summary = (tmp_path / "results" / "noise_controls.md").read_text()
+    primary = next(line for line in summary.splitlines() if line.startswith("| `group-h8` | VIMPO − strongest"))
+    assert "+20.0 [+20.0, +20.0], n = 6" in primary and primary.endswith("| not decided yet (6 of 10 seeds) |")
+    rows = [line for line in summary.splitlines() if line.startswith("| `group-h8` |") and " − " in line]
+    verdicts = (nc.REPRODUCED, nc.NOT_REPRODUCED, nc.INCONCLUSIVE)
+    assert len(rows) > 10 and not [line for line in rows if any(f"{v} |" in line for v in verdicts)]
+    assert "Claim-level verdict: **not decided yet**" in summary
+
+
 def test_welch_interval_and_t_quantile():
     for df, quantile in protocol.T_975.items():
         assert nc.t_quantile(df) == pytest.approx(quantile, abs=1e-3)
