@@ -596,6 +596,61 @@ def test_claim_verdicts_are_stated_as_the_results_file_states_them(page):
         )
 
 
+def noise_control_verdicts(summary: str) -> tuple[str, list[tuple[str, str, tuple[str, str, str]]]]:
+    """From ``noise_controls.md``'s text: the claim-level verdict and, per cell whose primary comparison has an
+    interval, its cell, its verdict as the file shows it ("not decided yet (n of 10 seeds)" included) and its
+    estimate with interval."""
+    claim = re.search(r"Claim-level verdict: \*\*([^*]+)\*\*", summary).group(1)
+    rows = []
+    for line in summary.splitlines():
+        match = re.match(r"\| `([\w-]+)` \| VIMPO − strongest anchored GRPO .*\| ([^|]+) \|$", line)
+        quote = ESTIMATE_WITH_INTERVAL.search(line)
+        if match and quote and (match.group(1), match.group(2), quote.groups()) not in rows:
+            rows.append((match.group(1), match.group(2).strip(), quote.groups()))
+    return claim, rows
+
+
+def noise_control_misquotes(page_text: str, summary: str) -> list[str]:
+    """Where a page quotes a noise-controls primary comparison, the same table row or paragraph must give its verdict
+    as the file does; once the file decides the claim-level verdict, the page must state it next to the anchored
+    GRPO it is measured against."""
+    claim, rows = noise_control_verdicts(summary)
+    blocks = [
+        line if line.startswith("|") else paragraph
+        for paragraph in re.split(r"\n\s*\n", without_code_blocks(page_text))
+        for line in (paragraph.splitlines() if paragraph.lstrip().startswith("|") else [paragraph])
+    ]
+    wrong = []
+    for cell, verdict, quote in rows:
+        for block in blocks:
+            if quote in ESTIMATE_WITH_INTERVAL.findall(block) and verdict.lower() not in block.lower():
+                wrong.append(f"{cell} {quote} quoted without {verdict!r}")
+    if not claim.startswith("not decided") and not any(
+        f"**{claim}**".lower() in block.lower() and "anchored" in block for block in blocks
+    ):
+        wrong.append(f"the claim-level verdict {claim!r} against the anchored GRPO is not stated")
+    return wrong
+
+
+def test_the_noise_controls_check_finds_a_misquote():
+    summary = (
+        "Claim-level verdict: **inconclusive** (rule).\n\n"
+        "| `group-h8` | VIMPO − strongest anchored GRPO (a − b) | +4.1 [+0.5, +7.7], n = 10 | 0.03 | 0.04 | 8 of 10 "
+        "| inconclusive |\n"
+    )
+    assert noise_control_verdicts(summary) == ("inconclusive", [("group-h8", "inconclusive", ("+4.1", "+0.5", "+7.7"))])
+    good = "Against anchored GRPO: **inconclusive**; 8-step: +4.1 pp [+0.5, +7.7], inconclusive.\n"
+    assert noise_control_misquotes(good, summary) == []
+    bad = "VIMPO leads anchored GRPO by +4.1 pp [+0.5, +7.7] on 8-step problems.\n"
+    assert len(noise_control_misquotes(bad, summary)) == 2
+
+
+@pytest.mark.parametrize("page", [DOCS / "results.md", ROOT / "README.md"], ids=lambda p: p.name)
+def test_noise_controls_verdicts_are_stated_as_the_results_file_states_them(page):
+    summary = (RESULTS / "noise_controls" / "noise_controls.md").read_text()
+    assert noise_control_misquotes(page.read_text(), summary) == []
+
+
 # History and process belong in the CHANGELOG (and the development page); user pages say what is, not what was.
 MAINTENANCE_TALK = re.compile(
     r"\b(until this release|in this release|this release (?:fixes|adds)|no longer crashes|used to crash|"
