@@ -511,6 +511,7 @@ class Comparison:
     zeros: int = 0
     p_t_holm: float = math.nan
     p_rank_holm: float = math.nan
+    open_in_family: int = 0  # comparisons of the family still without all their test seeds
 
     def interval(self) -> tuple[float, float, float]:
         return protocol.paired_ci(self.differences) if len(self.differences) >= 2 else (math.nan,) * 3
@@ -530,18 +531,27 @@ class Comparison:
     def positives(self) -> int:
         return sum(d > 0 for d in self.differences)
 
+    def complete(self) -> bool:
+        """Every pre-registered test seed is paired."""
+        return len(self.differences) == len(TEST_SEEDS)
+
 
 def holm_family(comparisons: list[Comparison]) -> list[Comparison]:
-    """Fill in each comparison's p-values and their Holm adjustment over the family (the comparisons with at least
-    :data:`MIN_PAIRS` pairs)."""
+    """Fill in each comparison's p-values (from :data:`MIN_PAIRS` pairs on, to show progress) and their Holm
+    adjustment over the whole pre-registered family, m = its size. A comparison without all its test seeds enters
+    the adjustment with p = 1 and gets no adjusted value until it has them: Holm's adjusted p-values are monotone in
+    each p-value, so an adjusted value shown before the family is complete can only fall when the rest comes in, and
+    a verdict it gives can only move from "inconclusive" to "reproduced" (see :func:`shown_verdict`)."""
+    open_count = sum(not c.complete() for c in comparisons)
     for comparison in comparisons:
+        comparison.open_in_family = open_count
         if len(comparison.differences) >= MIN_PAIRS:
             comparison.p_t = paired_t_p(comparison.differences)
             comparison.p_rank, comparison.zeros = signed_rank_p(comparison.differences)
     for name in ("p_t", "p_rank"):
-        adjusted = holm([getattr(c, name) for c in comparisons])
+        adjusted = holm([getattr(c, name) if c.complete() else 1.0 for c in comparisons])
         for comparison, value in zip(comparisons, adjusted):
-            setattr(comparison, f"{name}_holm", value)
+            setattr(comparison, f"{name}_holm", value if comparison.complete() else math.nan)
     return comparisons
 
 
@@ -564,7 +574,7 @@ def method_or_anchor(against_plain: Comparison, against_anchor: Comparison) -> s
         return "the anchor"
     if a == NOT_REPRODUCED:
         return "no gain to explain"
-    return "undecided"
+    return "undecided so far" if against_plain.open_in_family or against_anchor.open_in_family else "undecided"
 
 
 def collapsed(result: dict) -> bool:
@@ -924,10 +934,14 @@ def _collapsed(runs: list[dict]) -> int:
 
 def shown_verdict(comparison: Comparison) -> str:
     """The verdict once every test seed of both methods is in; before that, how many are (a verdict is decided on
-    the pre-registered 10 pairs, never on the seeds that happen to have finished first)."""
-    if len(comparison.differences) < len(TEST_SEEDS):
+    the pre-registered 10 pairs, never on the seeds that happen to have finished first). While other comparisons of
+    its family are still open, "inconclusive" is marked "so far": their p-values can only lower its adjusted ones."""
+    if not comparison.complete():
         return f"not decided yet ({len(comparison.differences)} of {len(TEST_SEEDS)} seeds)"
-    return comparison.verdict()
+    verdict = comparison.verdict()
+    if verdict == INCONCLUSIVE and comparison.open_in_family:
+        return f"{INCONCLUSIVE} so far ({comparison.open_in_family} of the family open)"
+    return verdict
 
 
 def comparison_rows(comparisons: list[Comparison], with_cell: bool = True) -> list[str]:
@@ -1220,9 +1234,9 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
         "## Claim 1 under the paper's noise model (group flips, p = 0.25): primary comparisons",
         "",
         "VIMPO (`vimpo_beta` 5e-2, actor 5e-3) − the strongest anchored GRPO of the cell (the KL beta with the best "
-        "validation accuracy at its own tuned rate). Holm over the claim-1 family (the group-flip cells, m = "
-        f"{sum(len(c.differences) >= MIN_PAIRS for c in primary)} with at least {MIN_PAIRS} pairs so far), for the "
-        "t-test and the exact signed-rank test separately. 'reproduced at this scale': mean > 0 and both adjusted "
+        f"validation accuracy at its own tuned rate). Holm over the claim-1 family (the group-flip cells, m = "
+        f"{len(primary)}), for the t-test and the exact signed-rank test separately; a comparison without all "
+        f"{len(TEST_SEEDS)} test seeds enters with p = 1 and gets no verdict until it has them. 'reproduced at this scale': mean > 0 and both adjusted "
         f"p < {ALPHA}; 'not reproduced': the 95% interval lies below the paper's +{PAPER_GAIN_PP} pp; "
         "'inconclusive' otherwise.",
         "",

@@ -297,6 +297,24 @@ def test_verdict_rule_needs_both_adjusted_tests_and_uses_the_papers_gain():
     assert alone.p_t_holm < together.p_t_holm
 
 
+def test_an_incomplete_family_adjusts_with_the_full_m_and_only_upward():
+    """Holm over the pre-registered family before every comparison is complete: the missing ones count with p = 1
+    (m stays the family's size), a partial comparison gets no adjusted value and no verdict, and an adjusted value
+    shown early is never below the final one."""
+    modest = [0.09, -0.03, 0.06, 0.03, 0.12, 0.06, -0.06, 0.09, 0.03, 0.06]  # t p 0.030, signed-rank p 0.047
+    ahead = [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09]
+    early = nc.holm_family([_comparison(modest), _comparison(ahead[:6]), _comparison([])])
+    assert early[0].p_t_holm == pytest.approx(min(1, 3 * nc.paired_t_p(modest)))
+    assert math.isnan(early[1].p_t_holm) and not math.isnan(early[1].p_t)  # progress shown, not adjusted
+    assert nc.shown_verdict(early[1]) == "not decided yet (6 of 10 seeds)"
+    assert early[0].verdict() == nc.INCONCLUSIVE
+    assert nc.shown_verdict(early[0]) == f"{nc.INCONCLUSIVE} so far (2 of the family open)"
+    final = nc.holm_family([_comparison(modest), _comparison(ahead), _comparison(ahead)])
+    assert final[0].p_t_holm <= early[0].p_t_holm and final[0].p_rank_holm <= early[0].p_rank_holm
+    assert nc.shown_verdict(final[0]) == nc.REPRODUCED  # last in Holm's order: its own p, below 0.05
+    assert nc.method_or_anchor(early[0], early[0]) == "undecided so far"
+
+
 def test_method_or_anchor():
     reproduced, not_reproduced, inconclusive = (
         nc.holm_family([_comparison(d)])[0]
