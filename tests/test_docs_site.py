@@ -623,7 +623,8 @@ def noise_control_misquotes(page_text: str, summary: str) -> list[str]:
     wrong = []
     for cell, verdict, quote in rows:
         for block in blocks:
-            if quote in ESTIMATE_WITH_INTERVAL.findall(block) and verdict.lower() not in block.lower():
+            # "inconclusive so far (2 of the family open)": the page gives the verdict, the file says why
+            if quote in ESTIMATE_WITH_INTERVAL.findall(block) and verdict.split(" (")[0].lower() not in block.lower():
                 wrong.append(f"{cell} {quote} quoted without {verdict!r}")
     if not claim.startswith("not decided") and not any(
         f"**{claim}**".lower() in block.lower() and "anchored" in block for block in blocks
