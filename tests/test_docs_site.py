@@ -639,7 +639,10 @@ def test_the_noise_controls_check_finds_a_misquote():
         "| `group-h8` | VIMPO − strongest anchored GRPO (a − b) | +4.1 [+0.5, +7.7], n = 10 | 0.03 | 0.04 | 8 of 10 "
         "| inconclusive |\n"
     )
-    assert noise_control_verdicts(summary) == ("inconclusive", [("group-h8", "inconclusive", ("+4.1", "+0.5", "+7.7"))])
+    assert noise_control_verdicts(summary) == (
+        "inconclusive",
+        [("group-h8", "inconclusive", ("+4.1", "+0.5", "+7.7"))],
+    )
     good = "Against anchored GRPO: **inconclusive**; 8-step: +4.1 pp [+0.5, +7.7], inconclusive.\n"
     assert noise_control_misquotes(good, summary) == []
     bad = "VIMPO leads anchored GRPO by +4.1 pp [+0.5, +7.7] on 8-step problems.\n"
