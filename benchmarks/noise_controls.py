@@ -1005,12 +1005,12 @@ def answer(all_results: dict[str, CellResults], primary: list[Comparison], plain
     parts = []
     for a, b in zip(plain, primary):
         results = all_results[b.cell]
-        if len(b.differences) < len(TEST_SEEDS) or len(a.differences) < len(TEST_SEEDS):
+        if not (a.complete() and b.complete()):
             reading = f"not decided yet ({len(b.differences)} of {len(TEST_SEEDS)} test seeds)"
         else:
             reading = f"**{method_or_anchor(a, b)}** (VIMPO − {results.plan.anchor}: {_interval(b)})"
         parts.append(f"{TASK_TITLES[results.cell.task.name]}: {reading}")
-    complete = all(len(c.differences) == len(TEST_SEEDS) for c in primary)
+    complete = all(c.complete() for c in primary)
     verdict = claim_verdict(primary) if complete else "not decided yet"
     return (
         "Under the paper's noise model (group flips, p = 0.25), what VIMPO's lead over GRPO comes from, per cell: "
@@ -1234,9 +1234,10 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
         "## Claim 1 under the paper's noise model (group flips, p = 0.25): primary comparisons",
         "",
         "VIMPO (`vimpo_beta` 5e-2, actor 5e-3) − the strongest anchored GRPO of the cell (the KL beta with the best "
-        f"validation accuracy at its own tuned rate). Holm over the claim-1 family (the group-flip cells, m = "
+        "validation accuracy at its own tuned rate). Holm over the claim-1 family (the group-flip cells, m = "
         f"{len(primary)}), for the t-test and the exact signed-rank test separately; a comparison without all "
-        f"{len(TEST_SEEDS)} test seeds enters with p = 1 and gets no verdict until it has them. 'reproduced at this scale': mean > 0 and both adjusted "
+        f"{len(TEST_SEEDS)} test seeds enters with p = 1 and gets no verdict until it has them. "
+        "'reproduced at this scale': mean > 0 and both adjusted "
         f"p < {ALPHA}; 'not reproduced': the 95% interval lies below the paper's +{PAPER_GAIN_PP} pp; "
         "'inconclusive' otherwise.",
         "",
@@ -1252,7 +1253,7 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
             f"| {_mean_std(results.tests.get(VIMPO, []))} | {_mean_std(results.tests.get(anchor, []) if anchor else [])} "
             f"| {_collapsed(results.tests.get(VIMPO, []))} / {_collapsed(results.tests.get(anchor, []) if anchor else [])} |"
         )
-    complete = all(len(c.differences) == len(TEST_SEEDS) for c in primary)
+    complete = all(c.complete() for c in primary)
     lines += [
         "",
         *comparison_rows(primary),
@@ -1270,7 +1271,7 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
         "|---|---|---|---|",
     ]
     for a, b in zip(group["plain"], primary):
-        done = len(a.differences) == len(b.differences) == len(TEST_SEEDS)
+        done = a.complete() and b.complete()
         lines.append(
             f"| `{b.cell}` | {_interval(a)}: {shown_verdict(a)} | {_interval(b)}: {shown_verdict(b)} "
             f"| {method_or_anchor(a, b) if done else 'not decided yet'} |"

@@ -487,7 +487,8 @@ def generate_tool_completions(
     the tokenizer has none), run the calls of a turn that has some, append the responses' tokens
     (`rollout_token_ids`' layout) and sample the next turn. A rollout ends with a turn without a call, after
     `max_turns` turns (default `num_steps + 2`), or, as in TRL, when a tool response would push the completion past
-    `max_completion_length` tokens or fills it exactly (no room is left for another turn). Uses the current RNG (see `evaluate_tool_accuracy` for a seeded one).
+    `max_completion_length` tokens or fills it exactly (no room is left for another turn). Uses the current RNG (see
+    `evaluate_tool_accuracy` for a seeded one).
     """
     from trl import add_response_schema
 

@@ -575,6 +575,15 @@ def claim_verdicts() -> list[tuple[str, str, tuple[str, str, str]]]:
     return claims
 
 
+def table_rows_and_paragraphs(text: str) -> list[str]:
+    """The units a verdict must share with the number it judges: each row of a table, each other paragraph."""
+    return [
+        line if line.startswith("|") else paragraph
+        for paragraph in re.split(r"\n\s*\n", without_code_blocks(text))
+        for line in (paragraph.splitlines() if paragraph.lstrip().startswith("|") else [paragraph])
+    ]
+
+
 @pytest.mark.parametrize(
     "page", [DOCS / "which_method.md", DOCS / "results.md", ROOT / "README.md"], ids=lambda p: p.name
 )
@@ -583,11 +592,7 @@ def test_claim_verdicts_are_stated_as_the_results_file_states_them(page):
     verdict as paper_claims.md decides it (a gain elsewhere does not turn "inconclusive" into "reproduced")."""
     claims = claim_verdicts()
     assert len(claims) == 4, claims
-    blocks = [
-        line if line.startswith("|") else paragraph
-        for paragraph in re.split(r"\n\s*\n", without_code_blocks(page.read_text()))
-        for line in (paragraph.splitlines() if paragraph.lstrip().startswith("|") else [paragraph])
-    ]
+    blocks = table_rows_and_paragraphs(page.read_text())
     for number, verdict, quote in claims:
         quoting = [block for block in blocks if quote in ESTIMATE_WITH_INTERVAL.findall(block)]
         assert quoting, f"{page.name} does not quote claim {number}'s primary comparison {quote}"
@@ -615,11 +620,7 @@ def noise_control_misquotes(page_text: str, summary: str) -> list[str]:
     as the file does; once the file decides the claim-level verdict, the page must state it next to the anchored
     GRPO it is measured against."""
     claim, rows = noise_control_verdicts(summary)
-    blocks = [
-        line if line.startswith("|") else paragraph
-        for paragraph in re.split(r"\n\s*\n", without_code_blocks(page_text))
-        for line in (paragraph.splitlines() if paragraph.lstrip().startswith("|") else [paragraph])
-    ]
+    blocks = table_rows_and_paragraphs(page_text)
     wrong = []
     for cell, verdict, quote in rows:
         for block in blocks:
