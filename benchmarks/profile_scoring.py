@@ -7,9 +7,9 @@ configuration and appends, under ``--label``, a table of the operators that take
 phases' wall times for scale.
 
 VIMPO scores at loss time only (the reference's forward, the policy's forward and backward, one pass of both LM
-heads for the log-probabilities and the exact KL), so ``--phase loss`` (the default) is where its cost is. The sections of
-``results/overhead/scoring_profile.md`` labelled before that change profiled the scoring phase, where VIMPO then ran a
-scoring pass of its own.
+heads for the log-probabilities and the exact KL), so ``--phase loss`` (the default) is where its cost is. The profiles of
+earlier designs, ``results/archive/scoring_profile.md``, are of the scoring phase, where VIMPO then ran a scoring pass
+of its own.
 
 To compare two versions of the package, run it as a module from the root of a checkout of each (``python -m`` puts
 the current directory first on the import path, so both the package and ``benchmarks`` come from that checkout)

@@ -430,6 +430,21 @@ def unfound_numbers(section: str) -> list[str]:
     ]
 
 
+REPOSITORY_LINK = re.compile(r"github\.com/gnivo-trl/gnivo-trl/(?:blob|tree)/main/([^)#\s\"'`]+)")
+
+
+def test_links_into_the_repository_name_files_that_exist():
+    """A page links results and sources by their address on GitHub, which the site build cannot check: a file moved
+    (into ``benchmarks/results/archive/``, say) would leave a dead link."""
+    dead = [
+        f"{path.relative_to(ROOT)}: {target}"
+        for path in markdown_sources()
+        for target in REPOSITORY_LINK.findall(path.read_text())
+        if not (ROOT / target).exists()
+    ]
+    assert not dead, dead
+
+
 def test_the_number_check_finds_what_a_results_file_lacks():
     section = "## Agents\n\nVIMPO -3.9 [-7.6, -0.2] ($\\beta L = 3.21$, `lr=1.234`), turn units 123.45, 98.76%.\n\n"
     section += "File: `agents/agent_learning.md`."
