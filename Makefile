@@ -34,10 +34,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 venv: $(STAMP)
 
 # The suite builds the docs site (--strict), runs every documented Python snippet and screenshots pages in Chromium.
+# --durations: CI's log lists the slowest tests, to keep the suite within its 15 minutes on two cores.
 test: $(STAMP) docs-vendor chromium
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The canary (CI's second job, docs/development.md#canary): the same suite in its own environment, $(LATEST_VENV), with
 # the newest releases of the dependencies that move under us. They are resolved with TRL's own requirements and TRL's
