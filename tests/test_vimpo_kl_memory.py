@@ -35,8 +35,9 @@ def test_chunked_exact_kl_peak_memory_is_well_under_naive():
     one_full_tensor_mib = tokens * vocab * 4 / 2**20  # 62.5 MiB
     # The measurement is not vacuous: the naive variant holds several (N, V) float32 tensors at its peak...
     assert naive.peak_mib > 4 * one_full_tensor_mib, naive.peak_mib
-    # ...and the chunked one at least one (chunk, V) tensor.
-    assert chunked.peak_mib > chunk_size * vocab * 4 / 2**20, chunked.peak_mib
+    # ...and the chunked one its own two (chunk, V) tiles, plus the temporaries of TRL's torch fold on CPU (about six
+    # more: zs, zt, their gap, two exponentials and their products), which benchmarks/README.md and the VIMPO page state.
+    assert 2 <= bench.tiles_at_peak(chunked) < 10, bench.tiles_at_peak(chunked)
     ratio = chunked.peak_mib / naive.peak_mib
     assert ratio < 0.5, f"chunked {chunked.peak_mib:.1f} MiB vs naive {naive.peak_mib:.1f} MiB (ratio {ratio:.3f})"
     # Same numbers either way.
