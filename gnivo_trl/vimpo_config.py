@@ -61,7 +61,8 @@ class VIMPOConfig(GRPOConfig):
             explicitly, so the yaml's 128 never took effect on their path; a larger set is closer to the exact KL at
             about the same cost. Defaults to `32`.
         vimpo_kl_chunk_size (int): Completion tokens per tile of the one pass of both LM heads that scores every
-            estimator: each head's float32 `(chunk, 32768)` tile is held at once (256 MiB for both at 1024 tokens).
+            estimator: each head's float32 `(chunk, 32768)` tile is held at once (256 MiB for both at 1024 tokens
+            where Triton runs; on CPU TRL's torch fold adds temporaries of the same size, about 4x that in all).
             Defaults to `1024`.
         vimpo_value_loss_type (str): Per-completion value loss of the terminal residual `r`: `"squared_error"` (`0.5
             r^2`) or `"huber"` (`0.5 r^2` for `|r| <= delta`, else `delta (|r| - delta / 2)`; PyTorch's `huber_loss`,
@@ -176,7 +177,7 @@ class VIMPOConfig(GRPOConfig):
         default=1024,
         metadata={
             "help": "Completion tokens per tile of the float32 pass of both LM heads (each head's (chunk, 32768) "
-            "float32 tile is held at once)."
+            "float32 tile is held at once; on CPU the fold's temporaries add about 3x that)."
         },
     )
     vimpo_value_loss_type: str = field(
