@@ -535,6 +535,17 @@ class Comparison:
         """Every pre-registered test seed is paired."""
         return len(self.differences) == len(TEST_SEEDS)
 
+    def final(self) -> bool:
+        """Complete, and its verdict can no longer change while the rest of its family comes in. "not reproduced"
+        rests on the unadjusted interval alone; "reproduced" can only be confirmed (the adjusted p-values can only
+        fall, see :func:`holm_family`); "inconclusive" can still become "reproduced" only if the mean is positive
+        and both unadjusted p-values are below alpha, since an adjusted p-value is never below its own."""
+        if not self.complete():
+            return False
+        if self.verdict() != INCONCLUSIVE or not self.open_in_family:
+            return True
+        return not (self.interval()[0] > 0 and self.p_t < ALPHA and self.p_rank < ALPHA)
+
 
 def holm_family(comparisons: list[Comparison]) -> list[Comparison]:
     """Fill in each comparison's p-values (from :data:`MIN_PAIRS` pairs on, to show progress) and their Holm
@@ -565,6 +576,25 @@ def claim_verdict(comparisons: list[Comparison]) -> str:
     return INCONCLUSIVE
 
 
+def shown_claim_verdict(comparisons: list[Comparison]) -> str:
+    """The claim-level verdict as far as it is decided: with every primary comparison complete, the rule's outcome;
+    before that, "not reproduced" as soon as one complete comparison is not reproduced (no other outcome can undo
+    it: the claim needs every comparison reproduced), else "not decided yet"."""
+    if all(c.complete() for c in comparisons):
+        return claim_verdict(comparisons)
+    if any(c.complete() and c.verdict() == NOT_REPRODUCED for c in comparisons):
+        return NOT_REPRODUCED
+    return "not decided yet"
+
+
+def claim_verdict_note(comparisons: list[Comparison]) -> str:
+    """Why a claim-level verdict is shown before every primary comparison is complete (empty otherwise)."""
+    if all(c.complete() for c in comparisons) or shown_claim_verdict(comparisons) != NOT_REPRODUCED:
+        return ""
+    cells = ", ".join(f"`{c.cell}`" for c in comparisons if c.complete() and c.verdict() == NOT_REPRODUCED)
+    return f", decided before every cell is in: {cells} not reproduced, and the claim needs every cell reproduced"
+
+
 def method_or_anchor(against_plain: Comparison, against_anchor: Comparison) -> str:
     """The pre-registered reading of one cell: A = VIMPO − GRPO (beta 0), B = VIMPO − the anchored GRPO."""
     a, b = against_plain.verdict(), against_anchor.verdict()
@@ -574,7 +604,7 @@ def method_or_anchor(against_plain: Comparison, against_anchor: Comparison) -> s
         return "the anchor"
     if a == NOT_REPRODUCED:
         return "no gain to explain"
-    return "undecided so far" if against_plain.open_in_family or against_anchor.open_in_family else "undecided"
+    return "undecided" if against_plain.final() and against_anchor.final() else "undecided so far"
 
 
 def collapsed(result: dict) -> bool:
@@ -935,11 +965,12 @@ def _collapsed(runs: list[dict]) -> int:
 def shown_verdict(comparison: Comparison) -> str:
     """The verdict once every test seed of both methods is in; before that, how many are (a verdict is decided on
     the pre-registered 10 pairs, never on the seeds that happen to have finished first). While other comparisons of
-    its family are still open, "inconclusive" is marked "so far": their p-values can only lower its adjusted ones."""
+    its family are still open, "inconclusive" is marked "so far" where it can still become "reproduced" (their
+    p-values can only lower its adjusted ones; see :meth:`Comparison.final`)."""
     if not comparison.complete():
         return f"not decided yet ({len(comparison.differences)} of {len(TEST_SEEDS)} seeds)"
     verdict = comparison.verdict()
-    if verdict == INCONCLUSIVE and comparison.open_in_family:
+    if not comparison.final():
         return f"{INCONCLUSIVE} so far ({comparison.open_in_family} of the family open)"
     return verdict
 
@@ -1010,12 +1041,11 @@ def answer(all_results: dict[str, CellResults], primary: list[Comparison], plain
         else:
             reading = f"**{method_or_anchor(a, b)}** (VIMPO − {results.plan.anchor}: {_interval(b)})"
         parts.append(f"{TASK_TITLES[results.cell.task.name]}: {reading}")
-    complete = all(c.complete() for c in primary)
-    verdict = claim_verdict(primary) if complete else "not decided yet"
+    verdict = shown_claim_verdict(primary)
     return (
         "Under the paper's noise model (group flips, p = 0.25), what VIMPO's lead over GRPO comes from, per cell: "
         + "; ".join(parts)
-        + f". Claim-level verdict, VIMPO against the strongest anchored GRPO: **{verdict}**."
+        + f". Claim-level verdict, VIMPO against the strongest anchored GRPO: **{verdict}**{claim_verdict_note(primary)}."
     )
 
 
@@ -1253,12 +1283,11 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
             f"| {_mean_std(results.tests.get(VIMPO, []))} | {_mean_std(results.tests.get(anchor, []) if anchor else [])} "
             f"| {_collapsed(results.tests.get(VIMPO, []))} / {_collapsed(results.tests.get(anchor, []) if anchor else [])} |"
         )
-    complete = all(c.complete() for c in primary)
     lines += [
         "",
         *comparison_rows(primary),
         "",
-        f"Claim-level verdict: **{claim_verdict(primary) if complete else 'not decided yet'}** (reproduced if every "
+        f"Claim-level verdict: **{shown_claim_verdict(primary)}**{claim_verdict_note(primary)} (reproduced if every "
         "primary comparison is; not reproduced if any is not; inconclusive otherwise).",
         "",
         "## Method or anchor, per cell",

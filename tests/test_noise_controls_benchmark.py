@@ -315,6 +315,32 @@ def test_an_incomplete_family_adjusts_with_the_full_m_and_only_upward():
     assert nc.method_or_anchor(early[0], early[0]) == "undecided so far"
 
 
+def test_a_verdict_no_later_cell_can_change_is_shown_before_the_family_is_complete():
+    """ "not reproduced" rests on the unadjusted interval, and an "inconclusive" whose own p-values are not both below
+    alpha can never become "reproduced" (an adjusted p-value is never below its own): both are final while the family
+    is still open, and one final "not reproduced" decides the claim (it needs every cell reproduced)."""
+    level = [0.001, -0.002, 0.0, 0.003, -0.001, 0.002, -0.003, 0.001, 0.0, -0.001]
+    wide = [0.2, -0.15, 0.1, -0.05, 0.12, -0.2, 0.18, 0.0, -0.1, 0.05]
+    modest = [0.09, -0.03, 0.06, 0.03, 0.12, 0.06, -0.06, 0.09, 0.03, 0.06]  # t p 0.030, signed-rank p 0.047
+    ahead = [0.05, 0.06, 0.04, 0.05, 0.07, 0.02, 0.03, 0.08, 0.01, 0.09]
+    early = nc.holm_family([_comparison(level), _comparison(wide), _comparison(modest), _comparison(ahead[:6])])
+    assert [c.verdict() for c in early[:3]] == [nc.NOT_REPRODUCED, nc.INCONCLUSIVE, nc.INCONCLUSIVE]
+    assert [c.final() for c in early] == [True, True, False, False]
+    assert nc.shown_verdict(early[1]) == nc.INCONCLUSIVE
+    assert nc.shown_verdict(early[2]) == f"{nc.INCONCLUSIVE} so far (1 of the family open)"
+    assert nc.shown_claim_verdict(early) == nc.NOT_REPRODUCED
+    assert "decided before every cell is in" in nc.claim_verdict_note(early)
+    # Whatever the open comparison ends with, the rule gives the same claim-level verdict.
+    for rest in (ahead, level, wide):
+        final = nc.holm_family([_comparison(level), _comparison(wide), _comparison(modest), _comparison(rest)])
+        assert nc.claim_verdict(final) == nc.NOT_REPRODUCED and nc.claim_verdict_note(final) == ""
+    undecided = nc.holm_family([_comparison(wide), _comparison(ahead[:6])])
+    assert nc.shown_claim_verdict(undecided) == "not decided yet" and nc.claim_verdict_note(undecided) == ""
+    reproduced = nc.holm_family([_comparison(ahead)])[0]
+    assert nc.method_or_anchor(reproduced, early[1]) == "undecided"  # B can no longer become reproduced
+    assert nc.method_or_anchor(reproduced, early[2]) == "undecided so far"
+
+
 def test_method_or_anchor():
     reproduced, not_reproduced, inconclusive = (
         nc.holm_family([_comparison(d)])[0]
