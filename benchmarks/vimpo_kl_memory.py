@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import reporting
-from gnivo_trl.scoring import VOCAB_TILE
 
 REPO_ROOT = reporting.REPO_ROOT
 DEFAULT_OUTPUT = reporting.RESULTS / "overhead" / "vimpo_kl_memory.md"
@@ -226,6 +225,10 @@ def measure(
 
 def tiles_at_peak(m: Measurement) -> float:
     """A chunked run's peak memory in units of one float32 tile of the pass, ``min(N, chunk) x min(V, 32768)``."""
+    # Imported here: every measured variant runs in a fresh process that imports this module, and the naive one has
+    # no use for gnivo_trl, whose import (TRL, transformers) costs seconds.
+    from gnivo_trl.scoring import VOCAB_TILE
+
     rows, columns = min(m.tokens, m.chunk_size), min(m.vocab, VOCAB_TILE)
     return m.peak_mib / (rows * columns * 4 / 2**20)
 
