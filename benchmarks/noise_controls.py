@@ -576,22 +576,28 @@ def claim_verdict(comparisons: list[Comparison]) -> str:
     return INCONCLUSIVE
 
 
+def _deciding_early(comparisons: list[Comparison]) -> list[Comparison]:
+    """While some primary comparison is incomplete, the complete ones that are not reproduced: no other outcome can
+    undo them (the claim needs every comparison reproduced). Empty once the family is complete."""
+    if all(c.complete() for c in comparisons):
+        return []
+    return [c for c in comparisons if c.complete() and c.verdict() == NOT_REPRODUCED]
+
+
 def shown_claim_verdict(comparisons: list[Comparison]) -> str:
     """The claim-level verdict as far as it is decided: with every primary comparison complete, the rule's outcome;
-    before that, "not reproduced" as soon as one complete comparison is not reproduced (no other outcome can undo
-    it: the claim needs every comparison reproduced), else "not decided yet"."""
+    before that, "not reproduced" as soon as one complete comparison is not reproduced, else "not decided yet"."""
     if all(c.complete() for c in comparisons):
         return claim_verdict(comparisons)
-    if any(c.complete() and c.verdict() == NOT_REPRODUCED for c in comparisons):
-        return NOT_REPRODUCED
-    return "not decided yet"
+    return NOT_REPRODUCED if _deciding_early(comparisons) else "not decided yet"
 
 
 def claim_verdict_note(comparisons: list[Comparison]) -> str:
     """Why a claim-level verdict is shown before every primary comparison is complete (empty otherwise)."""
-    if all(c.complete() for c in comparisons) or shown_claim_verdict(comparisons) != NOT_REPRODUCED:
+    deciding = _deciding_early(comparisons)
+    if not deciding:
         return ""
-    cells = ", ".join(f"`{c.cell}`" for c in comparisons if c.complete() and c.verdict() == NOT_REPRODUCED)
+    cells = ", ".join(f"`{c.cell}`" for c in deciding)
     return f", decided before every cell is in: {cells} not reproduced, and the claim needs every cell reproduced"
 
 
