@@ -79,7 +79,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -88,16 +87,17 @@ from ._trl_private import trl_private
 from .synthetic import (
     BOXED,
     OPERATIONS,
+    WARM_START_MARKER,
     AccuracyCallback,
     _parse,
     apply_operation,
     build_tokenizer,
-    default_cache_dir,
     final_answer,
     fine_tune_into_cache,
     generate_problems,
+    tiny_model_of,
+    warm_start_directory,
 )
-from .testing import build_tiny_model
 
 __all__ = [
     "CALL_PIECES",
@@ -640,22 +640,12 @@ def build_tool_warm_start(
     deterministic given the config on a given device.
     """
     config = config or ToolWarmStartConfig()
-    directory = Path(cache_dir or default_cache_dir()) / f"tool-warm-start-{config.key()}"
-    marker = directory / "warm_start.json"
-    if marker.exists() and not force:
+    directory = warm_start_directory("tool-warm-start", config, cache_dir)
+    if (directory / WARM_START_MARKER).exists() and not force:
         return str(directory)
 
     tokenizer = build_tool_tokenizer()
-    model = build_tiny_model(
-        tokenizer,
-        seed=config.seed,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=256,
-    )
+    model = tiny_model_of(config, tokenizer, max_position_embeddings=256)
     dataset = make_tool_sft_dataset(
         tokenizer,
         config.num_examples,

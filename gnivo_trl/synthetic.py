@@ -414,6 +414,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gnivo-trl"
 
 
+WARM_START_MARKER = "warm_start.json"  # written last into a warm start's directory: the build finished
+
+
+def warm_start_directory(prefix: str, config, cache_dir: str | os.PathLike | None) -> Path:
+    """`cache_dir / f"{prefix}-{config.key()}"` (default cache dir: `default_cache_dir`)."""
+    return Path(cache_dir or default_cache_dir()) / f"{prefix}-{config.key()}"
+
+
+def tiny_model_of(config, tokenizer, max_position_embeddings: int):
+    """The randomly initialised model of a warm-start config's shape and seed (`build_tiny_model`)."""
+    return build_tiny_model(
+        tokenizer,
+        seed=config.seed,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+    )
+
+
 def build_warm_start(
     config: WarmStartConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -427,22 +449,12 @@ def build_warm_start(
     Building is deterministic given the config on a given device (seeded data, initialisation and data order).
     """
     config = config or WarmStartConfig()
-    directory = Path(cache_dir or default_cache_dir()) / f"synthetic-warm-start-{config.key()}"
-    marker = directory / "warm_start.json"
-    if marker.exists() and not force:
+    directory = warm_start_directory("synthetic-warm-start", config, cache_dir)
+    if (directory / WARM_START_MARKER).exists() and not force:
         return str(directory)
 
     tokenizer = build_tokenizer()
-    model = build_tiny_model(
-        tokenizer,
-        seed=config.seed,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=128,
-    )
+    model = tiny_model_of(config, tokenizer, max_position_embeddings=128)
     dataset = make_sft_dataset(
         config.num_examples, num_steps=config.num_steps, error_rate=config.error_rate, seed=config.seed
     )
@@ -539,7 +551,7 @@ def fine_tune_into_cache(
     sft_seconds = time.perf_counter() - started
     measured = check(model, tokenizer)
     info = {"config": asdict(config), "seconds": time.perf_counter() - started, "sft_seconds": sft_seconds, **measured}
-    (work / "warm_start.json").write_text(json.dumps(info, indent=2))
+    (work / WARM_START_MARKER).write_text(json.dumps(info, indent=2))
     if directory.exists():
         shutil.rmtree(directory)
     work.rename(directory)
