@@ -70,7 +70,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import protocol, reporting  # noqa: E402  (the shared training protocol)
-from gnivo_trl.synthetic import build_warm_start, earliest_wrong_step, generate_problems, solution_text  # noqa: E402
+from gnivo_trl.synthetic import (  # noqa: E402
+    WARM_START_MARKER,
+    build_warm_start,
+    earliest_wrong_step,
+    generate_problems,
+    solution_text,
+)
 
 STUDY = "credit"
 RESULTS = reporting.RESULTS / STUDY
@@ -703,7 +709,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m benchmarks.credit" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     model_dir = build_warm_start(protocol.warm_start_config_from_args(args), cache_dir=args.cache_dir)
-    warm_start = json.loads((Path(model_dir) / "warm_start.json").read_text())
+    warm_start = json.loads((Path(model_dir) / WARM_START_MARKER).read_text())
     work = Path(args.work_dir) / Path(model_dir).name  # runs of another warm start are never reused
 
     def log(message: str) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from benchmarks import reporting
 from benchmarks.protocol import PRESETS, mean_std, plot_curves, run_one, warm_start_config_from_args
-from gnivo_trl.synthetic import build_warm_start
+from gnivo_trl.synthetic import WARM_START_MARKER, build_warm_start
 
 STUDY = "learning"
 # The methods of this study (its results predate RLOO and the adaptive VIMPO actor in protocol.METHODS).
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     command = "python -m benchmarks.learning" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     model_dir = build_warm_start(warm_start_config_from_args(args), cache_dir=args.cache_dir)
-    warm_start = json.loads((Path(model_dir) / "warm_start.json").read_text())
+    warm_start = json.loads((Path(model_dir) / WARM_START_MARKER).read_text())
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     runs = []

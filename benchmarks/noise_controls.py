@@ -667,7 +667,9 @@ def warm_start_info(model_dir: str) -> dict:
         digest = hashlib.sha256()
         for path in sorted(directory.glob("*.safetensors")):
             digest.update(path.read_bytes())
-        marker = directory / "warm_start.json"
+        from gnivo_trl.synthetic import WARM_START_MARKER
+
+        marker = directory / WARM_START_MARKER
         info = json.loads(marker.read_text()) if marker.exists() else {}
         _WARM_START_INFO[model_dir] = {
             "weights_sha256": digest.hexdigest(),

@@ -503,9 +503,9 @@ def weak_claim(work: Path, cache_dir: str | None = None) -> tuple[list[Compariso
     clean = CELLS["clean-h4"]
     lines = _header("Claim 3: a weak warm start", "cells weak and clean-h4")
     config = protocol.warm_start_config(4, "weak")
-    from gnivo_trl.synthetic import default_cache_dir
+    from gnivo_trl.synthetic import WARM_START_MARKER, warm_start_directory
 
-    marker = Path(cache_dir or default_cache_dir()) / f"synthetic-warm-start-{config.key()}" / "warm_start.json"
+    marker = warm_start_directory("synthetic-warm-start", config, cache_dir) / WARM_START_MARKER
     start = ""
     if marker.exists():
         start = f" It solves {json.loads(marker.read_text())['test_accuracy_t1_256']:.1%} of 256 test problems."
