@@ -30,19 +30,26 @@ def test_overhead_benchmark_writes_both_scenarios(tmp_path):
     assert 0 < float(chunked.split(" | ")[2]) < 1.0  # chunked below naive
 
 
-def test_remeasuring_the_kl_memory_section_replaces_it(tmp_path):
-    """``--kl-memory-only`` puts the new section in place of the old one and keeps everything above it."""
+def test_remeasuring_the_kl_memory_section_replaces_it(tmp_path, monkeypatch):
+    """``--kl-memory-only`` puts the new section in place of the old one and keeps everything above it. The
+    measurement itself is covered above; here ``kl_memory_section`` returns fixed sections, one per call."""
     output = tmp_path / "overhead.md"
     above = "# Overhead\n\n## Scenario `aligned`\n\n| grpo | 1.000 / 0.900 |\n"
     output.write_text(above)
-    first = ["", f"{overhead.KL_MEMORY_TITLE} (T=2048)", "", "| naive | 100 | 1.000 | - |"]
-    second = ["", f"{overhead.KL_MEMORY_TITLE} (T=4096)", "", "| naive | 200 | 1.000 | - |"]
-    overhead.replace_kl_memory_section(output, first)
-    report = overhead.replace_kl_memory_section(output, second)
-    assert report == output.read_text()
+    sections = iter(
+        [
+            ["", f"{overhead.KL_MEMORY_TITLE} (T=2048)", "", "| naive | 100 | 1.000 | - |"],
+            ["", f"{overhead.KL_MEMORY_TITLE} (T=4096)", "", "| naive | 200 | 1.000 | - |"],
+        ]
+    )
+    monkeypatch.setattr(overhead, "kl_memory_section", lambda tokens, device, command, shape_name=None: next(sections))
+    for tokens in ("2048", "4096"):
+        assert overhead.main(["--kl-memory-only", "--kl-memory-tokens", tokens, "--output", str(output)]) == 0
+    report = output.read_text()
     assert report.count(overhead.KL_MEMORY_TITLE) == 1 and "(T=4096)" in report and "(T=2048)" not in report
     assert report.startswith(above)
     # Into a file that does not exist yet: the section alone, without the leading blank line.
+    first = ["", f"{overhead.KL_MEMORY_TITLE} (T=2048)", "", "| naive | 100 | 1.000 | - |"]
     alone = overhead.replace_kl_memory_section(tmp_path / "new" / "overhead.md", first)
     assert alone == "\n".join(first[1:]) + "\n"
 
