@@ -232,7 +232,7 @@ def _reproductions() -> dict[str, Reproduction]:
     return {item.cell.name: item for item in items}
 
 
-REPRODUCTIONS = _reproductions()  # queued after the six cells
+REPRODUCTIONS = _reproductions()  # queued after `indep-h8` (pre-registered: after the six cells; see DEVIATIONS)
 
 
 def is_vimpo(method: str) -> bool:
@@ -903,6 +903,9 @@ DEVIATIONS: list[str] = [
     "5.24 is not enough to bring it back; the archived version is unknown). The 8-step cells run from this warm start; "
     "`repro-clean-h8` therefore compares the landed code on a new warm start with the archived runs, and its report "
     "says so.",
+    "- 2026-12-07, run order: the reproduction subset runs after `indep-h8` and before `indep-tool` and `indep-h4` "
+    "(pre-registered: after the six cells). The cut order lets those two cells go if CPU runs out, while the "
+    "provenance of the published files has no cut; the order changes no run, rate choice or verdict.",
 ]
 
 
@@ -1366,7 +1369,7 @@ def write_reports(runs_dir: Path = RUNS, results_dir: Path = RESULTS) -> list[Pa
     repro_file = "[reproduction.md](reproduction.md)" if repro_done else "reproduction.md once its runs exist"
     lines += [
         f"| all | | {total_done:.2f} | {total_left:.1f} |",
-        f"| reproduction subset (after the cells; {repro_file}) | {repro_done}/{repro_total} "
+        f"| reproduction subset (after `indep-h8`; {repro_file}) | {repro_done}/{repro_total} "
         f"runs | {repro_cpu:.2f} | |",
         "",
         "## Deviations from the pre-registration",
@@ -1415,7 +1418,7 @@ def plan_lines(runs_dir: Path, scratch: Path) -> list[str]:
                     + (" (at a bound)" if tuning.at_bound else "")
                 )
     for name, item in REPRODUCTIONS.items():
-        lines.append(f"{name:19s} {len(records[name])}/{len(item.runs())} runs (after the cells)")
+        lines.append(f"{name:19s} {len(records[name])}/{len(item.runs())} runs (after indep-h8)")
     lines.append(f"in flight: {len(claims)}: " + "; ".join(f"{c['worker']} {c['run']}" for c in claims))
     return lines
 
