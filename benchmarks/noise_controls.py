@@ -1185,6 +1185,13 @@ def cell_report(results: CellResults, results_dir: Path) -> tuple[str, list[dict
     return "\n".join(lines), runs
 
 
+def per_seed_values(records: list[dict], values: list[float]) -> str:
+    """Each new run's score by test seed, ``'10: 61.2, 11: 59.0, ...'`` (seeds without a run left out)."""
+    return ", ".join(
+        f"{r['seed']}: {v:.1f}" for r, v in sorted(zip(records, values), key=lambda pair: pair[0]["seed"])
+    )
+
+
 def reproduction_report(records: dict[str, dict[str, dict]]) -> tuple[str, list[dict]]:
     """``reproduction.md``: each archived cell's methods on the landed code against their published numbers."""
     lines = [
@@ -1205,9 +1212,10 @@ def reproduction_report(records: dict[str, dict[str, dict]]) -> tuple[str, list[
         lines += [
             f"## `{name}`: {item.source}",
             "",
-            f"| method | rate | archived {item.score} (%) | new {item.score} (%) | new − archived, pp [95% Welch] "
+            f"| method | rate | archived {item.score} (%) | new {item.score} (%) | new, seeds "
+            f"{REPRODUCTION_SEEDS[0]}-{REPRODUCTION_SEEDS[-1]} (%) | new − archived, pp [95% Welch] "
             "| paired by seed | within seed noise |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         verdicts = []
         for method, (rate, published) in item.archived.items():
@@ -1221,7 +1229,8 @@ def reproduction_report(records: dict[str, dict[str, dict]]) -> tuple[str, list[
                 archived_mean, archived_std = statistics.fmean(published), statistics.stdev(published)
             if len(mine) < 2:
                 lines.append(
-                    f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} | – ({len(mine)} runs) | – | – | – |"
+                    f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} | – ({len(mine)} runs) | – | – | – "
+                    "| – |"
                 )
                 continue
             values = [100 * score(r) for r in mine]
@@ -1236,7 +1245,7 @@ def reproduction_report(records: dict[str, dict[str, dict]]) -> tuple[str, list[
             lines.append(
                 f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} "
                 f"| {statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f} ({len(mine)} runs) "
-                f"| {diff:+.1f} [{low:+.1f}, {high:+.1f}] | {paired} | {'yes' if within else '**no**'} |"
+                f"| {per_seed_values(mine, values)} | {diff:+.1f} [{low:+.1f}, {high:+.1f}] | {paired} | {'yes' if within else '**no**'} |"
             )
         lines += [
             "",

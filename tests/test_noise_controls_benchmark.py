@@ -534,5 +534,7 @@ def test_reproduction_runs_are_the_archived_cells_and_come_after_the_study(tmp_p
     assert len(used) == sum(len(item.runs()) for item in items.values())
     grpo = next(line for line in text.splitlines() if line.startswith("| grpo | 0.0002 | 60.7 ± 2.5 | 60.7 ±"))
     assert grpo.endswith("| yes |")
+    # every new run's score by seed, from the records (60.7 + 0.2 per seed above 12)
+    assert "| 10: 60.3, 11: 60.5, 12: 60.7, 13: 60.9, 14: 61.1 |" in grpo
     vimpo = next(line for line in text.splitlines() if line.startswith("| vimpo | 0.0016 |"))
     assert "| +5.0 [+5.0, +5.0] | **no** |" in vimpo  # 5 points above on every seed: paired, and not within noise
