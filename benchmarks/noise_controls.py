@@ -1229,7 +1229,7 @@ def reproduction_report(records: dict[str, dict[str, dict]]) -> tuple[str, list[
                 archived_mean, archived_std = statistics.fmean(published), statistics.stdev(published)
             if len(mine) < 2:
                 lines.append(
-                    f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} | – ({len(mine)} runs) | – | – | – "
+                    f"| {method} | {rate:g} | {archived_mean:.1f} ± {archived_std:.1f} | – ({len(mine)} run{'' if len(mine) == 1 else 's'}) | – | – | – "
                     "| – |"
                 )
                 continue
